@@ -1,0 +1,13 @@
+"""Progress bars on stderr (tqdm), silenced with SUPEREDIT_NO_PROGRESS=1."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def progress(iterable=None, total=None, desc: str | None = None, **kwargs):
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("SUPEREDIT_NO_PROGRESS", "") not in ("", "0") or kwargs.pop("disable", False)
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, disable=disable, leave=False, dynamic_ncols=True, **kwargs)
