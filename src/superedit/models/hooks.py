@@ -1,0 +1,164 @@
+"""The one hook primitive: read or replace sites during a forward pass.
+
+Example::
+
+    with Trace(adapter, reads=[("key", 3), ("resid", 5)], stop_after=True) as tr:
+        adapter.model(**batch)          # stops right after block 5
+    keys = tr["key", 3]                  # (batch, seq, d_mlp)
+
+    # patch the value at layer 4, token 7 with v
+    with Trace(adapter, edits={("value", 4): at_positions([7], v)}):
+        logits = adapter.model(**batch).logits
+
+Hooks are always removed on exit, also when the forward raises. A ``StopForward`` raised by
+``stop_after`` is swallowed by the context manager.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from .adapter import SITES, ModelAdapter
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+_ORDER = {"attn": 0, "key": 1, "value": 2, "resid": 3}  # execution order inside a block
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end the forward pass early; swallowed by :class:`Trace`."""
+
+
+def _split(out):
+    """(tensor, rebuild) for a module output that is a tensor or a tuple whose first item is one."""
+    if isinstance(out, torch.Tensor):
+        return out, lambda t: t
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return out[0], lambda t: (t,) + tuple(out[1:])
+    raise TypeError(f"cannot hook a module output of type {type(out).__name__}")
+
+
+class Trace:
+    """Read and/or replace ``(site, layer)`` tensors of shape (batch, seq, width).
+
+    Args:
+        adapter: the model.
+        reads: sites to record; afterwards ``trace[site, layer]`` gives the tensor.
+        edits: ``{(site, layer): fn}``; ``fn(tensor) -> tensor`` computes the replacement
+            (applied before recording, so reads of an edited site see the edited tensor).
+        stop_after: raise :class:`StopForward` right after the last site in ``reads``/``edits``
+            has been computed, skipping the rest of the network.
+        detach: detach recorded tensors (set False to backpropagate through them).
+    """
+
+    def __init__(self, adapter: ModelAdapter, reads: Iterable[tuple[str, int]] = (),
+                 edits: dict[tuple[str, int], Edit] | None = None, stop_after: bool = False, detach: bool = True):
+        self.adapter = adapter
+        self.reads = list(dict.fromkeys((s, int(l)) for s, l in reads))
+        self.edits = dict(edits or {})
+        self.stop_after = stop_after
+        self.detach = detach
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self._handles: list = []
+        sites = set(self.reads) | set(self.edits)
+        for site, layer in sites:
+            if site not in SITES:
+                raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+            adapter.check_layer(layer)
+        self._last = max(sites, key=lambda sl: (sl[1], _ORDER[sl[0]])) if (sites and stop_after) else None
+
+    def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
+        if key not in self.outputs:
+            raise KeyError(f"{key} was not recorded (reads={self.reads}); did the forward pass reach it?")
+        return self.outputs[key]
+
+    def _process(self, key, tensor):
+        if key in self.edits:
+            tensor = self.edits[key](tensor)
+        if key in self.reads:
+            self.outputs[key] = tensor.detach() if self.detach else tensor
+        return tensor
+
+    def _maybe_stop(self, key):
+        if key == self._last:
+            raise StopForward()
+
+    def _make_output_hook(self, key):
+        def hook(module, args, out):
+            tensor, rebuild = _split(out)
+            new = self._process(key, tensor)
+            result = rebuild(new) if key in self.edits else None
+            self._maybe_stop(key)
+            return result
+
+        return hook
+
+    def _make_input_hook(self, key):
+        def hook(module, args):
+            new = self._process(key, args[0])
+            self._maybe_stop(key)
+            return (new,) + tuple(args[1:]) if key in self.edits else None
+
+        return hook
+
+    def __enter__(self) -> "Trace":
+        try:
+            for key in sorted(set(self.reads) | set(self.edits)):
+                site, layer = key
+                mod = self.adapter.site_module(site, layer)
+                if site == "key":
+                    self._handles.append(mod.register_forward_pre_hook(self._make_input_hook(key)))
+                else:
+                    self._handles.append(mod.register_forward_hook(self._make_output_hook(key)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.remove()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def at_positions(positions, new: torch.Tensor) -> Edit:
+    """Edit that writes ``new`` at token ``positions``.
+
+    ``positions`` is a list with one int per batch row (or a single int for all rows);
+    ``new`` is (width,), (batch, width) or broadcastable to the selected rows.
+    """
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        rows = torch.arange(t.shape[0], device=t.device)
+        t[rows, _positions(positions, t)] = new.to(t.dtype).expand(t.shape[0], -1) if new.dim() == 1 else new.to(t.dtype)
+        return t
+
+    return fn
+
+
+def add_at_positions(positions, delta: torch.Tensor) -> Edit:
+    """Edit that adds ``delta`` (width,) at one token per row (keeps the autograd graph of ``delta``)."""
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(t.shape[0], device=t.device)
+        mask = torch.zeros(t.shape[:2], dtype=t.dtype, device=t.device)
+        mask[rows, _positions(positions, t)] = 1
+        return t + mask.unsqueeze(-1) * delta.to(t.dtype)
+
+    return fn
+
+
+def _positions(positions, t: torch.Tensor) -> torch.Tensor:
+    """One token index per batch row of ``t`` from an int or a per-row sequence."""
+    pos = torch.as_tensor(positions, device=t.device, dtype=torch.long).reshape(-1)
+    if pos.numel() == 1:
+        pos = pos.expand(t.shape[0])
+    if pos.numel() != t.shape[0]:
+        raise ValueError(f"{pos.numel()} positions for a batch of {t.shape[0]} rows")
+    return pos

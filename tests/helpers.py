@@ -1,0 +1,89 @@
+"""Test helpers: locally trained tokenizers of both styles and tiny random models of every family."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+CORPUS = [
+    "The Eiffel Tower is located in Paris, the capital of France.",
+    "Danielle Darrieux's mother tongue is French, and she lived in Paris.",
+    "Anna Berg was born in Oslo. Anna Berg works as a pianist in Bergen!",
+    "Toko Yasuda plays the guitar; Toko Yasuda is from Japan.",
+    "The the the repeated words, words, words: punctuation (and brackets) matter.",
+    "Apple A5 was created by Apple. Google Trends is owned by Google.",
+] * 20
+
+FAMILY_CONFIGS = {
+    "gpt2": dict(n_layer=4, n_embd=32, n_head=2, n_positions=128),
+    "gptj": dict(n_layer=4, n_embd=32, n_head=2, n_positions=128, rotary_dim=8),
+    "gpt_neox": dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=96,
+                     max_position_embeddings=128),
+    "llama": dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                  intermediate_size=80, max_position_embeddings=128),
+    "mistral": dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=72, max_position_embeddings=128),
+    "qwen2": dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=128),
+}
+FAMILIES = sorted(FAMILY_CONFIGS)
+
+
+@functools.lru_cache(maxsize=None)
+def bpe_tokenizer():
+    """GPT-2 style byte-level BPE (leading spaces belong to the next token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+
+
+@functools.lru_cache(maxsize=None)
+def sp_tokenizer():
+    """Sentencepiece-style tokenizer (Metaspace '▁', BOS prepended), as Llama's fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def tokenizer_for(family: str):
+    return bpe_tokenizer() if family in ("gpt2", "gptj", "gpt_neox") else sp_tokenizer()
+
+
+def tiny_model(family: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tokenizer_for(family)
+    cfg = AutoConfig.for_model(family, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                               **FAMILY_CONFIGS[family])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def tiny_adapter(family: str, seed: int = 0):
+    from superedit.models import ModelAdapter
+
+    model, tok = tiny_model(family, seed)
+    return ModelAdapter(model=model, tokenizer=tok, source=f"tiny-{family}-{seed}", revision="test")
