@@ -111,3 +111,84 @@ def subject_token_span(tokenizer, template: str, subject: str) -> tuple[int, int
     """(first, last) token index of ``subject`` in ``template.format(subject)`` (no padding)."""
     b = encode_prompts(tokenizer, [template], [subject])
     return b.subject_first[0], b.subject_last[0]
+
+
+@dataclass
+class TargetBatch:
+    """Prompts followed by target tokens, right-padded, for teacher forcing.
+
+    ``logits[row, p]`` predicts token ``input_ids[row, p + 1]``; ``target_positions[row]`` lists the
+    positions ``p`` whose next token is a target token, ``target_ids[row]`` those tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_lengths: list[int]
+    target_positions: list[list[int]]
+    target_ids: list[list[int]]
+    subject_last: list[int | None]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def to(self, device) -> "TargetBatch":
+        self.input_ids = self.input_ids.to(device)
+        self.attention_mask = self.attention_mask.to(device)
+        return self
+
+    def loss_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, labels) of shape (batch, seq): mask[r, p] = 1 where position p predicts a target token."""
+        mask = torch.zeros(self.input_ids.shape, dtype=torch.float32)
+        labels = torch.zeros(self.input_ids.shape, dtype=torch.long)
+        for r, (ps, ts) in enumerate(zip(self.target_positions, self.target_ids)):
+            mask[r, ps] = 1.0
+            labels[r, ps] = torch.tensor(ts, dtype=torch.long)
+        return mask.to(self.input_ids.device), labels.to(self.input_ids.device)
+
+
+def encode_prompt_target(tokenizer, prompts: list[str], targets: list[str], subjects: list[str] | None = None,
+                         device=None) -> TargetBatch:
+    """Tokenize ``prompt + " " + target`` and mark the target tokens.
+
+    The target tokens are the tokens of the full text beyond the tokenized prompt; pre-tokenizers of
+    byte-level BPE and sentencepiece both split at the space, so the prompt's tokens are a prefix of
+    the full text's (checked). With ``subjects``, each prompt's last subject token is located too.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    rows, plens, tpos, tids, slast = [], [], [], [], []
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        if not t or not t.strip():
+            raise ValueError(f"empty target for prompt {p!r}")
+        p_ids = tokenizer(p)["input_ids"]
+        enc = tokenizer(p + " " + t.strip(), return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        n = len(p_ids)
+        if ids[:n] != p_ids or len(ids) <= n:
+            raise ValueError(f"prompt {p!r} does not tokenize as a prefix of prompt + target {t!r}")
+        # drop trailing special tokens (e.g. EOS appended by a post-processor)
+        end = len(ids)
+        while end > n and enc["offset_mapping"][end - 1][1] <= enc["offset_mapping"][end - 1][0]:
+            end -= 1
+        ids = ids[:end]
+        rows.append(ids)
+        plens.append(n)
+        tpos.append(list(range(n - 1, len(ids) - 1)))
+        tids.append(ids[n:])
+        if subjects is not None:
+            a, b = locate_subject(p, subjects[i])
+            idx = tokens_overlapping(enc["offset_mapping"][:n], a, b)
+            if not idx:
+                raise SubjectNotFoundError(f"no token of subject {subjects[i]!r} in {p!r}")
+            slast.append(idx[-1])
+        else:
+            slast.append(None)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        attn[r, :len(ids)] = 1
+    batch = TargetBatch(input_ids, attn, plens, tpos, tids, slast)
+    return batch.to(device) if device is not None else batch

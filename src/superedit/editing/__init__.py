@@ -1,0 +1,1 @@
+"""The editing engine: keys, values, closed-form solves, weight deltas and the methods."""

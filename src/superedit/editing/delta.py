@@ -1,0 +1,176 @@
+"""WeightDelta: what an editing method returns, kept apart from the model (PEFT-style).
+
+A delta maps layer → ΔW in the adapter's (d_model, d_mlp) orientation, stored as low-rank factors
+(ΔW = left @ rightᵀ) where the method produced them, dense otherwise. ``apply`` adds it and keeps
+a copy of the original weights so ``revert`` restores them bit-exactly; ``save``/``load`` use
+safetensors + a JSON sidecar (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SupereditError
+from ..models import ModelAdapter
+from ..utils.io import atomic_path, write_json_atomic
+
+
+class DeltaError(SupereditError):
+    pass
+
+
+@dataclass
+class LayerDelta:
+    """ΔW at one layer: ``left @ right.T`` (low rank) or ``dense``; shape (d_model, d_mlp)."""
+
+    left: torch.Tensor | None = None  #: (d_model, r)
+    right: torch.Tensor | None = None  #: (d_mlp, r)
+    dense_: torch.Tensor | None = None  #: (d_model, d_mlp)
+
+    def __post_init__(self):
+        if self.dense_ is None and (self.left is None or self.right is None):
+            raise DeltaError("a LayerDelta needs either dense_ or both left and right factors")
+        if self.left is not None and self.left.dim() == 1:
+            self.left, self.right = self.left[:, None], self.right[:, None]
+
+    @property
+    def low_rank(self) -> bool:
+        return self.dense_ is None
+
+    @property
+    def rank_bound(self) -> int:
+        return self.left.shape[1] if self.low_rank else min(self.dense_.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.dense_.shape) if not self.low_rank else (self.left.shape[0], self.right.shape[0])
+
+    def dense(self, dtype=None, device=None) -> torch.Tensor:
+        d = self.dense_ if not self.low_rank else self.left.to(torch.float64) @ self.right.to(torch.float64).T
+        return d.to(dtype=dtype or d.dtype, device=device or d.device)
+
+    def __add__(self, other: "LayerDelta") -> "LayerDelta":
+        if self.low_rank and other.low_rank:
+            return LayerDelta(torch.cat([self.left, other.left], 1), torch.cat([self.right, other.right], 1))
+        return LayerDelta(dense_=self.dense(torch.float64) + other.dense(torch.float64, self.dense().device))
+
+
+@dataclass
+class WeightDelta:
+    """Per-layer weight changes produced by one editing call, plus its provenance."""
+
+    layers: dict[int, LayerDelta]
+    method: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    _originals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    # ----- model interplay ---------------------------------------------------------------
+    def _check(self, adapter: ModelAdapter) -> None:
+        model_id = self.meta.get("model")
+        if model_id and model_id.get("config_hash") != adapter.identity()["config_hash"]:
+            raise DeltaError(f"this {self.method} delta was made for a model with config hash {model_id.get('config_hash')} "
+                             f"({model_id.get('source')}), not {adapter.identity()['config_hash']} ({adapter.source})")
+        for layer, d in self.layers.items():
+            adapter.check_layer(layer)
+            if tuple(d.shape) != tuple(adapter.down_weight(layer).shape):
+                raise DeltaError(f"delta at layer {layer} has shape {d.shape}, the model's W is {tuple(adapter.down_weight(layer).shape)}")
+
+    @property
+    def is_applied(self) -> bool:
+        return bool(self._originals)
+
+    @torch.no_grad()
+    def apply(self, adapter: ModelAdapter) -> "WeightDelta":
+        """W += ΔW on every layer (all checks first: nothing is half-applied)."""
+        if self.is_applied:
+            raise DeltaError("this delta is already applied; revert it first")
+        self._check(adapter)
+        originals = {l: adapter.down_weight(l).detach().clone() for l in self.layers}
+        try:
+            for layer, d in self.layers.items():
+                w = adapter.down_weight(layer)
+                adapter.add_to_down_weight(layer, d.dense(torch.float64, w.device))
+        except BaseException:
+            for layer, w0 in originals.items():
+                adapter.set_down_weight(layer, w0)
+            raise
+        self._originals = originals
+        return self
+
+    @torch.no_grad()
+    def revert(self, adapter: ModelAdapter) -> None:
+        """Restore the weights saved by :meth:`apply`, bit-exactly."""
+        if not self.is_applied:
+            raise DeltaError("this delta is not applied (nothing to revert)")
+        for layer, w0 in self._originals.items():
+            adapter.set_down_weight(layer, w0)
+        self._originals = {}
+
+    @contextmanager
+    def applied(self, adapter: ModelAdapter):
+        self.apply(adapter)
+        try:
+            yield adapter
+        finally:
+            self.revert(adapter)
+
+    def merged_with(self, other: "WeightDelta", method: str | None = None) -> "WeightDelta":
+        layers = dict(self.layers)
+        for l, d in other.layers.items():
+            layers[l] = layers[l] + d if l in layers else d
+        return WeightDelta(layers, method or self.method, {**self.meta, "merged": True})
+
+    def norms(self) -> dict[int, dict[str, float]]:
+        out = {}
+        for l, d in self.layers.items():
+            dense = d.dense(torch.float64)
+            out[l] = {"fro": float(dense.norm()), "l1_mean": float(dense.abs().mean()),
+                      "rank": int(torch.linalg.matrix_rank(dense)) if min(dense.shape) <= 4096 else -1}
+        return out
+
+    # ----- persistence -------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``delta.safetensors`` + ``delta.json`` into ``directory`` (atomically)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for l, d in self.layers.items():
+            if d.low_rank:
+                tensors[f"layer.{l}.left"] = d.left.detach().contiguous().cpu()
+                tensors[f"layer.{l}.right"] = d.right.detach().contiguous().cpu()
+            else:
+                tensors[f"layer.{l}.dense"] = d.dense_.detach().contiguous().cpu()
+        with atomic_path(directory / "delta.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        write_json_atomic(directory / "delta.json", {"format": "superedit-delta/1", "method": self.method,
+                                                     "layers": sorted(self.layers), "meta": self.meta})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "WeightDelta":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta_path, tensor_path = directory / "delta.json", directory / "delta.safetensors"
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise DeltaError(f"{directory}: not a saved delta (needs delta.json and delta.safetensors)")
+        try:
+            info = json.loads(meta_path.read_text())
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:  # noqa: BLE001
+            raise DeltaError(f"{directory}: cannot read the saved delta: {exc}") from exc
+        layers = {}
+        for l in info["layers"]:
+            if f"layer.{l}.dense" in tensors:
+                layers[int(l)] = LayerDelta(dense_=tensors[f"layer.{l}.dense"])
+            else:
+                layers[int(l)] = LayerDelta(tensors[f"layer.{l}.left"], tensors[f"layer.{l}.right"])
+        return cls(layers=layers, method=info["method"], meta=info.get("meta", {}))

@@ -1,0 +1,56 @@
+"""Keys k*: the input of the MLP down-projection at the subject's last token, averaged over contexts.
+
+    k*_l = (1/|P|) Σ_{p ∈ prefixes} key_l(p + prompt(subject))[subject_last]      (ROME eq. 3)
+
+All requested layers are read in one forward pass per batch, stopping after the deepest layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import ModelAdapter, Trace, encode_prompts
+
+FACT_TOKENS = ("subject_last", "subject_first", "last")
+
+
+def token_index(batch, fact_token: str) -> list[int]:
+    if fact_token == "subject_last":
+        return batch.subject_last
+    if fact_token == "subject_first":
+        return batch.subject_first
+    if fact_token == "last":
+        return batch.last_token
+    raise ValueError(f"fact_token {fact_token!r} is not one of {FACT_TOKENS}")
+
+
+@torch.no_grad()
+def keys_at(adapter: ModelAdapter, templates: list[str], subjects: list[str], layers: list[int],
+            fact_token: str = "subject_last", site: str = "key", batch_size: int = 64) -> dict[int, torch.Tensor]:
+    """Read ``site`` at ``fact_token`` for each (template, subject): {layer: (n, width)}."""
+    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    for start in range(0, len(templates), batch_size):
+        b = encode_prompts(adapter.tokenizer, templates[start:start + batch_size], subjects[start:start + batch_size],
+                           padding_side="right", device=adapter.device)
+        idx = torch.tensor(token_index(b, fact_token), device=adapter.device)
+        rows = torch.arange(len(idx), device=adapter.device)
+        with Trace(adapter, reads=[(site, l) for l in layers], stop_after=True) as tr:
+            adapter.model(**b.model_inputs())
+        for l in layers:
+            out[l].append(tr[site, l][rows, idx])
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+def context_keys(adapter: ModelAdapter, prompts: list[str], subjects: list[str], layers: list[int],
+                 prefixes: list[str], fact_token: str = "subject_last") -> dict[int, torch.Tensor]:
+    """Keys of every (request, prefix): {layer: (n_requests, n_prefixes, d_mlp)}."""
+    templates = [pre + p for p in prompts for pre in prefixes]
+    subj = [s for s in subjects for _ in prefixes]
+    flat = keys_at(adapter, templates, subj, layers, fact_token)
+    return {l: k.reshape(len(prompts), len(prefixes), -1) for l, k in flat.items()}
+
+
+def compute_keys(adapter: ModelAdapter, prompts: list[str], subjects: list[str], layers: list[int],
+                 prefixes: list[str], fact_token: str = "subject_last") -> dict[int, torch.Tensor]:
+    """k* per request: {layer: (n_requests, d_mlp)}, the mean over prefixes."""
+    return {l: k.mean(dim=1) for l, k in context_keys(adapter, prompts, subjects, layers, prefixes, fact_token).items()}

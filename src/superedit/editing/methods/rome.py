@@ -1,0 +1,47 @@
+"""ROME: rank-one model editing (Meng et al. 2022) as a pure function → WeightDelta.
+
+For each request in turn (later requests see earlier ones, as in ROME's sequential application):
+k* from ``editing.keys``, v* from ``editing.values`` at the MLP output, then
+``W' = W + Λ (C⁻¹k*)ᵀ`` with ``Λ = (v* − W k*) / (k*ᵀ C⁻¹ k*)`` (``editing.solve.rome_solve``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...models import ModelAdapter
+from ...utils.progress import progress
+from ..contexts import context_prefixes
+from ..covariance import CovarianceSource
+from ..delta import LayerDelta, WeightDelta
+from ..hparams import ROMEHParams
+from ..keys import compute_keys
+from ..solve import rome_solve
+from ..values import optimize_value
+
+
+def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stats: CovarianceSource) -> WeightDelta:
+    layer = hparams.layers[0]
+    adapter.check_layer(layer)
+    C = stats.mom2(layer).to(adapter.device, torch.float64)
+    if hparams.mom2_ridge > 0:
+        C = C + hparams.mom2_ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
+    total: LayerDelta | None = None
+    per_request = []
+    w_orig = adapter.down_weight(layer).detach().clone()
+    try:
+        for req in progress(requests, desc="ROME", total=len(requests)):
+            k = compute_keys(adapter, [req.prompt], [req.subject], [layer], prefixes, hparams.fact_token)[layer][0]
+            val = optimize_value(adapter, req.prompt, req.subject, req.target_new, layer, "value", hparams, prefixes)
+            W = adapter.down_weight(layer)
+            left, right = rome_solve(W, C, k, val.target)
+            d = LayerDelta(left.to(adapter.dtype), right.to(adapter.dtype))
+            adapter.add_to_down_weight(layer, d.dense(torch.float64))  # later requests see this edit
+            total = d if total is None else total + d
+            per_request.append({"case_id": req.case_id, "layer": layer, "key_norm": float(k.norm()),
+                                **val.summary()})
+    finally:
+        adapter.set_down_weight(layer, w_orig)
+    return WeightDelta({layer: total}, "rome", {"model": adapter.identity(), "hparams": hparams.to_dict(),
+                                                 "requests": per_request})

@@ -1,0 +1,168 @@
+"""Math invariants of the editing engine on tiny random models of every family."""
+
+import pytest
+import torch
+
+from helpers import CORPUS
+from superedit.data import EditRequest
+from superedit.editing.contexts import context_prefixes
+from superedit.editing.covariance import FixedCovariance
+from superedit.editing.delta import DeltaError, LayerDelta, WeightDelta
+from superedit.editing.hparams import FTHParams, HParamsError, MEMITHParams, ROMEHParams, load_hparams
+from superedit.editing.keys import compute_keys
+from superedit.editing.methods import get_method
+from superedit.editing.solve import memit_solve, rome_solve
+from superedit.editing.values import optimize_value
+from superedit.models import Trace
+
+FAST = dict(v_num_grad_steps=4, n_prefixes=2, context_lengths=[3])
+REQS = [
+    EditRequest(prompt="{} was born in", subject="Anna Berg", target_new="Paris"),
+    EditRequest(prompt="{} is located in", subject="Eiffel Tower", target_new="Oslo"),
+]
+
+
+def corpus_cov(adapter, layers):
+    """E[k kᵀ] over the test corpus tokens, read through the hook primitive."""
+    enc = adapter.tokenizer(CORPUS[:12], return_tensors="pt", padding=True)
+    with Trace(adapter, reads=[("key", l) for l in layers]) as tr:
+        adapter.model(**enc)
+    mask = enc["attention_mask"].bool()
+    out = {}
+    for l in layers:
+        K = tr["key", l][mask].to(torch.float64)
+        out[l] = K.T @ K / K.shape[0] + 1e-3 * torch.eye(K.shape[1], dtype=torch.float64)
+    return FixedCovariance(out)
+
+
+def weights(adapter):
+    return {l: adapter.down_weight_param(l).detach().clone() for l in range(adapter.n_layers)}
+
+
+def assert_untouched(adapter, before):
+    for l, w in before.items():
+        assert torch.equal(adapter.down_weight_param(l), w), f"layer {l} changed"
+
+
+def test_rome_inserts_v_star_exactly_rank_one(adapter):
+    hp = ROMEHParams(layers=[1], **FAST)
+    stats = corpus_cov(adapter, [1])
+    before = weights(adapter)
+    delta = get_method("rome").fn(adapter, REQS[:1], hp, stats)
+    assert_untouched(adapter, before)  # pure function
+    d = delta.layers[1]
+    assert d.low_rank and d.rank_bound == 1
+    assert int(torch.linalg.matrix_rank(d.dense(torch.float64))) == 1
+    # k* and v* recomputed independently through the shared key/value functions (deterministic)
+    prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
+    k = compute_keys(adapter, [REQS[0].prompt], [REQS[0].subject], [1], prefixes)[1][0].double()
+    v_star = optimize_value(adapter, REQS[0].prompt, REQS[0].subject, REQS[0].target_new, 1, "value", hp,
+                            prefixes).target.double()
+    with delta.applied(adapter):
+        got = adapter.down_weight(1).double() @ k
+    assert (got - v_star).norm() / v_star.norm() < 1e-5
+    assert (adapter.down_weight(1).double() @ k - v_star).norm() / v_star.norm() > 1e-3  # the edit did something
+    assert_untouched(adapter, before)  # revert is exact
+
+
+def test_rome_solve_hits_target():
+    torch.manual_seed(0)
+    W, A = torch.randn(8, 16), torch.randn(16, 16)
+    C, k, v = A @ A.T + torch.eye(16), torch.randn(16), torch.randn(8)
+    left, right = rome_solve(W, C, k, v)
+    W2 = W.double() + torch.outer(left, right)
+    assert (W2 @ k.double() - v.double()).norm() / v.norm() < 1e-10
+    torch.testing.assert_close(right, torch.linalg.solve(C.double(), k.double()))
+
+
+def test_memit_solve_equals_normal_equations():
+    torch.manual_seed(1)
+    d_in, d_out, n, lam = 24, 10, 5, 3.0
+    A = torch.randn(d_in, d_in)
+    C, K, R = A @ A.T / d_in + 0.1 * torch.eye(d_in), torch.randn(d_in, n), torch.randn(d_out, n)
+    left, right = memit_solve(R, K, C, lam)
+    delta = left @ right.T
+    # normal equations: Δ (λC + KKᵀ) = R Kᵀ
+    lhs = delta @ (lam * C.double() + K.double() @ K.double().T)
+    torch.testing.assert_close(lhs, R.double() @ K.double().T, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(delta, R.double() @ K.double().T @ torch.linalg.inv(lam * C.double() + K.double() @ K.double().T))
+
+
+def test_memit_delta_is_pure_and_low_rank(adapter):
+    hp = MEMITHParams(layers=[1, 2], mom2_update_weight=10.0, **FAST)
+    before = weights(adapter)
+    delta = get_method("memit").fn(adapter, REQS, hp, corpus_cov(adapter, [1, 2]))
+    assert_untouched(adapter, before)
+    assert sorted(delta.layers) == [1, 2]
+    for d in delta.layers.values():
+        assert int(torch.linalg.matrix_rank(d.dense(torch.float64))) <= len(REQS)
+    delta.apply(adapter)
+    assert not torch.equal(adapter.down_weight_param(2), before[2])
+    delta.revert(adapter)
+    assert_untouched(adapter, before)
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "llama"])
+def test_ft_respects_linf_bound(fam):
+    from helpers import tiny_adapter
+
+    adapter = tiny_adapter(fam)
+    hp = FTHParams(layers=[1], num_steps=3, lr=1e-2, norm_constraint=1e-3)
+    before = weights(adapter)
+    delta = get_method("ft").fn(adapter, REQS, hp, None)
+    assert_untouched(adapter, before)
+    dense = delta.layers[1].dense()
+    assert dense.abs().max() <= 1e-3 + 1e-6
+    assert dense.abs().max() > 0
+
+
+def test_delta_save_load_round_trip(tmp_path, adapter):
+    torch.manual_seed(0)
+    d_model, d_mlp = adapter.d_model, adapter.d_mlp
+    delta = WeightDelta({0: LayerDelta(torch.randn(d_model, 2), torch.randn(d_mlp, 2)),
+                         2: LayerDelta(dense_=torch.randn(d_model, d_mlp))}, "rome",
+                        {"model": adapter.identity(), "note": "x"})
+    delta.save(tmp_path / "d")
+    loaded = WeightDelta.load(tmp_path / "d")
+    assert loaded.method == "rome" and loaded.meta["note"] == "x"
+    for l in (0, 2):
+        assert torch.equal(loaded.layers[l].dense(), delta.layers[l].dense())
+    before = weights(adapter)
+    loaded.apply(adapter)
+    with pytest.raises(DeltaError, match="already applied"):
+        loaded.apply(adapter)
+    loaded.revert(adapter)
+    assert_untouched(adapter, before)
+    with pytest.raises(DeltaError, match="not a saved delta"):
+        WeightDelta.load(tmp_path)
+
+
+def test_delta_refuses_other_model(adapter):
+    from helpers import tiny_adapter
+
+    other = tiny_adapter("gpt2" if adapter.family != "gpt2" else "llama")
+    delta = WeightDelta({0: LayerDelta(dense_=torch.zeros(adapter.d_model, adapter.d_mlp))}, "ft",
+                        {"model": adapter.identity()})
+    before = weights(other)
+    with pytest.raises(DeltaError, match="config hash"):
+        delta.apply(other)
+    assert_untouched(other, before)
+
+
+def test_hparams_yaml_validation(tmp_path):
+    p = tmp_path / "h.yaml"
+    p.write_text("layers: [2]\nv_lr: 0.1\n")
+    hp = load_hparams(ROMEHParams, "rome", None, p)
+    assert hp.layers == [2] and hp.v_lr == 0.1
+    p.write_text("layerz: [2]\n")
+    with pytest.raises(HParamsError, match="layerz"):
+        load_hparams(ROMEHParams, "rome", None, p)
+    p.write_text("layers: [1, 2]\n")
+    with pytest.raises(HParamsError, match="exactly one layer"):
+        load_hparams(ROMEHParams, "rome", None, p)
+    p.write_text("v_lr: fast\n")
+    with pytest.raises(HParamsError, match="v_lr.*number"):
+        load_hparams(ROMEHParams, "rome", None, p)
+    with pytest.raises(HParamsError, match="no such file"):
+        load_hparams(ROMEHParams, "rome", None, tmp_path / "missing.yaml")
+    assert "clamp_norm_factor" in ROMEHParams.help()
