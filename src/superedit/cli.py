@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "testbed",
     "trace",
     "demo",
+    "stats",
 ]
 
 app = typer.Typer(
