@@ -1,0 +1,1 @@
+"""Reports: plots (matplotlib, Agg, imported lazily) and HTML reports built from saved results."""
