@@ -1,0 +1,133 @@
+"""Benchmark: one-pass early-exit key covariance vs one full forward pass per layer.
+
+A randomly initialised 12-layer GPT-2-shaped model (GPT-2 vocabulary size 50257, width --n-embd) and
+a synthetic corpus; C = E[k kᵀ] for --layers (default 2-6) is collected
+
+* by ``collect_covariances`` (all layers in one forward pass per batch that stops after the deepest
+  requested layer), and
+* by ``collect_covariances_per_layer_full_pass`` (one full forward pass, LM head included, per layer),
+
+in the same run, with no cache. Prints tokens/s of each, the speed ratio (target ≥ 3×) and the
+largest difference between the two results.
+
+    python benchmarks/bench_covariance.py [--tokens 4096] [--n-embd 256] [--layers 2-6] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+TARGET = 3.0
+
+
+def synthetic_corpus(n_docs: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    subjects = ["Paris", "Oslo", "the river", "Anna Berg", "Toko Yasuda", "a pianist", "the tower", "Google",
+                "the committee", "Mount Fuji", "the old library", "a small village", "the orchestra"]
+    verbs = ["is located in", "was founded by", "plays", "speaks", "is owned by", "works with", "overlooks",
+             "was named after", "belongs to", "is famous for"]
+    objects = ["France", "Norway", "the guitar", "French", "Apple", "a bakery", "the harbour", "the north",
+               "a famous painter", "its gardens", "the valley", "the king", "three bridges"]
+    docs = []
+    for _ in range(n_docs):
+        sents = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}" for _ in range(rng.randint(4, 14))]
+        docs.append(". ".join(s[0].upper() + s[1:] for s in sents) + ".")
+    return docs
+
+
+def build(n_embd: int, n_layer: int, n_head: int, corpus: list[str], seed: int = 0):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from superedit.models import ModelAdapter
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>")
+    cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return ModelAdapter(model=model, tokenizer=tokenizer, source=f"bench-gpt2-{n_layer}x{n_embd}", revision="bench")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--n-layer", type=int, default=12)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--layers", default="2-6")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("SUPEREDIT_NO_PROGRESS", "1")
+    import torch
+
+    from superedit.commands.common import parse_layers
+    from superedit.stats import Corpus, collect_covariances, collect_covariances_per_layer_full_pass
+    from superedit.utils.io import write_json_atomic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = synthetic_corpus(max(64, args.tokens // 40))
+    adapter = build(args.n_embd, args.n_layer, args.n_head, texts)
+    layers = parse_layers(args.layers, adapter.n_layers)
+    corpus = Corpus(texts, source="synthetic")
+    kw = dict(max_length=args.max_length, batch_tokens=args.batch_tokens)
+
+    collect_covariances(adapter, layers, corpus, min(512, args.tokens), use_cache=False, **kw)  # warm-up
+
+    t0 = time.perf_counter()
+    fast = collect_covariances(adapter, layers, corpus, args.tokens, use_cache=False, **kw)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slow = collect_covariances_per_layer_full_pass(adapter, layers, corpus, args.tokens, **kw)
+    t_slow = time.perf_counter() - t0
+
+    count = fast[layers[0]].count
+    max_diff = max(float((fast[l].mom2 - slow[l].mom2).abs().max()) for l in layers)
+    ratio = t_slow / t_fast
+    result = {
+        "benchmark": "bench_covariance",
+        "model": {"family": "gpt2", "n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
+                  "vocab_size": 50257, "d_mlp": adapter.d_mlp},
+        "layers": layers, "tokens": count, "max_length": args.max_length, "batch_tokens": args.batch_tokens,
+        "one_pass_s": t_fast, "per_layer_s": t_slow,
+        "one_pass_tokens_per_s": count / t_fast,
+        "per_layer_tokens_per_s": count / t_slow,  # tokens of statistics for all layers per second
+        "speedup": ratio, "target": TARGET, "meets_target": ratio >= TARGET, "max_abs_diff": max_diff,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+    }
+    print(f"model: GPT-2 shaped, {args.n_layer} layers, n_embd={args.n_embd}, d_mlp={adapter.d_mlp}; "
+          f"layers {layers}; {count} tokens; {torch.get_num_threads()} torch threads")
+    print(f"one pass, early exit : {t_fast:8.2f} s  {count / t_fast:10.1f} tokens/s")
+    print(f"full pass per layer  : {t_slow:8.2f} s  {count / t_slow:10.1f} tokens/s")
+    print(f"speed ratio          : {ratio:8.2f}x  (target ≥ {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'})")
+    print(f"max |C_fast - C_ref| : {max_diff:.3e}")
+    if args.json_path:
+        write_json_atomic(args.json_path, result)
+        print(f"wrote {args.json_path}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
