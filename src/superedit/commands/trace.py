@@ -107,6 +107,81 @@ def _round(obj: Any, digits: int = 6) -> Any:
     return obj
 
 
+def run_trace(adapter, facts: list, model: str, kind_list: list[str], window: int | None, noise: float, samples: int,
+              seed: int, swap: bool, out: str | Path, batch_size: int = 256) -> dict[str, Any]:
+    """Trace ``facts``, optionally run the state swap, write heatmaps + trace.json into ``out``; return a summary."""
+    from ..analysis.tracing import CATEGORIES, default_window, state_swap, summarize_traces, trace_fact_kinds
+    from ..report import plots
+    from ..utils.io import write_json_atomic
+    from ..utils.logs import get_logger
+    from ..utils.progress import progress
+
+    log = get_logger("superedit.commands.trace")
+    nl = adapter.n_layers
+    windows = {k: (1 if k == "resid" else (window or default_window(k, nl))) for k in kind_list}
+    log.info("tracing %d fact(s) on %s: kinds %s, windows %s, noise %.2f x emb std, %d samples",
+             len(facts), model, kind_list, windows, noise, samples)
+
+    per_fact, by_kind = [], {k: [] for k in kind_list}
+    for fact in progress(facts, total=len(facts), desc="trace"):
+        res = trace_fact_kinds(adapter, fact, kind_list, windows, noise, samples, seed, batch_size)
+        for k, r in res.items():
+            by_kind[k].append(r)
+        per_fact.append({"prompt": fact.prompt, "subject": fact.subject, "target": fact.target,
+                         "traces": {k: r.to_dict() for k, r in res.items()}})
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: summarize_traces(rs) for k, rs in by_kind.items()}
+    files = []
+    for k in kind_list:
+        if len(facts) == 1:
+            r = by_kind[k][0]
+            first, last = r.subject_span
+            title = (f"{r.prompt!r} -> {r.target!r}: restored {k}, window {r.window}\n"
+                     f"p_clean {r.p_clean:.3f}, p_corrupt {r.p_corrupt:.3f}")
+            files.append(plots.trace_heatmap(r.scores.T, r.tokens, out_dir / f"trace_{k}.png", kind=k,
+                                             title=title, highlight=range(first, last + 1)))
+        else:
+            cats = summary[k]["categories"]
+            grid = [cats[c]["mean_ie"] or [None] * nl for c in CATEGORIES]
+            title = (f"mean indirect effect of restored {k} over {len(facts)} facts, window {windows[k]}\n"
+                     f"mean p_clean {summary[k]['mean_p_clean']:.3f}, "
+                     f"p_corrupt {summary[k]['mean_p_corrupt']:.3f}")
+            files.append(plots.trace_heatmap(grid, list(CATEGORIES), out_dir / f"trace_{k}_avg.png", kind=k,
+                                             title=title, cbar_label="mean IE"))
+
+    swap_res = None
+    if swap:
+        sw = state_swap(adapter, facts, seed=seed, batch_size=min(batch_size, 64))
+        swap_res = sw.to_dict()
+        if sw.n_pairs:
+            title = f"state swap at the last subject token ({sw.n_pairs} pairs)"
+            files.append(plots.rate_by_layer({"transfer": sw.transfer_rate, "keep": sw.keep_rate}, sw.layers,
+                                             out_dir / "swap.png", title=title))
+        else:
+            swap_res["note"] = "no pair of facts with the same template and different answers"
+
+    config = dict(model=model, identity=adapter.identity(), n_layers=nl, kinds=kind_list, windows=windows,
+                  noise_scale=noise, samples=samples, seed=seed,
+                  target_rule="probability of the target's first token at the last prompt token")
+    write_json_atomic(out_dir / "trace.json", _round(dict(config=config, summary=summary, swap=swap_res,
+                                                          facts=per_fact)))
+    files.insert(0, out_dir / "trace.json")
+
+    result: dict[str, Any] = dict(model=model, n_facts=len(facts), n_layers=nl, kinds=kind_list, windows=windows,
+                                  out=str(out_dir), files=[str(f) for f in files])
+    for k, s in summary.items():
+        brief = {key: s[key] for key in ("mean_p_clean", "mean_p_corrupt", "peak", "last_subject_peak")}
+        if "criterion" in s:
+            brief["criterion_met"] = s["criterion"]["met"]
+        result[k] = _round(brief)
+    if swap_res is not None:
+        result["swap"] = _round({key: swap_res[key] for key in
+                                 ("n_pairs", "best_layer", "best_transfer_rate", "transfer_rate", "keep_rate")})
+    return result
+
+
 def register(app) -> None:
     @app.command("trace")
     @command
@@ -134,16 +209,10 @@ def register(app) -> None:
         as_json: bool = JsonOpt,
     ):
         """Causal tracing (ROME): which hidden states carry a fact; optionally the state-swap test."""
-        from ..analysis.tracing import (CATEGORIES, KIND_SITES, default_window, state_swap, summarize_traces,
-                                        trace_fact_kinds)
+        from ..analysis.tracing import KIND_SITES
         from ..errors import SupereditError
         from ..models import load_model
-        from ..report import plots
-        from ..utils.io import write_json_atomic
-        from ..utils.logs import get_logger
-        from ..utils.progress import progress
 
-        log = get_logger("superedit.commands.trace")
         kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
         bad = [k for k in kind_list if k not in KIND_SITES]
         if bad or not kind_list:
@@ -155,66 +224,6 @@ def register(app) -> None:
         adapter = load_model(model, device=device)
         if facts is None:
             facts = _load_facts(model, prompt, subject, target, requests, n, seed)
-        nl = adapter.n_layers
-        windows = {k: (1 if k == "resid" else (window or default_window(k, nl))) for k in kind_list}
-        log.info("tracing %d fact(s) on %s: kinds %s, windows %s, noise %.2f x emb std, %d samples",
-                 len(facts), model, kind_list, windows, noise, samples)
-
-        per_fact, by_kind = [], {k: [] for k in kind_list}
-        for fact in progress(facts, total=len(facts), desc="trace"):
-            res = trace_fact_kinds(adapter, fact, kind_list, windows, noise, samples, seed, batch_size)
-            for k, r in res.items():
-                by_kind[k].append(r)
-            per_fact.append({"prompt": fact.prompt, "subject": fact.subject, "target": fact.target,
-                             "traces": {k: r.to_dict() for k, r in res.items()}})
-
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        summary = {k: summarize_traces(rs) for k, rs in by_kind.items()}
-        files = []
-        for k in kind_list:
-            if len(facts) == 1:
-                r = by_kind[k][0]
-                first, last = r.subject_span
-                title = (f"{r.prompt!r} -> {r.target!r}: restored {k}, window {r.window}\n"
-                         f"p_clean {r.p_clean:.3f}, p_corrupt {r.p_corrupt:.3f}")
-                files.append(plots.trace_heatmap(r.scores.T, r.tokens, out_dir / f"trace_{k}.png", kind=k,
-                                                 title=title, highlight=range(first, last + 1)))
-            else:
-                cats = summary[k]["categories"]
-                grid = [cats[c]["mean_ie"] or [None] * nl for c in CATEGORIES]
-                title = (f"mean indirect effect of restored {k} over {len(facts)} facts, window {windows[k]}\n"
-                         f"mean p_clean {summary[k]['mean_p_clean']:.3f}, "
-                         f"p_corrupt {summary[k]['mean_p_corrupt']:.3f}")
-                files.append(plots.trace_heatmap(grid, list(CATEGORIES), out_dir / f"trace_{k}_avg.png", kind=k,
-                                                 title=title, cbar_label="mean IE"))
-
-        swap_res = None
-        if swap:
-            sw = state_swap(adapter, facts, seed=seed, batch_size=min(batch_size, 64))
-            swap_res = sw.to_dict()
-            if sw.n_pairs:
-                title = f"state swap at the last subject token ({sw.n_pairs} pairs)"
-                files.append(plots.rate_by_layer({"transfer": sw.transfer_rate, "keep": sw.keep_rate}, sw.layers,
-                                                 out_dir / "swap.png", title=title))
-            else:
-                swap_res["note"] = "no pair of facts with the same template and different answers"
-
-        config = dict(model=model, identity=adapter.identity(), n_layers=nl, kinds=kind_list, windows=windows,
-                      noise_scale=noise, samples=samples, seed=seed,
-                      target_rule="probability of the target's first token at the last prompt token")
-        write_json_atomic(out_dir / "trace.json", _round(dict(config=config, summary=summary, swap=swap_res,
-                                                              facts=per_fact)))
-        files.insert(0, out_dir / "trace.json")
-
-        result: dict[str, Any] = dict(model=model, n_facts=len(facts), n_layers=nl, kinds=kind_list, windows=windows,
-                                      out=str(out_dir), files=[str(f) for f in files])
-        for k, s in summary.items():
-            brief = {key: s[key] for key in ("mean_p_clean", "mean_p_corrupt", "peak", "last_subject_peak")}
-            if "criterion" in s:
-                brief["criterion_met"] = s["criterion"]["met"]
-            result[k] = _round(brief)
-        if swap_res is not None:
-            result["swap"] = _round({key: swap_res[key] for key in
-                                     ("n_pairs", "best_layer", "best_transfer_rate", "transfer_rate", "keep_rate")})
+        result = run_trace(adapter, facts, model, kind_list, window, noise, samples, seed, swap, out,
+                           batch_size)
         emit(result, as_json)
