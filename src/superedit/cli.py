@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "trace",
     "demo",
     "stats",
+    "superposition",
+    "forecast",
 ]
 
 app = typer.Typer(

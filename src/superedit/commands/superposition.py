@@ -1,0 +1,138 @@
+"""``superedit superposition``: knowledge-in-superposition matrices, statistics, plots and report.
+
+One model::
+
+    superedit superposition --model builtin:small --requests cf.json --m 128 --layers all --out runs/sp
+
+Several models (scaling law of the kurtosis against parameter count)::
+
+    superedit superposition --models builtin:tiny,builtin:small,builtin:base --m 128 --out runs/sp-scaling
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, parse_layers
+
+
+def load_edit_requests(model: str, requests: str | None, n: int, seed: int) -> list:
+    """Requests from ``--requests FILE``, else the testbed's default edit requests for ``model``."""
+    from ..errors import SupereditError
+
+    if requests:
+        from ..data import load_requests
+
+        return load_requests(requests)
+    missing = SupereditError(f"--requests is required (--model {model!r} is not a testbed model with default "
+                             "edit requests); pass --requests FILE (CounterFact, zsRE, EasyEdit or superedit JSONL)")
+    try:
+        from .. import testbed
+        from ..models.loading import resolve_model_path
+    except ImportError:
+        raise missing from None
+    fn = getattr(testbed, "default_edit_requests", None)
+    if fn is None:
+        raise missing
+    path, is_local = resolve_model_path(model)
+    if not is_local or not (Path(path) / "testbed.json").exists():
+        raise missing
+    reqs = list(fn(path, n, seed))
+    if not reqs:
+        raise missing
+    return reqs
+
+
+def make_covariance(adapter, corpus: str | None, n_tokens: int, layers: list[int], max_length: int = 128):
+    from ..editing.covariance import CorpusCovariance
+
+    return CorpusCovariance(adapter, corpus or None, n_tokens=n_tokens, max_length=max_length, layers=layers)
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_") or "model"
+
+
+def run_one(adapter, requests: list, cov, out: Path, layers: list[int], m: int, seed: int, fact_token: str,
+            ridge: float, top_k: int, top_by: str):
+    """Analysis + files + plots + report for one model; returns the SuperpositionResult."""
+    from ..analysis.superposition import analyze_superposition
+    from ..report.superposition_report import render_plots, write_report
+
+    res = analyze_superposition(adapter, requests, cov, layers=layers, m=m, seed=seed, fact_token=fact_token,
+                                ridge=ridge, top_k=top_k, top_by=top_by)
+    res.save(out)
+    render_plots(out)
+    write_report(out)
+    return res
+
+
+def _layer_summary(res) -> list[dict]:
+    return [{"layer": l, "kurtosis": v.stats["kurtosis"], "mean_abs": v.stats["mean_abs"], "std": v.stats["std"],
+             "frac_abs_gt": v.stats["frac_abs_gt"], "angle_mode_whitening": v.stats["angle_mode_whitening"],
+             "angle_mode_activation": v.stats["angle_mode_activation"], "condition_number": v.condition_number}
+            for l, v in res.layers.items()]
+
+
+def register(app) -> None:
+    @app.command("superposition")
+    @command
+    def superposition(
+        model: str = ModelOpt,
+        models: Optional[str] = typer.Option(None, "--models", help="Comma-separated model specs: run each and "
+                                                                    "write the kurtosis-vs-size scaling plot."),
+        requests: Optional[str] = typer.Option(None, "--requests", help="Dataset file with the items "
+                                                                        "(default on testbed models: its edit requests)."),
+        m: int = typer.Option(128, "--m", help="Number of items (seeded choice; smaller m = nested prefix)."),
+        layers: str = typer.Option("all", "--layers", help="'all', '3,4' or '2-5'."),
+        fact_token: str = typer.Option("subject_last", "--fact-token", help="subject_last | subject_first | last."),
+        ridge: float = typer.Option(0.0, "--ridge", help="Ridge added to C as a fraction of its mean diagonal."),
+        corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus for C (default: the model's own / testbed)."),
+        mom2_tokens: int = typer.Option(100_000, "--mom2-tokens", help="Corpus tokens for C."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the item choice."),
+        top_k: int = typer.Option(20, "--top-k", help="Most superposed pairs listed per layer."),
+        top_by: str = typer.Option("value", "--top-by", help="Rank pairs by 'value' of p or by 'abs' |p|."),
+        out: str = typer.Option(..., "--out", help="Output folder."),
+        device: Optional[str] = DeviceOpt,
+        as_json: bool = JsonOpt,
+    ):
+        """Superposition of fact keys in the whitening space C^-1/2: P/Q/cosine matrices, kurtosis, angles,
+        m-convergence, top pairs, HTML report; with --models a scaling law over model sizes."""
+        from ..analysis.superposition import SuperpositionError, save_scaling, scaling_records
+        from ..models import load_model
+        from ..report.superposition_report import render_scaling
+
+        if m < 2:
+            raise SuperpositionError(f"--m must be ≥ 2 (got {m})")
+        dev = default_device(device)
+        out_dir = Path(out)
+        specs = [s.strip() for s in models.split(",") if s.strip()] if models else [model]
+        if models and not specs:
+            raise SuperpositionError("--models is empty; give comma-separated model specs")
+        results, model_dirs = [], {}
+        for spec in specs:
+            adapter = load_model(spec, device=dev)
+            chosen = parse_layers(layers, adapter.n_layers)
+            reqs = load_edit_requests(spec, requests, m, seed)
+            cov = make_covariance(adapter, corpus, mom2_tokens, chosen)
+            target = out_dir if not models else out_dir / "models" / _slug(spec)
+            res = run_one(adapter, reqs, cov, target, chosen, m, seed, fact_token, ridge, top_k, top_by)
+            results.append(res)
+            model_dirs[spec] = str(target.relative_to(out_dir)) if models else "."
+            del adapter, cov
+        result = {"out": str(out_dir), "m": m, "fact_token": fact_token, "ridge": ridge}
+        if models:
+            rows = scaling_records(results)
+            save_scaling(rows, out_dir, config={"models": specs, "m": m, "seed": seed, "fact_token": fact_token,
+                                                "ridge": ridge, "model_dirs": model_dirs})
+            render_scaling(out_dir)
+            result.update({"models": specs, "scaling": rows, "report": str(out_dir / "report.html")})
+        else:
+            res = results[0]
+            result.update({"model": model, "n_params": res.model["n_params"], "layers": _layer_summary(res),
+                           "report": str(out_dir / "report.html")})
+        emit(result, as_json)
