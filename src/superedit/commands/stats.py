@@ -27,7 +27,7 @@ def register(app) -> None:
         device: str = DeviceOpt,
         as_json: bool = JsonOpt,
     ):
-        """Compute (or load from the cache) C = E[k kᵀ] of the MLP down-projection input for each layer."""
+        """Compute (or load from the cache) the key covariance C = E(k kᵀ), k = MLP down-projection input, per layer."""
         from ..models import load_model
         from ..stats import Corpus, collect_covariances, corpus_for_model, default_cache_dir
 
