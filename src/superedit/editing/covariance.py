@@ -40,10 +40,10 @@ class CorpusCovariance:
 
     def mom2(self, layer: int) -> torch.Tensor:
         if layer not in self._mats:
-            from ..stats import collect_covariances, resolve_corpus
+            from ..stats import Corpus, collect_covariances, corpus_for_model
 
             wanted = sorted(set(self.prefetch + [layer]) - set(self._mats))
-            corpus = resolve_corpus(self.corpus, self.adapter)
+            corpus = Corpus.coerce(self.corpus) if self.corpus else corpus_for_model(self.adapter)
             covs = collect_covariances(self.adapter, wanted, corpus, n_tokens=self.n_tokens,
                                        max_length=self.max_length, cache_dir=self.cache_dir)
             for l, c in covs.items():
