@@ -48,3 +48,12 @@ def get_method(name: str) -> MethodEntry:
     if name not in REGISTRY:
         raise SupereditError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
+
+
+# lifelong methods (superedit.lifelong); hparams module is torch-free
+from ...lifelong.hparams import AlphaEditHParams, D4SHParams  # noqa: E402
+
+register(MethodEntry("d4s", D4SHParams, "superedit.lifelong.d4s:d4s_step", True,
+                     "D4S lifelong editing: one MEMIT solve over all edits via running sums (Huang et al. 2024)."))
+register(MethodEntry("alphaedit", AlphaEditHParams, "superedit.lifelong.alphaedit:alphaedit_step", True,
+                     "AlphaEdit: null-space-projected MEMIT updates for sequential editing (Fang et al. 2025)."))

@@ -1,0 +1,358 @@
+"""D4S (Huang et al. 2024): lifelong editing as ONE MEMIT solve over every edit so far.
+
+Per edited layer keep the running sums over all edits i (residuals against the ORIGINAL weights W₀)::
+
+    S_rk = Σ rᵢ kᵢᵀ   (d_model × d_mlp)        S_kk = Σ kᵢ kᵢᵀ   (d_mlp × d_mlp)
+    W    = W₀ + X,    X = S_rk A⁻¹,    A = λC + S_kk
+
+so memory does not grow with the number of edits. A step never re-solves densely:
+
+* the factor of A is updated in place — ``factor="cholesky"``: upper Cholesky factor U (A = UᵀU) by
+  rank-1 updates (Givens-style, float64, vectorised over the row, backward stable); or
+  ``factor="inverse"``: A⁻¹ by Woodbury (fastest, O(d_mlp² k), slowly drifts; see ``refresh``);
+* X is updated by Sherman–Morrison–Woodbury from the *old* factor: with U₁ = A⁻¹K, M = I + KᵀU₁,
+  V = U₁M⁻¹ = (A + KKᵀ)⁻¹K::
+
+      X_new = (S_rk + RKᵀ)(A + KKᵀ)⁻¹ = X + (R − X K) Vᵀ          O(d_model·d_mlp·k + d_mlp²·k)
+
+  (the same identity with N = I − KᵀU₁ and a minus sign removes terms).
+
+``solve_delta()`` gives X from the current factor by two triangular solves (O(d_model·d_mlp²));
+``dense_delta()`` recomputes everything from the sums (reference / ``refresh``).
+
+Undo (``remove``) is an exact downdate of the sums. The factor downdate is only attempted when it is
+well conditioned: if λ_min(I − KᵀA⁻¹K) < ``DOWNDATE_TOL`` (the removed keys carry almost all of A in
+some direction) or a Cholesky pivot would go non-positive, the factor and X are recomputed densely
+from the (already downdated) sums instead — slower, always correct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..editing.contexts import context_prefixes
+from ..editing.covariance import CovarianceSource
+from ..editing.delta import LayerDelta, WeightDelta
+from ..editing.keys import compute_keys, keys_at
+from ..editing.methods.memit import memit_targets
+from ..editing.solve import spd_solve
+from ..models import ModelAdapter
+from ..utils.logs import get_logger
+from .hparams import D4SHParams
+
+log = get_logger(__name__)
+F64 = torch.float64
+DOWNDATE_TOL = 1e-8
+
+
+# ------------------------------------------------------------------ rank-1 Cholesky update
+@torch.no_grad()
+def chol_rank1_(U: torch.Tensor, x: torch.Tensor, sign: float = 1.0) -> bool:
+    """In place: U ← chol(UᵀU + sign·x xᵀ) for upper-triangular U (float64); ``x`` is overwritten.
+
+    Returns False (U left partially updated: restore or refactor) when a downdate would lose
+    definiteness. Pivot j updates row j right of the diagonal and the tail of x with one rotation
+    (r = √(u_jj² ± x_j²), c = r/u_jj, s = x_j/u_jj). On CPU the loop runs on a NumPy view of the same
+    memory (per-op overhead ~1 µs instead of ~10 µs); elsewhere with torch ops.
+    """
+    if U.device.type == "cpu" and U.is_contiguous() and x.is_contiguous():
+        return _chol_rank1_numpy(U.numpy(), x.numpy(), sign)
+    n = U.shape[0]
+    diag = U.diagonal()
+    for j in range(n):
+        ujj, xj = float(diag[j]), float(x[j])
+        if xj == 0.0:
+            continue
+        r2 = ujj * ujj + sign * xj * xj
+        if r2 <= (DOWNDATE_TOL * ujj) ** 2:
+            return False
+        r = r2 ** 0.5
+        c, s = r / ujj, xj / ujj
+        diag[j] = r
+        if j + 1 < n:
+            row, xs = U[j, j + 1:], x[j + 1:]
+            row.add_(xs, alpha=sign * s).div_(c)
+            xs.mul_(c).sub_(row, alpha=s)
+    return True
+
+
+def _chol_rank1_numpy(U, x, sign: float) -> bool:
+    n = U.shape[0]
+    tol2 = DOWNDATE_TOL ** 2
+    for j in range(n):
+        xj = x[j]
+        if xj == 0.0:
+            continue
+        ujj = U[j, j]
+        r2 = ujj * ujj + sign * xj * xj
+        if r2 <= tol2 * ujj * ujj:
+            return False
+        r = r2 ** 0.5
+        c, s = r / ujj, xj / ujj
+        U[j, j] = r
+        row, xs = U[j, j + 1:], x[j + 1:]
+        row += (sign * s) * xs
+        row *= 1.0 / c
+        xs *= c
+        xs -= s * row
+    return True
+
+
+def _as_cols(t: torch.Tensor) -> torch.Tensor:
+    return t[:, None] if t.dim() == 1 else t
+
+
+class D4SState:
+    """Running D4S sums, a factor of A = λC + S_kk and X = S_rk A⁻¹ for one layer.
+
+    Args:
+        layer: layer index (bookkeeping only).
+        W0: the original weights (d_model, d_mlp) in the adapter's orientation (kept as given).
+        C: E[k kᵀ] (d_mlp, d_mlp). With the null-space projection pass the identity and λ = α.
+        lam: λ (MEMIT's ``mom2_update_weight``).
+        factor: "cholesky" or "inverse" (see module docstring).
+        refresh_every: re-solve densely from the sums every N ``add`` calls (0: never).
+    """
+
+    def __init__(self, layer: int, W0: torch.Tensor, C: torch.Tensor, lam: float, factor: str = "cholesky",
+                 refresh_every: int = 0):
+        if factor not in ("cholesky", "inverse"):
+            raise ValueError(f"factor must be 'cholesky' or 'inverse', got {factor!r}")
+        self.layer, self.lam, self.factor_kind, self.refresh_every = int(layer), float(lam), factor, int(refresh_every)
+        self.W0 = W0.detach()
+        dev = W0.device
+        d_model, d_mlp = W0.shape
+        if tuple(C.shape) != (d_mlp, d_mlp):
+            raise ValueError(f"C has shape {tuple(C.shape)}, expected ({d_mlp}, {d_mlp}) for W0 {tuple(W0.shape)}")
+        self.A0 = self.lam * C.detach().to(dev, F64)
+        self.S_rk = torch.zeros(d_model, d_mlp, dtype=F64, device=dev)
+        self.S_kk = torch.zeros(d_mlp, d_mlp, dtype=F64, device=dev)
+        self.X = torch.zeros(d_model, d_mlp, dtype=F64, device=dev)
+        self.n_terms = 0
+        self.steps = 0
+        self.projector: torch.Tensor | None = None  #: set by d4s_step when keys are projected (not saved)
+        self.journal: list[tuple[torch.Tensor, torch.Tensor]] = []  #: (R, K) added since the last ledger commit
+        self.F = torch.empty(0)
+        self._refactor()
+
+    # ----- factor -------------------------------------------------------------------------
+    @property
+    def A(self) -> torch.Tensor:
+        return self.A0 + self.S_kk
+
+    def _refactor(self) -> None:
+        A = self.A
+        if self.factor_kind == "cholesky":
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) != 0:
+                raise FloatingPointError(f"layer {self.layer}: λC + S_kk is not positive definite (λ={self.lam}); "
+                                         "raise mom2_update_weight or add a ridge to C")
+            self.F = L.T.contiguous()  # upper U, A = UᵀU
+        else:
+            self.F = torch.cholesky_inverse(torch.linalg.cholesky(A))
+
+    def solve_A(self, B: torch.Tensor) -> torch.Tensor:
+        """A⁻¹ B with the current factor (two triangular solves or one product)."""
+        B = _as_cols(B.to(F64))
+        if self.factor_kind == "cholesky":
+            return torch.cholesky_solve(B, self.F, upper=True)
+        return self.F @ B
+
+    # ----- updates ------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, R: torch.Tensor, K: torch.Tensor, journal: bool = True) -> None:
+        """Add edits: R (d_model, k) residuals against W₀, K (d_mlp, k) keys. O(d_model·d_mlp·k + d_mlp²·k)."""
+        R, K = _as_cols(R.to(self.X.device, F64)), _as_cols(K.to(self.X.device, F64))
+        self._check(R, K)
+        U1 = self.solve_A(K)
+        M = torch.eye(K.shape[1], dtype=F64, device=K.device) + K.T @ U1
+        V = torch.linalg.solve(M, U1.T).T  # (A + KKᵀ)⁻¹ K
+        self.X.add_((R - self.X @ K) @ V.T)
+        if self.factor_kind == "cholesky":
+            for i in range(K.shape[1]):
+                chol_rank1_(self.F, K[:, i].clone(), +1.0)
+        else:
+            self.F.sub_(V @ U1.T)
+            self.F = 0.5 * (self.F + self.F.T)
+        self.S_rk.add_(R @ K.T)
+        self.S_kk.add_(K @ K.T)
+        self.n_terms += K.shape[1]
+        self.steps += 1
+        if journal:
+            self.journal.append((R.clone(), K.clone()))
+        if self.refresh_every and self.steps % self.refresh_every == 0:
+            self.refresh()
+
+    @torch.no_grad()
+    def remove(self, R: torch.Tensor, K: torch.Tensor) -> bool:
+        """Remove terms added earlier (exact undo of the sums). Returns False when the ill-conditioned
+        downdate was replaced by a dense re-solve from the sums."""
+        R, K = _as_cols(R.to(self.X.device, F64)), _as_cols(K.to(self.X.device, F64))
+        self._check(R, K)
+        U1 = self.solve_A(K)
+        N = torch.eye(K.shape[1], dtype=F64, device=K.device) - K.T @ U1
+        self.S_rk.sub_(R @ K.T)
+        self.S_kk.sub_(K @ K.T)
+        self.n_terms -= K.shape[1]
+        ok = float(torch.linalg.eigvalsh(0.5 * (N + N.T)).min()) > DOWNDATE_TOL
+        if ok:
+            V = torch.linalg.solve(N, U1.T).T  # (A − KKᵀ)⁻¹ K
+            X_new = self.X - (R - self.X @ K) @ V.T
+            if self.factor_kind == "cholesky":
+                F_old = self.F.clone()
+                for i in range(K.shape[1]):
+                    if not chol_rank1_(self.F, K[:, i].clone(), -1.0):
+                        ok = False
+                        self.F = F_old
+                        break
+            else:
+                self.F.add_(V @ U1.T)
+                self.F = 0.5 * (self.F + self.F.T)
+            if ok:
+                self.X = X_new
+        if not ok:
+            log.debug("layer %d: ill-conditioned downdate, re-solving from the sums", self.layer)
+            self.refresh()
+        return ok
+
+    def _check(self, R, K):
+        d_model, d_mlp = self.X.shape
+        if R.shape[0] != d_model or K.shape[0] != d_mlp or R.shape[1] != K.shape[1]:
+            raise ValueError(f"layer {self.layer}: R {tuple(R.shape)} and K {tuple(K.shape)} do not fit "
+                             f"W ({d_model}, {d_mlp}) (need R (d_model, k), K (d_mlp, k))")
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the factor and X densely from the sums (cancels accumulated rounding)."""
+        self._refactor()
+        self.X = self.solve_delta()
+
+    def take_journal(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(R, K) columns added since the last call (for the ledger's per-edit file); clears it."""
+        if not self.journal:
+            return None
+        R = torch.cat([r for r, _ in self.journal], 1)
+        K = torch.cat([k for _, k in self.journal], 1)
+        self.journal = []
+        return R, K
+
+    # ----- results ------------------------------------------------------------------------
+    def delta(self) -> torch.Tensor:
+        """X = W − W₀ (float64), maintained incrementally."""
+        return self.X
+
+    def weights(self) -> torch.Tensor:
+        """W₀ + X in W₀'s dtype."""
+        return (self.W0.to(F64) + self.X).to(self.W0.dtype)
+
+    def solve_delta(self) -> torch.Tensor:
+        """S_rk A⁻¹ from the current factor (two triangular solves; O(d_model·d_mlp²))."""
+        return self.solve_A(self.S_rk.T).T.contiguous()
+
+    def dense_delta(self) -> torch.Tensor:
+        """S_rk (λC + S_kk)⁻¹ recomputed from scratch (the reference the incremental path must match)."""
+        return spd_solve(self.A, self.S_rk.T).T.contiguous()
+
+    # ----- persistence --------------------------------------------------------------------
+    def state_dict(self, with_factor: bool = True) -> dict[str, torch.Tensor]:
+        """Tensors only (safetensors-able). Without the factor, loading re-factors A once."""
+        sd = {"S_rk": self.S_rk, "S_kk": self.S_kk, "X": self.X,
+              "counts": torch.tensor([self.n_terms, self.steps], dtype=torch.int64)}
+        if with_factor:
+            sd[f"factor_{self.factor_kind}"] = self.F
+        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> "D4SState":
+        dev = self.X.device
+        for name in ("S_rk", "S_kk"):
+            if name not in sd:
+                raise KeyError(f"D4S state for layer {self.layer} lacks {name!r}")
+            if tuple(sd[name].shape) != tuple(getattr(self, name).shape):
+                raise ValueError(f"D4S state {name} has shape {tuple(sd[name].shape)}, "
+                                 f"expected {tuple(getattr(self, name).shape)}")
+            setattr(self, name, sd[name].to(dev, F64).clone())
+        if "counts" in sd:
+            self.n_terms, self.steps = (int(v) for v in sd["counts"].tolist())
+        fkey = f"factor_{self.factor_kind}"
+        if fkey in sd:
+            self.F = sd[fkey].to(dev, F64).clone()
+        else:
+            self._refactor()
+        self.X = sd["X"].to(dev, F64).clone() if "X" in sd else self.solve_delta()
+        self.journal = []
+        return self
+
+
+# ------------------------------------------------------------------ the method
+def make_states(adapter: ModelAdapter, hparams: D4SHParams, stats: CovarianceSource, base: dict | None = None,
+                cache_key: str | None = None) -> dict[int, D4SState]:
+    """Fresh D4S states for ``hparams.layers``; W₀ from ``base`` or the adapter's current weights."""
+    states = {}
+    for l in sorted(hparams.layers):
+        adapter.check_layer(l)
+        W0 = (base[l] if base is not None else adapter.down_weight(l)).detach().clone()
+        C = stats.mom2(l).to(W0.device, F64)
+        if hparams.project_nullspace:
+            from .alphaedit import nullspace_projector
+
+            st = D4SState(l, W0, torch.eye(C.shape[0], dtype=F64, device=W0.device), hparams.L2,
+                          hparams.factor, hparams.refresh_every)
+            st.projector = nullspace_projector(C, hparams.nullspace_threshold, hparams.nullspace_relative,
+                                               key=cache_key, layer=l)
+        else:
+            st = D4SState(l, W0, C, hparams.mom2_update_weight, hparams.factor, hparams.refresh_every)
+        states[l] = st
+    return states
+
+
+def d4s_step(adapter: ModelAdapter, requests: list, hparams: D4SHParams, stats: CovarianceSource,
+             state: dict[int, D4SState] | None = None, cache_key: str | None = None) -> WeightDelta:
+    """One D4S step: add ``requests`` to the running sums and return the new TOTAL delta W − W₀.
+
+    ``state`` (layer → D4SState) is updated in place; layers without a state get one whose W₀ is the
+    adapter's current weight (so the first step must see the base model). Values z are optimised on
+    the model as it is (carrying earlier edits). For each layer l in order, keys K_l are read with the
+    earlier layers already carrying this step's update, R_l = (z − h_L)/(layers left) as in MEMIT,
+    and the residual against W₀ is R_l + (W_cur,l − W₀,l) K_l. The adapter is restored on return;
+    the delta's ``meta["delta_kind"] == "total"``: apply it to the BASE model (or use a Ledger).
+    On an exception the terms already added to ``state`` are removed again.
+    """
+    layers = sorted(hparams.layers)
+    for l in layers:
+        adapter.check_layer(l)
+    state = {} if state is None else state
+    fresh = make_states(adapter, hparams.replace(layers=[l for l in layers if l not in state]), stats,
+                        cache_key=cache_key) if any(l not in state for l in layers) else {}
+    state.update(fresh)
+    prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
+    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+    zs, summaries = memit_targets(adapter, requests, hparams, prefixes)
+    originals = {l: adapter.down_weight(l).detach().clone() for l in layers}
+    added: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    info = []
+    try:
+        for i, layer in enumerate(layers):
+            st = state[layer]
+            K = compute_keys(adapter, prompts, subjects, [layer], prefixes, hparams.fact_token)[layer].T.to(F64)
+            cur = keys_at(adapter, prompts, subjects, [layers[-1]], hparams.fact_token, site="resid")[layers[-1]]
+            R = (zs - cur).T.to(F64) / (len(layers) - i)
+            W_cur = adapter.down_weight(layer).detach().to(F64)
+            R0 = R + (W_cur - st.W0.to(W_cur.device, F64)) @ K
+            Kin = st.projector.to(K.device) @ K if st.projector is not None else K
+            st.add(R0, Kin)
+            added.append((layer, R0, Kin))
+            adapter.set_down_weight(layer, st.weights())
+            info.append({"layer": layer, "residual_norm": float(R.norm(dim=0).mean()),
+                         "residual_w0_norm": float(R0.norm(dim=0).mean()), "key_norm": float(K.norm(dim=0).mean()),
+                         "n_terms": st.n_terms})
+    except BaseException:
+        for layer, R0, Kin in reversed(added):
+            state[layer].remove(R0, Kin)
+            state[layer].journal = state[layer].journal[:-1]
+        raise
+    finally:
+        for l, w in originals.items():
+            adapter.set_down_weight(l, w)
+    deltas = {l: LayerDelta(dense_=state[l].delta().clone()) for l in layers}
+    return WeightDelta(deltas, "d4s", {"model": adapter.identity(), "hparams": hparams.to_dict(),
+                                       "delta_kind": "total", "requests": summaries, "layers": info})
