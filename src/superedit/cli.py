@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "trace",
     "demo",
     "stats",
+    "edit",
+    "eval",
     "superposition",
     "forecast",
 ]

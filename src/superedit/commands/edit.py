@@ -1,0 +1,197 @@
+"""``superedit edit``: apply ROME / MEMIT / FT edits and evaluate them (CounterFact + zsRE metrics).
+
+Writes ``OUT/records.jsonl`` (one record per request, appended as it goes), ``OUT/summary.json``
+and, with ``--save-delta DIR``, the merged delta of all edits (``superedit eval --delta DIR`` reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit, parse_layers
+
+DEFAULT_TESTBED_N = 20
+
+RequestsOpt = typer.Option(None, "--requests", "-r", help="Dataset file (CounterFact, MQuAKE, EasyEdit, zsRE-MEND, "
+                           "superedit JSONL). Optional for testbed models (their own counterfactual requests).")
+FormatOpt = typer.Option("auto", "--format", help="Dataset format: auto, counterfact, mquake, easyedit, zsre, superedit.")
+LimitOpt = typer.Option(None, "--limit", "-n", help="Use only the first N requests.")
+GenTokensOpt = typer.Option(100, "--gen-tokens", help="Tokens sampled (top-k 5) per generation prompt for the n-gram "
+                            "entropy fluency metric, pre and post (0: skip fluency).")
+SeedOpt = typer.Option(0, "--seed", help="Seed for sampling (fluency generations, testbed requests).")
+
+
+# ------------------------------------------------------------------------------------- helpers
+def local_model_dir(model: str) -> Path | None:
+    """The local directory of ``--model`` (builtin specs resolved), or None for a hub id."""
+    from ..models.loading import resolve_model_path
+
+    path, is_local = resolve_model_path(model)
+    return Path(path) if is_local else None
+
+
+def testbed_meta(model_dir: Path | None) -> dict | None:
+    if model_dir is None or not (model_dir / "testbed.json").is_file():
+        return None
+    try:
+        return json.loads((model_dir / "testbed.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def hparams_profile(adapter, model_dir: Path | None) -> str:
+    """``testbed-<size>`` for a testbed model directory, else the adapter's family."""
+    meta = testbed_meta(model_dir)
+    if meta is not None:
+        size = meta.get("size")
+        return f"testbed-{size}" if size else "testbed"
+    return adapter.family
+
+
+def resolve_requests(requests: str | None, fmt: str, limit: int | None, model_dir: Path | None, seed: int) -> list:
+    """Requests from ``--requests``, or a testbed model's default counterfactual requests."""
+    from ..errors import SupereditError
+
+    if requests:
+        from ..data import load_requests
+
+        reqs = load_requests(requests, fmt=fmt, limit=limit)
+    else:
+        if testbed_meta(model_dir) is None:
+            raise SupereditError("--requests is required for non-testbed models: pass a dataset file "
+                                 "(CounterFact, MQuAKE, EasyEdit, zsRE-MEND or superedit JSONL)")
+        try:
+            from ..testbed import default_edit_requests
+        except ImportError:
+            raise SupereditError("--requests is required: this version of the testbed has no default edit "
+                                 "requests (superedit.testbed.default_edit_requests)") from None
+        reqs = list(default_edit_requests(model_dir, limit or DEFAULT_TESTBED_N, seed))
+        if limit is not None:
+            reqs = reqs[:limit]
+    if not reqs:
+        raise SupereditError(f"no edit requests to run (--requests {requests!r}, --limit {limit})")
+    return reqs
+
+
+def build_hparams(entry, method: str, profile: str, path: str | None, layers: str | None, n_layers: int,
+                  mom2_tokens: int | None, corpus: str | None):
+    from ..editing.hparams import HParamsError, load_hparams
+
+    names = {f for f in entry.hparams_cls.__dataclass_fields__}
+    overrides: dict[str, Any] = {}
+    if layers:
+        overrides["layers"] = parse_layers(layers, n_layers)
+    if mom2_tokens is not None:
+        if "mom2_n_tokens" not in names:
+            raise HParamsError(f"--mom2-tokens does not apply to {method} (it uses no key statistics)")
+        overrides["mom2_n_tokens"] = mom2_tokens
+    if corpus and "mom2_corpus" in names:
+        overrides["mom2_corpus"] = str(corpus)
+    hp = load_hparams(entry.hparams_cls, method, profile, path, overrides)
+    for l in hp.layers:
+        if not 0 <= l < n_layers:
+            raise HParamsError(f"hparams for {method}/{profile}: layer {l} is out of range for this model "
+                               f"(layers 0..{n_layers - 1}); pass --layers or --hparams FILE")
+    return hp
+
+
+def start_out_dir(out: str | None, prefix: str) -> Path:
+    """The output directory (default ``runs/<prefix>-<timestamp>``), with any old records.jsonl removed."""
+    from ..utils.logs import get_logger
+
+    d = Path(out) if out else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    d.mkdir(parents=True, exist_ok=True)
+    rec = d / "records.jsonl"
+    if rec.exists():
+        get_logger(__name__).warning("%s exists; overwriting it", rec)
+        rec.unlink()
+    return d
+
+
+def print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        emit(summary, True)
+        return
+    pre, post = summary.get("pre", {}), summary.get("post", {})
+    lines = [f"{'metric':24s} {'pre':>10s} {'post':>10s}"]
+    for key in post:
+        a = pre.get(key)
+        a_txt = "-" if a is None else format(a, ".4f")
+        lines.append(f"{key:24s} {a_txt:>10s} {post[key]:10.4f}")
+    typer.echo("\n".join(lines), err=True)
+    emit({k: v for k, v in summary.items() if k not in ("pre", "post", "counts", "hparams", "model_identity")}, False)
+
+
+# ------------------------------------------------------------------------------------- command
+def register(app) -> None:
+    @app.command("edit")
+    @command
+    def edit(
+        model: str = ModelOpt,
+        method: str = typer.Option("rome", "--method", help="Editing method: rome, memit or ft."),
+        requests: str = RequestsOpt,
+        fmt: str = FormatOpt,
+        limit: int = LimitOpt,
+        batch_size: int = typer.Option(1, "--batch-size", "-b", help="Requests per method call (MEMIT batch editing)."),
+        sequential: bool = typer.Option(False, "--sequential", help="Keep every edit (lifelong editing) instead of "
+                                        "reverting after each batch."),
+        hparams: str = typer.Option(None, "--hparams", help="YAML file overriding the packaged hyperparameters."),
+        layers: str = typer.Option(None, "--layers", "-l", help="Edited layer(s), e.g. '3' or '3,4,5' (overrides hparams)."),
+        corpus: str = typer.Option(None, "--corpus", help="Corpus for the key covariance (default: the testbed's own)."),
+        mom2_tokens: int = typer.Option(None, "--mom2-tokens", help="Corpus tokens for the key covariance."),
+        save_delta: str = typer.Option(None, "--save-delta", help="Save the merged delta of all edits to this directory."),
+        out: str = typer.Option(None, "--out", "-o", help="Output directory (default runs/edit-<method>-<time>)."),
+        gen_tokens: int = GenTokensOpt,
+        seed: int = SeedOpt,
+        device: str = DeviceOpt,
+        as_json: bool = JsonOpt,
+    ):
+        """Edit facts with ROME, MEMIT or FT; evaluate each edit before/after (efficacy, paraphrase,
+        neighbourhood, S, rewrite/rephrase accuracy, locality, fluency)."""
+        from ..editing.covariance import CorpusCovariance
+        from ..editing.methods import get_method
+        from ..editing.run import run_edits
+        from ..models import load_model
+        from ..utils.io import write_json_atomic
+        from ..utils.logs import get_logger
+        from ..utils.seed import seed_everything
+
+        log = get_logger("superedit.commands.edit")
+        entry = get_method(method)
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be ≥ 1 (got {batch_size})")
+        seed_everything(seed)
+        adapter = load_model(model, device=device)
+        model_dir = local_model_dir(model)
+        profile = hparams_profile(adapter, model_dir)
+        hp = build_hparams(entry, method, profile, hparams, layers, adapter.n_layers, mom2_tokens, corpus)
+        reqs = resolve_requests(requests, fmt, limit, model_dir, seed)
+        stats = None
+        if entry.needs_stats:
+            stats = CorpusCovariance(adapter, corpus or getattr(hp, "mom2_corpus", "") or None,
+                                     n_tokens=hp.mom2_n_tokens, max_length=getattr(hp, "mom2_max_length", 128),
+                                     layers=list(hp.layers))
+        out_dir = start_out_dir(out, f"edit-{method}")
+        log.info("%s: %d request(s), batch size %d, %s, hparams profile %s, layers %s → %s", method, len(reqs),
+                 batch_size, "sequential" if sequential else "independent", profile, hp.layers, out_dir)
+        records, summary, merged = run_edits(adapter, reqs, method, hp, stats, batch_size=batch_size,
+                                             sequential=sequential, out_path=out_dir / "records.jsonl",
+                                             gen_tokens=gen_tokens, eval_seed=seed, return_delta=True)
+        delta_path = None
+        if save_delta:
+            if merged is None:
+                log.warning("no edit succeeded; no delta saved to %s", save_delta)
+            else:
+                merged.meta["requests_file"] = str(requests) if requests else None
+                delta_path = str(merged.save(save_delta))
+        summary.update({"model": model, "profile": profile, "hparams": hp.to_dict(),
+                        "model_identity": adapter.identity(), "requests_file": requests, "limit": limit,
+                        "gen_tokens": gen_tokens, "seed": seed, "out_dir": str(out_dir),
+                        "records": str(out_dir / "records.jsonl"), "delta": delta_path})
+        write_json_atomic(out_dir / "summary.json", summary)
+        print_summary(summary, as_json)

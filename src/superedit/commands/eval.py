@@ -1,0 +1,46 @@
+"""``superedit eval``: evaluate a saved delta (pre = the model without it, post = with it)."""
+
+from __future__ import annotations
+
+import typer
+
+from .common import DeviceOpt, JsonOpt, ModelOpt, command
+from .edit import FormatOpt, GenTokensOpt, LimitOpt, RequestsOpt, SeedOpt
+
+
+def register(app) -> None:
+    @app.command("eval")
+    @command
+    def eval_(
+        model: str = ModelOpt,
+        delta: str = typer.Option(..., "--delta", "-d", help="Directory of a saved delta (edit --save-delta)."),
+        requests: str = RequestsOpt,
+        fmt: str = FormatOpt,
+        limit: int = LimitOpt,
+        out: str = typer.Option(None, "--out", "-o", help="Write records.jsonl and summary.json here."),
+        gen_tokens: int = GenTokensOpt,
+        seed: int = SeedOpt,
+        device: str = DeviceOpt,
+        as_json: bool = JsonOpt,
+    ):
+        """Evaluate a saved delta on edit requests: every metric without (pre) and with (post) the delta."""
+        from ..editing.delta import WeightDelta
+        from ..editing.run import evaluate_delta
+        from ..models import load_model
+        from ..utils.io import write_json_atomic
+        from ..utils.seed import seed_everything
+        from .edit import local_model_dir, print_summary, resolve_requests, start_out_dir
+
+        seed_everything(seed)
+        wd = WeightDelta.load(delta)
+        adapter = load_model(model, device=device)
+        reqs = resolve_requests(requests, fmt, limit, local_model_dir(model), seed)
+        out_dir = start_out_dir(out, "eval") if out else None
+        records, summary = evaluate_delta(adapter, reqs, wd, out_path=out_dir / "records.jsonl" if out_dir else None,
+                                          gen_tokens=gen_tokens, eval_seed=seed)
+        summary.update({"model": model, "delta": str(delta), "delta_layers": sorted(wd.layers),
+                        "requests_file": requests, "limit": limit, "gen_tokens": gen_tokens, "seed": seed,
+                        "out_dir": str(out_dir) if out_dir else None})
+        if out_dir:
+            write_json_atomic(out_dir / "summary.json", summary)
+        print_summary(summary, as_json)
