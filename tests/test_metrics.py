@@ -332,13 +332,6 @@ def test_cli_edit_then_eval_ft(tmp_path):
 
 
 def test_cli_edit_rome_with_corpus(tmp_path, monkeypatch):
-    import superedit.stats as stats_pkg
-
-    if not hasattr(stats_pkg, "resolve_corpus"):  # superedit.stats is still growing; stand in for it
-        def resolve_corpus(corpus, adapter):
-            return stats_pkg.Corpus.from_path(corpus) if corpus else stats_pkg.corpus_for_model(adapter)
-
-        monkeypatch.setattr(stats_pkg, "resolve_corpus", resolve_corpus, raising=False)
     monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
     model_dir = _save_tiny(tmp_path)
     corpus = tmp_path / "corpus.txt"

@@ -10,6 +10,8 @@ The model is restored at the end; the returned delta holds Δ_l as low-rank fact
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ...models import ModelAdapter
@@ -41,24 +43,30 @@ def memit_delta(adapter: ModelAdapter, requests: list, hparams: MEMITHParams, st
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
     prompts = [r.prompt for r in requests]
     subjects = [r.subject for r in requests]
+    t0 = time.perf_counter()
     zs, summaries = memit_targets(adapter, requests, hparams, prefixes)
+    timings = {"values": time.perf_counter() - t0, "keys": 0.0, "solve": 0.0}
     originals = {l: adapter.down_weight(l).detach().clone() for l in layers}
     deltas: dict[int, LayerDelta] = {}
     info = []
     try:
         for i, layer in enumerate(layers):
+            t1 = time.perf_counter()
             K = compute_keys(adapter, prompts, subjects, [layer], prefixes, hparams.fact_token)[layer]  # (n, d_in)
             cur = keys_at(adapter, prompts, subjects, [layers[-1]], hparams.fact_token, site="resid")[layers[-1]]
+            t2 = time.perf_counter()
+            timings["keys"] += t2 - t1
             R = (zs - cur).T / (len(layers) - i)  # (d_model, n)
             C = stats.mom2(layer).to(adapter.device)
             left, right = memit_solve(R, K.T, C, hparams.mom2_update_weight)
             d = LayerDelta(left.to(adapter.dtype), right.to(adapter.dtype))
             adapter.add_to_down_weight(layer, d.dense(torch.float64))
             deltas[layer] = d
+            timings["solve"] += time.perf_counter() - t2
             info.append({"layer": layer, "residual_norm": float(R.norm(dim=0).mean()),
                          "key_norm": float(K.norm(dim=1).mean())})
     finally:
         for l, w in originals.items():
             adapter.set_down_weight(l, w)
     return WeightDelta(deltas, "memit", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                         "requests": summaries, "layers": info})
+                                         "requests": summaries, "layers": info, "timings": timings})

@@ -7,6 +7,8 @@ k* from ``editing.keys``, v* from ``editing.values`` at the MLP output, then
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ...models import ModelAdapter
@@ -27,15 +29,22 @@ def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stat
     if hparams.mom2_ridge > 0:
         C = C + hparams.mom2_ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
+    timings = {"keys": 0.0, "values": 0.0, "solve": 0.0}
     total: LayerDelta | None = None
     per_request = []
     w_orig = adapter.down_weight(layer).detach().clone()
     try:
         for req in progress(requests, desc="ROME", total=len(requests)):
+            t0 = time.perf_counter()
             k = compute_keys(adapter, [req.prompt], [req.subject], [layer], prefixes, hparams.fact_token)[layer][0]
+            t1 = time.perf_counter()
             val = optimize_value(adapter, req.prompt, req.subject, req.target_new, layer, "value", hparams, prefixes)
+            t2 = time.perf_counter()
             W = adapter.down_weight(layer)
             left, right = rome_solve(W, C, k, val.target)
+            timings["keys"] += t1 - t0
+            timings["values"] += t2 - t1
+            timings["solve"] += time.perf_counter() - t2
             d = LayerDelta(left.to(adapter.dtype), right.to(adapter.dtype))
             adapter.add_to_down_weight(layer, d.dense(torch.float64))  # later requests see this edit
             total = d if total is None else total + d
@@ -44,4 +53,4 @@ def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stat
     finally:
         adapter.set_down_weight(layer, w_orig)
     return WeightDelta({layer: total}, "rome", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                                 "requests": per_request})
+                                                 "requests": per_request, "timings": timings})
