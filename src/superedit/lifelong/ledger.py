@@ -307,7 +307,6 @@ class Ledger:
             if not isinstance(delta_or_state, dict):
                 raise LedgerError(f"a {self.method} ledger records the dict of D4S states that d4s_step updated")
             self.states = delta_or_state
-            journals = {l: st.journal for l, st in delta_or_state.items()}
             for l, st in delta_or_state.items():
                 if st.journal:
                     edit_tensors[f"layer.{l}.R"] = torch.cat([r for r, _ in st.journal], 1)
@@ -332,11 +331,9 @@ class Ledger:
             for l in self.layers:
                 tensors.setdefault(f"layer.{l}.delta", self.tensors.get(f"layer.{l}.delta", torch.zeros(0)))
             tensors = {k: v for k, v in tensors.items() if v.numel()}
-            journals = {}
             for l, st in (state or {}).items():
                 if st.journal:
                     edit_tensors[f"layer.{l}.K"] = torch.cat(st.journal, 1)
-                    journals[l] = st.journal
         entry = {"index": index, "requests": [_request_dict(r) for r in requests], "layers": self.layers,
                  "method": self.method, "timestamp": _now(), "status": "applied", "file": rel}
         info = {**self.info, "edits": self.edits + [entry]}
