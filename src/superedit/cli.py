@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "eval",
     "superposition",
     "forecast",
+    "lifelong",
+    "ledger",
 ]
 
 app = typer.Typer(

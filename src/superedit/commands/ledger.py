@@ -1,0 +1,123 @@
+"""``superedit ledger show|undo|export``: inspect and manage an edit ledger (see superedit.lifelong.ledger).
+
+* ``show``   — method, layers, generation, the edits (status, requests) and the norms of the total delta;
+* ``undo``   — undo edit ``--index`` (default: the last applied one). D4S ledgers undo any edit exactly;
+  the other methods only the last applied one (the ledger says so otherwise). D4S and AlphaEdit
+  ledgers need the base model (``--model``, default: the model the ledger was made on) to rebuild
+  their live state; D4S also its key covariance (``--corpus``, default: the testbed's own);
+* ``export`` — ``--mode deltas``: the total W − W₀ as a saved delta (``superedit eval --delta`` reads it);
+  ``--mode model``: the edited model as an HF directory (needs the base model).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from .common import DeviceOpt, JsonOpt, command, emit
+
+LedgerOpt = typer.Option(..., "--ledger", "-l", help="Ledger directory (holds ledger.json).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Base model (default: the model the ledger was created on).")
+
+
+def _summary(led) -> dict:
+    import torch
+
+    edits = []
+    for e in led.edits:
+        reqs = [f"{r.get('prompt', '').replace('{}', r.get('subject', ''))} → {r.get('target_new')}" for r in e["requests"]]
+        edits.append({"index": e["index"], "status": e["status"], "timestamp": e.get("timestamp"),
+                      "n_requests": len(e["requests"]), "requests": reqs})
+    norms = {}
+    for l in led.layers:
+        t = led.tensors.get(f"layer.{l}.delta")
+        if t is not None and t.numel():
+            t = t.to(torch.float64)
+            norms[str(l)] = {"fro": float(t.norm()), "l1_mean": float(t.abs().mean()), "max_abs": float(t.abs().max())}
+    return {"ledger": str(led.dir), "method": led.method, "layers": led.layers, "generation": led.generation,
+            "model": led.info.get("model", {}).get("source"), "n_edits": len(led.edits), "active": led.active(),
+            "undone": [e["index"] for e in led.edits if e["status"] == "undone"], "delta_norms": norms,
+            "edits": edits}
+
+
+def _load_base(led, model: str | None, device: str | None):
+    from ..models import load_model
+
+    return load_model(model or led.info["model"]["source"], device=device)
+
+
+def register(app) -> None:
+    sub = typer.Typer(help="Inspect and manage an edit ledger: show, undo, export.", no_args_is_help=True)
+
+    @sub.command("show")
+    @command
+    def show(ledger: str = LedgerOpt, as_json: bool = JsonOpt):
+        """The ledger's method, layers, generation, edits and the norms of its total delta."""
+        from ..lifelong.ledger import Ledger
+
+        res = _summary(Ledger.open(ledger))
+        if not as_json:
+            lines = [f"{res['ledger']}: {res['method']} at layers {res['layers']}, generation {res['generation']}, "
+                     f"{len(res['active'])} applied / {len(res['undone'])} undone edit(s)"]
+            for e in res["edits"]:
+                lines.append(f"  #{e['index']:<4d} {e['status']:8s} {'; '.join(e['requests'])[:100]}")
+            for l, n in res["delta_norms"].items():
+                lines.append(f"  layer {l}: ‖ΔW‖_F = {n['fro']:.4g}, mean |ΔW| = {n['l1_mean']:.4g}")
+            typer.echo("\n".join(lines), err=True)
+            res = {k: res[k] for k in ("ledger", "method", "layers", "generation", "n_edits", "active", "undone")}
+        emit(res, as_json)
+
+    @sub.command("undo")
+    @command
+    def undo(ledger: str = LedgerOpt,
+             index: int = typer.Option(None, "--index", "-i", help="Edit to undo (default: the last applied one)."),
+             model: str = ModelOpt,
+             corpus: str = typer.Option(None, "--corpus", help="Corpus of the key covariance (D4S; default: the "
+                                        "ledger's hparams mom2_corpus, else the testbed's own)."),
+             device: str = DeviceOpt,
+             as_json: bool = JsonOpt):
+        """Undo one edit and commit (D4S: any edit, exactly; other methods: only the last applied one)."""
+        from ..lifelong.ledger import Ledger
+
+        led = Ledger.open(ledger)
+        if led.method in ("d4s", "alphaedit"):
+            adapter = _load_base(led, model, device)
+            stats = None
+            if led.method == "d4s":
+                from ..editing.covariance import CorpusCovariance
+
+                hp = led.hparams()
+                stats = CorpusCovariance(adapter, corpus or hp.mom2_corpus or None, n_tokens=hp.mom2_n_tokens,
+                                         max_length=hp.mom2_max_length, layers=led.layers)
+            led.load_states(adapter, stats)
+        target = index if index is not None else (led.active()[-1] if led.active() else None)
+        led.undo(index)
+        res = _summary(led)
+        emit({"undone": target, "ledger": res["ledger"], "method": res["method"], "generation": res["generation"],
+              "active": res["active"], "delta_norms": res["delta_norms"]}, as_json)
+
+    @sub.command("export")
+    @command
+    def export(ledger: str = LedgerOpt,
+               out: str = typer.Option(..., "--out", "-o", help="Output directory."),
+               mode: str = typer.Option("deltas", "--mode", help="deltas: the total W − W₀ as a saved delta; "
+                                        "model: the edited model as an HF directory (needs the base model)."),
+               model: str = ModelOpt,
+               device: str = DeviceOpt,
+               as_json: bool = JsonOpt):
+        """Export the ledger's total delta, or the edited model."""
+        from ..errors import LedgerError
+        from ..lifelong.ledger import Ledger
+
+        led = Ledger.open(ledger)
+        if mode not in ("deltas", "model"):
+            raise LedgerError(f"--mode must be 'deltas' or 'model' (got {mode!r})")
+        adapter = None
+        if mode == "model" or not led.tensors:
+            adapter = _load_base(led, model, device)
+            if mode == "deltas":
+                led.base_weights(adapter)  # no edit committed yet: the shapes come from the base model
+        path = led.export(out, mode=mode, adapter=adapter)
+        emit({"exported": str(path), "mode": mode, "ledger": str(led.dir), "method": led.method,
+              "n_active_edits": len(led.active()), "generation": led.generation}, as_json)
+
+    app.add_typer(sub, name="ledger")

@@ -1,0 +1,171 @@
+"""``superedit lifelong``: sequential editing of one seeded edit stream with several methods.
+
+Each method edits a fresh copy of the model through a ledger in ``OUT/<method>/ledger`` (resumable with
+``--resume``); checkpoints every ``--eval-every`` edits go to ``OUT/metrics.jsonl``; ``OUT/report.html``
+shows the curves. See :mod:`superedit.lifelong.runner`.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import typer
+
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
+
+DEFAULT_METHODS = "rome,memit,d4s,alphaedit"
+
+
+def method_hparams_path(hparams_dir: str | None, method: str, profile: str) -> str | None:
+    """``DIR/<method>.yaml`` or ``DIR/<method>/<profile>.yaml`` (the first that exists), else None."""
+    if not hparams_dir:
+        return None
+    d = Path(hparams_dir)
+    if not d.is_dir():
+        from ..errors import SupereditError
+
+        raise SupereditError(f"--hparams-dir {hparams_dir!r}: no such directory")
+    for p in (d / f"{method}.yaml", d / method / f"{profile}.yaml"):
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def load_stream(requests: str | None, fmt: str, model_dir: Path | None, seed: int, out: Path, resume: bool) -> list:
+    """All candidate requests in stream order (seeded shuffle). On --resume without --requests the saved
+    stream comes first (so the run continues on exactly the same edits)."""
+    from ..data import EditRequest, load_requests
+    from ..errors import SupereditError
+    from ..utils.io import read_jsonl
+
+    saved = out / "stream.jsonl"
+    if resume and not requests and saved.exists() and (model_dir is None or not (model_dir / "testbed.json").exists()):
+        return [EditRequest.from_dict(r) for r in read_jsonl(saved)]
+    if requests:
+        reqs = list(load_requests(requests, fmt=fmt))
+    else:
+        from .edit import testbed_meta
+
+        if testbed_meta(model_dir) is None:
+            raise SupereditError("--requests is required for non-testbed models: pass a dataset file "
+                                 "(CounterFact, MQuAKE, EasyEdit, zsRE-MEND or superedit JSONL)")
+        from ..testbed.access import default_edit_requests
+
+        reqs = list(default_edit_requests(model_dir, None, seed))
+    random.Random(f"lifelong-stream:{seed}").shuffle(reqs)
+    return reqs
+
+
+def register(app) -> None:
+    @app.command("lifelong")
+    @command
+    def lifelong(
+        model: str = ModelOpt,
+        requests: str = typer.Option(None, "--requests", "-r", help="Dataset file (CounterFact, MQuAKE, EasyEdit, "
+                                     "zsRE-MEND, superedit JSONL). Optional for testbed models (their own "
+                                     "counterfactual requests)."),
+        fmt: str = typer.Option("auto", "--format", help="Dataset format: auto, counterfact, mquake, easyedit, zsre, superedit."),
+        methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="Comma-separated methods: rome, memit, ft, d4s, alphaedit."),
+        edits: int = typer.Option(200, "--edits", "-n", help="Number of edits (requests) in the stream."),
+        batch_size: int = typer.Option(1, "--batch-size", "-b", help="Requests per method call."),
+        eval_every: int = typer.Option(50, "--eval-every", help="Checkpoint every this many edits (also at 0 and at the end)."),
+        out: str = typer.Option(None, "--out", "-o", help="Output directory (default runs/lifelong-<time>)."),
+        probe_n: int = typer.Option(200, "--probe-n", help="Untouched true facts in the retention probe."),
+        block_size: int = typer.Option(100, "--block-size", help="Edits per block for the degree of forgetting."),
+        max_neighbours: int = typer.Option(5, "--max-neighbours", help="Neighbourhood prompts evaluated per edit."),
+        hparams_dir: str = typer.Option(None, "--hparams-dir", help="Directory with <method>.yaml (or "
+                                        "<method>/<profile>.yaml) overriding the packaged hyperparameters."),
+        corpus: str = typer.Option(None, "--corpus", help="Corpus for the key covariance and held-out perplexity "
+                                   "(default: the testbed's own)."),
+        mom2_tokens: int = typer.Option(None, "--mom2-tokens", help="Corpus tokens for the key covariance."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the edit stream and the probe."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last committed edit."),
+        no_report: bool = typer.Option(False, "--no-report", help="Do not write report.html."),
+        device: str = DeviceOpt,
+        as_json: bool = JsonOpt,
+    ):
+        """Lifelong editing: apply N edits in sequence with each method (never reverted), checkpoint the
+        efficacy/paraphrase/neighbourhood of all edits and of the last block, forgetting per block,
+        untouched-fact retention, perplexity, weight and value norms and measured interference."""
+        import time
+
+        from ..editing.covariance import CorpusCovariance
+        from ..editing.methods import get_method
+        from ..errors import SupereditError
+        from ..lifelong.runner import requests_probe, run_lifelong, testbed_probe
+        from ..models import load_model
+        from ..report.lifelong_report import summary_rows
+        from ..utils.logs import get_logger
+        from ..utils.seed import seed_everything
+        from .edit import build_hparams, hparams_profile, local_model_dir, testbed_meta
+
+        log = get_logger("superedit.commands.lifelong")
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        if not names:
+            raise SupereditError("--methods is empty; give e.g. rome,memit,d4s,alphaedit")
+        entries = {m: get_method(m) for m in names}
+        if edits < 1:
+            raise SupereditError(f"--edits must be ≥ 1 (got {edits})")
+        out_dir = Path(out) if out else Path("runs") / f"lifelong-{time.strftime('%Y%m%d-%H%M%S')}"
+        seed_everything(seed)
+        adapter0 = load_model(model, device=device)
+        model_dir = local_model_dir(model)
+        profile = hparams_profile(adapter0, model_dir)
+        hps = {m: build_hparams(entries[m], m, profile, method_hparams_path(hparams_dir, m, profile), None,
+                                adapter0.n_layers, mom2_tokens if entries[m].needs_stats else None, corpus)
+               for m in names}
+        reqs = load_stream(requests, fmt, model_dir, seed, out_dir, resume)
+        if len(reqs) < edits:
+            log.warning("only %d requests available; running %d edits instead of %d", len(reqs), len(reqs), edits)
+        stream, heldout = reqs[:edits], reqs[edits:]
+        stats = None
+        stat_hps = [hps[m] for m in names if entries[m].needs_stats]
+        if stat_hps:
+            ntok = {h.mom2_n_tokens for h in stat_hps}
+            if len(ntok) > 1:
+                log.warning("methods ask for different mom2_n_tokens %s; using %d for all", sorted(ntok), max(ntok))
+            layers = sorted({l for h in stat_hps for l in h.layers})
+            stats = CorpusCovariance(adapter0, corpus or stat_hps[0].mom2_corpus or None, n_tokens=max(ntok),
+                                     max_length=stat_hps[0].mom2_max_length, layers=layers)
+        if testbed_meta(model_dir) is not None and not requests:
+            probe = testbed_probe(model_dir, stream, probe_n, seed)
+        else:
+            texts = []
+            if corpus:
+                from ..stats import Corpus
+
+                texts = Corpus.coerce(corpus).texts[-40:]
+            probe = requests_probe(heldout, texts, probe_n)
+        probe.block_size, probe.max_neighbours = block_size, max_neighbours
+        if not probe.facts:
+            log.warning("no untouched facts for the retention probe (no held-out requests with target_true)")
+        first = [adapter0]
+
+        def factory():
+            return first.pop() if first else load_model(model, device=device)
+
+        log.info("lifelong: %s × %d edits (batch %d, checkpoint every %d), profile %s → %s", ",".join(names),
+                 len(stream), batch_size, eval_every, profile, out_dir)
+        summary = run_lifelong(factory, stream, names, hps, stats, len(stream), batch_size, eval_every, out_dir,
+                               probe, resume, seed=seed, report=not no_report)
+        summary["model"] = model
+        summary["profile"] = profile
+        summary["hparams"] = {m: hps[m].to_dict() for m in names}
+        summary["final"] = summary_rows(out_dir)
+        if not as_json:
+            _print_table(summary["final"])
+        emit({k: v for k, v in summary.items() if as_json or k not in ("final", "hparams", "methods")}, as_json)
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = ["efficacy_all", "efficacy_last_block", "paraphrase_all", "neighborhood_all", "forgetting_mean",
+            "untouched_retention", "perplexity", "w_l1_rel_mean", "interference_o_rel_error"]
+    lines = [f"{'method':10s} {'edits':>6s} " + " ".join(f"{c[:12]:>12s}" for c in cols)]
+    for r in rows:
+        vals = []
+        for c in cols:
+            v = r.get(c)
+            vals.append(f"{v:12.4g}" if isinstance(v, (int, float)) else f"{'-':>12s}")
+        lines.append(f"{r['method']:10s} {r['n_edits']:6d} " + " ".join(vals))
+    typer.echo("\n".join(lines), err=True)

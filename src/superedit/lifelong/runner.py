@@ -1,0 +1,591 @@
+"""Sequential (lifelong) editing runs: many methods, one seeded edit stream, resumable, with checkpoints.
+
+``run_lifelong`` edits a fresh copy of the model per method over the SAME stream of requests, batch by
+batch, never reverting anything: rome/memit/ft/alphaedit add each increment on top, d4s sets the total
+delta kept in its running sums. Every method's run goes through a :class:`~superedit.lifelong.ledger.Ledger`
+in ``OUT/<method>/ledger``, so it is crash-safe and resumable: with ``resume=True`` each method continues
+after its last committed edit (nothing is lost, nothing applied twice).
+
+Files (all appended/written atomically)::
+
+    OUT/run.json                 the run's configuration (methods, sizes, hparams)
+    OUT/stream.jsonl             the edit stream (requests in order)
+    OUT/probe.json               the fixed probe: untouched true facts (+ base-model recall), texts
+    OUT/metrics.jsonl            one record per (method, checkpoint)           ← the report reads this
+    OUT/<method>/edit_probs.jsonl  per checkpoint: P(target_new) of every edit right after it and now
+    OUT/<method>/steps.jsonl     per batch: value norms, edit time, P(new)/P(true) right after the edit
+    OUT/<method>/ledger/         the ledger
+
+A checkpoint (n = 0, every ``eval_every`` edits, and the end) records: efficacy/paraphrase/neighbourhood
+success (CounterFact rule: mean-token NLL(new) < NLL(true)) over all edits so far and over the last
+block; per block of ``block_size`` edits the degree of forgetting (success right after the edit minus
+success now); recall and retention of the untouched probe facts (teacher-forced ``fact_recall``);
+perplexity of held-out text; on a testbed the recall of every fact; L1 (‖W‖₁/numel) and Frobenius
+norms of each edited layer and of its delta; the norms of the inserted values; and for single-layer
+rank-one methods the measured interference (:mod:`superedit.lifelong.interference`).
+All evaluation is batched (many prompts per forward pass).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import SupereditError
+from ..utils.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
+from ..utils.logs import get_logger
+from ..utils.progress import progress
+
+log = get_logger(__name__)
+F64 = torch.float64
+RUN_FORMAT = "superedit-lifelong/1"
+#: metric fields that differ between otherwise identical runs (timings)
+TIMING_FIELDS = ("edit_s", "eval_s", "time_s", "timestamp")
+
+
+def _after_commit(method: str, n_done: int) -> None:
+    """Called right after each committed batch (tests patch it to simulate a crash)."""
+
+
+# ------------------------------------------------------------------------------------ probe
+@dataclass
+class Probe:
+    """What each checkpoint measures besides the edits themselves (fixed for the whole run).
+
+    facts: untouched true facts ``{"prompt", "target", "template", "subject"}`` (never edited).
+    texts: held-out text for perplexity.
+    all_facts: (testbed) every trained fact ``{"prompt", "target"}`` for the recall of all facts.
+    base_hits: the base model's ``fact_recall`` on ``facts`` (filled in by the runner).
+    """
+
+    facts: list[dict] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    all_facts: list[dict] = field(default_factory=list)
+    base_hits: list[bool] | None = None
+    max_neighbours: int = 5
+    eval_batch_size: int = 64
+    interference_keys: int = 50
+    block_size: int = 100
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Probe":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def testbed_probe(model_dir: str | Path, stream: Sequence, n: int = 200, seed: int = 0, n_texts: int = 40) -> Probe:
+    """Probe of a testbed: ``n`` true facts whose subject (failing that: subject+relation) is not edited,
+    held-out biographies (fresh phrasings) for perplexity, and every fact (first training template)."""
+    from ..testbed import load_world
+
+    world = load_world(model_dir)
+    edited_subjects = {r.subject for r in stream}
+    edited_pairs = {(r.subject, r.relation_id) for r in stream}
+    prompts = world.prompts("train", max_templates=1)
+    free = [p for p in prompts if p.subject not in edited_subjects]
+    pairs = [p for p in prompts if p.subject in edited_subjects and (p.subject, p.relation) not in edited_pairs]
+    rng = random.Random(f"lifelong-probe:{seed}")
+    rng.shuffle(free)
+    rng.shuffle(pairs)
+    chosen = (free + pairs)[:n]
+    if len(free) < n:
+        log.info("probe: only %d facts of unedited subjects; %d more from edited subjects' other relations",
+                 len(free), len(chosen) - len(free))
+    facts = [{"prompt": p.prompt, "target": p.target, "template": p.template, "subject": p.subject,
+              "relation": p.relation} for p in chosen]
+    docs = world.training_documents(random.Random(f"lifelong-ppl:{seed}"), filler_prob=0.0)[:n_texts]
+    all_facts = [{"prompt": p.prompt, "target": p.target} for p in prompts]
+    return Probe(facts=facts, texts=docs, all_facts=all_facts, source=f"testbed:{model_dir}")
+
+
+def requests_probe(heldout: Sequence, texts: Sequence[str] = (), n: int = 200) -> Probe:
+    """Probe from held-out requests of the same dataset (their TRUE facts, never edited)."""
+    facts = [{"prompt": r.filled_prompt(), "target": r.target_true, "template": r.prompt, "subject": r.subject}
+             for r in heldout if r.target_true][:n]
+    if not texts:  # fall back to the true statements themselves
+        texts = [f"{f['prompt']} {f['target']}." for f in facts]
+    return Probe(facts=facts, texts=list(texts), source="requests")
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def _teacher_forced_sorted(adapter, rows: list[tuple[str, str]], batch_size: int):
+    """teacher_forced over rows sorted by length (less padding), returned in the original order."""
+    from ..eval.metrics import teacher_forced
+
+    if not rows:
+        return []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    tf = teacher_forced(adapter, [rows[i][0] for i in order], [rows[i][1] for i in order], batch_size)
+    out = [None] * len(rows)
+    for pos, i in enumerate(order):
+        out[i] = tf[pos]
+    return out
+
+
+def batch_evaluate(adapter, requests: Sequence, max_neighbours: int = 5, paraphrases: bool = True,
+                   batch_size: int = 64) -> list[dict]:
+    """CounterFact scores for many requests in shared forward passes (same rules as ``evaluate_request``).
+
+    Per request: ``rewrite_prob_new``/``rewrite_prob_true`` (exp of minus the mean token NLL),
+    ``efficacy_score`` (NLL(new) < NLL(true); without ``target_true``: every new token is the argmax),
+    ``paraphrase_score`` and ``neighborhood_score`` (means over the request's prompts; up to
+    ``max_neighbours`` neighbourhood prompts).
+    """
+    rows: list[tuple[str, str]] = []
+    plan = []
+    for r in requests:
+        p: dict[str, Any] = {}
+
+        def add(name, pairs):
+            p[name] = (len(rows), len(rows) + len(pairs))
+            rows.extend(pairs)
+
+        rw = r.filled_prompt()
+        add("rw_new", [(rw, r.target_new)])
+        if r.target_true:
+            add("rw_true", [(rw, r.target_true)])
+        if paraphrases and r.paraphrase_prompts:
+            add("para_new", [(q, r.target_new) for q in r.paraphrase_prompts])
+            if r.target_true:
+                add("para_true", [(q, r.target_true) for q in r.paraphrase_prompts])
+        if max_neighbours and r.neighborhood_prompts:
+            nb = list(zip(r.neighborhood_prompts, r.neighborhood_answers))[:max_neighbours]
+            add("nb_ans", nb)
+            add("nb_new", [(q, r.target_new) for q, _ in nb])
+        plan.append(p)
+    tf = _teacher_forced_sorted(adapter, rows, batch_size)
+    out = []
+    for p in plan:
+        g = {k: tf[a:b] for k, (a, b) in p.items()}
+        res: dict[str, Any] = {}
+        new = g["rw_new"][0]
+        res["rewrite_prob_new"] = new.prob
+        if "rw_true" in g:
+            true = g["rw_true"][0]
+            res["rewrite_prob_true"] = true.prob
+            res["efficacy_score"] = float(new.nll < true.nll)
+            res["efficacy_magnitude"] = new.prob - true.prob
+        else:
+            res["efficacy_score"] = float(new.accuracy == 1.0)
+        if "para_new" in g:
+            if "para_true" in g:
+                res["paraphrase_score"] = _mean([float(a.nll < b.nll) for a, b in zip(g["para_new"], g["para_true"])])
+            else:
+                res["paraphrase_score"] = _mean([float(a.accuracy == 1.0) for a in g["para_new"]])
+        if "nb_ans" in g:
+            res["neighborhood_score"] = _mean([float(a.nll < b.nll) for a, b in zip(g["nb_ans"], g["nb_new"])])
+        out.append(res)
+    return out
+
+
+@torch.no_grad()
+def perplexity(adapter, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> float:
+    """exp(mean token NLL) of ``texts`` (teacher-forced, right-padded batches)."""
+    tok, model, dev = adapter.tokenizer, adapter.model, adapter.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    total, count = 0.0, 0
+    enc = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    enc = sorted((e for e in enc if len(e) > 1), key=len)
+    for s in range(0, len(enc), batch_size):
+        chunk = enc[s:s + batch_size]
+        w = max(len(e) for e in chunk)
+        ids = torch.full((len(chunk), w), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), w), dtype=torch.long)
+        for i, e in enumerate(chunk):
+            ids[i, :len(e)] = torch.tensor(e)
+            mask[i, :len(e)] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        m = mask[:, 1:].to(lp.dtype)
+        total -= float((lp * m).sum())
+        count += int(m.sum())
+    return math.exp(total / count) if count else float("nan")
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+# ------------------------------------------------------------------------------------ the run
+def _req_key(r) -> tuple:
+    d = r if isinstance(r, dict) else r.to_dict()
+    return (d.get("prompt"), d.get("subject"), d.get("target_new"))
+
+
+def _checkpoint_due(n: int, prev: int, total: int, every: int) -> bool:
+    return n == 0 or n == total or (every > 0 and n // every > prev // every)
+
+
+def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods: Sequence[str],
+                 hparams_by_method: dict, stats, edits: int | None = None, batch_size: int = 1,
+                 eval_every: int = 50, out_dir: str | Path = "runs/lifelong", probe: Probe | None = None,
+                 resume: bool = False, *, seed: int = 0, report: bool = True) -> dict:
+    """Run every method over the first ``edits`` requests; see the module docstring.
+
+    Args:
+        adapter_factory: returns a FRESH base model (ModelAdapter) each call (one per method).
+        requests: the edit stream, in order (the caller shuffles with its seed).
+        methods: registry names (rome, memit, ft, d4s, alphaedit).
+        hparams_by_method: method → hparams object.
+        stats: covariance source (E[kkᵀ] of the base model) for the methods that need it.
+        edits: how many requests of the stream to apply (default: all).
+        batch_size: requests per method call.
+        eval_every: checkpoint every this many edits (and at 0 and at the end).
+        out_dir: output directory.
+        probe: untouched facts / texts (default: empty probe: no retention/perplexity figures).
+        resume: continue the runs found in ``out_dir`` (required when it already holds one).
+        report: write ``out_dir/report.html`` at the end.
+
+    Returns a summary: the final checkpoint's scalar figures per method and the file paths.
+    """
+    from ..editing.methods import get_method
+
+    out = Path(out_dir)
+    stream = list(requests)[: edits if edits is not None else None]
+    if not stream:
+        raise SupereditError("no edit requests for the lifelong run (empty request list or --edits 0)")
+    if batch_size < 1 or eval_every < 1:
+        raise SupereditError(f"--batch-size and --eval-every must be ≥ 1 (got {batch_size}, {eval_every})")
+    for m in methods:
+        get_method(m)
+        if m not in hparams_by_method:
+            raise SupereditError(f"no hyperparameters for method {m!r}")
+    probe = probe or Probe()
+    run_file = out / "run.json"
+    config = {"format": RUN_FORMAT, "edits": len(stream), "batch_size": batch_size, "eval_every": eval_every,
+              "block_size": probe.block_size, "seed": seed}
+    if run_file.exists():
+        if not resume:
+            raise SupereditError(f"{out} already holds a lifelong run; pass --resume to continue it, or choose "
+                                 "another --out directory")
+        old = json.loads(run_file.read_text())
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        if diff:
+            raise SupereditError(f"{run_file}: cannot resume with different settings {diff} (old, new); "
+                                 "use the original options or another --out directory")
+        saved = read_jsonl(out / "stream.jsonl")
+        if [_req_key(r) for r in saved] != [_req_key(r) for r in stream]:
+            raise SupereditError(f"{out / 'stream.jsonl'}: the edit stream differs from the requests given now "
+                                 "(other --requests/--seed?); resume with the original ones")
+        methods_all = list(dict.fromkeys(old.get("methods", []) + list(methods)))
+    else:
+        methods_all = list(methods)
+        write_jsonl_atomic(out / "stream.jsonl", [r.to_dict() for r in stream])
+    config.update({"methods": methods_all, "hparams": {m: hparams_by_method[m].to_dict() for m in methods},
+                   "probe": {"facts": len(probe.facts), "texts": len(probe.texts), "all_facts": len(probe.all_facts),
+                             "source": probe.source}})
+    if run_file.exists():
+        config["hparams"] = {**json.loads(run_file.read_text()).get("hparams", {}), **config["hparams"]}
+    write_json_atomic(run_file, config)
+
+    probe_file = out / "probe.json"
+    if probe_file.exists():
+        probe = Probe.from_dict(json.loads(probe_file.read_text()))
+    # statistics of the BASE model, before any method touches weights
+    if stats is not None:
+        for m in methods:
+            if get_method(m).needs_stats:
+                for l in hparams_by_method[m].layers:
+                    stats.mom2(l)
+
+    results = {}
+    for m in methods:
+        results[m] = _run_method(m, adapter_factory, hparams_by_method[m], stats, stream, batch_size, eval_every,
+                                 out, probe, probe_file, resume)
+        probe = Probe.from_dict(json.loads(probe_file.read_text())) if probe_file.exists() else probe
+    summary = {"out_dir": str(out), "metrics": str(out / "metrics.jsonl"), "n_edits": len(stream),
+               "batch_size": batch_size, "eval_every": eval_every, "methods": results}
+    if report:
+        from ..report.lifelong_report import write_report
+
+        summary["report"] = str(write_report(out))
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _steps_by_start(path: Path) -> dict[int, dict]:
+    """steps.jsonl merged per batch start (a batch redone after a crash: the later fields win)."""
+    out: dict[int, dict] = {}
+    if path.exists():
+        for r in read_jsonl(path):
+            out.setdefault(int(r["start"]), {}).update(r)
+    return out
+
+
+def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eval_every, out: Path,
+                probe: Probe, probe_file: Path, resume: bool) -> dict:
+    from ..editing.methods import get_method
+    from ..utils.seed import seed_everything
+    from .interference import InterferenceTracker, interference_supported, method_covariance
+    from .ledger import SUM_METHODS, Ledger
+
+    mdir = out / method
+    ldir = mdir / "ledger"
+    metrics_path = out / "metrics.jsonl"
+    steps_path = mdir / "steps.jsonl"
+    total = len(stream)
+    recorded = {}
+    if metrics_path.exists():
+        recorded = {int(r["n_edits"]): r for r in read_jsonl(metrics_path) if r.get("method") == method}
+    led = Ledger.open(ldir) if (ldir / "ledger.json").exists() else None
+    if led is not None:
+        if not resume:
+            raise SupereditError(f"{ldir}: a ledger exists already; pass --resume or choose another --out directory")
+        if led.method != method:
+            raise SupereditError(f"{ldir}: this ledger is a {led.method!r} run, not {method!r}")
+        if led.info["hparams"] != hp.to_dict():
+            diff = sorted(k for k in set(led.info["hparams"]) | set(hp.to_dict())
+                          if led.info["hparams"].get(k) != hp.to_dict().get(k))
+            raise SupereditError(f"{ldir}: the ledger was made with other {method} hyperparameters (fields {diff}); "
+                                 "resume with the original ones or choose another --out directory")
+        n_led = sum(len(e["requests"]) for e in led.edits)
+        if n_led == total and total in recorded:
+            log.info("%s: complete (%d edits), skipped", method, total)
+            return _compact(recorded[total])
+    seed_everything(int(getattr(hp, "seed", 0) or 0))
+    adapter = adapter_factory()
+    if probe.facts and probe.base_hits is None:  # the base model's recall of the probe (fresh weights)
+        from ..eval.recall import fact_recall
+
+        probe.base_hits = fact_recall(adapter.model, adapter.tokenizer, [f["prompt"] for f in probe.facts],
+                                      [f["target"] for f in probe.facts], probe.eval_batch_size)
+        write_json_atomic(probe_file, probe.to_dict())
+    elif not probe_file.exists():
+        write_json_atomic(probe_file, probe.to_dict())
+    if led is None:
+        led = Ledger.create(ldir, adapter, method, hp)
+    led.apply_to(adapter)
+    base = {l: w.detach().to(F64).clone() for l, w in led.base_weights(adapter).items()}
+    if any(e["status"] != "applied" for e in led.edits):
+        raise SupereditError(f"{ldir}: some edits were undone (superedit ledger undo); a lifelong run only "
+                             "continues ledgers whose edits are all applied — start another --out directory")
+    n_done = sum(len(e["requests"]) for e in led.edits)
+    done_reqs = [r for e in led.edits for r in e["requests"]]
+    if [_req_key(r) for r in done_reqs] != [_req_key(r) for r in stream[:n_done]]:
+        raise SupereditError(f"{ldir}: the ledger's edits are not a prefix of this run's edit stream")
+    cache_key = f"lifelong:{id(stats)}"
+    entry = get_method(method)
+
+    # ----- measured interference (single-layer rank-one methods)
+    tracker = None
+    if stats is not None and interference_supported(method, hp, batch_size):
+        layer = hp.layers[0]
+        pk = None
+        facts = [f for f in probe.facts if f.get("template") and f.get("subject")][: probe.interference_keys]
+        if facts:
+            from ..editing.keys import keys_at
+
+            pk = keys_at(adapter, [f["template"] for f in facts], [f["subject"] for f in facts], [layer],
+                         getattr(hp, "fact_token", "subject_last"))[layer]
+        tracker = InterferenceTracker(layer, method_covariance(method, hp, stats.mom2(layer)), base[layer], pk,
+                                      probe.interference_keys)
+        _replay_tracker(tracker, led, base[layer], adapter.down_weight(layer).dtype)
+
+    steps = _steps_by_start(steps_path)
+    # a batch committed just before a crash may lack its "right after the edit" probabilities
+    for e_start, e in _ledger_batches(led):
+        if e_start not in steps or "prob_new" not in steps[e_start]:
+            if e_start + len(e["requests"]) != n_done:
+                raise SupereditError(f"{steps_path}: no record for the edits starting at #{e_start}; the run "
+                                     "directory is incomplete (start another --out directory)")
+            _record_probs(adapter, stream[e_start:n_done], e_start, e["index"], steps_path, steps, probe)
+
+    bar = progress(total=total, desc=f"lifelong {method}", initial=n_done)
+    last_eff = None
+    try:
+        prev = n_done - (len(led.edits[-1]["requests"]) if led.edits else 0)
+        if _checkpoint_due(n_done, prev, total, eval_every) and n_done not in recorded:
+            recorded[n_done] = _checkpoint(method, adapter, led, hp, stream, n_done, recorded, steps, base, probe,
+                                           tracker, out)
+        while n_done < total:
+            batch = stream[n_done:n_done + batch_size]
+            start = n_done
+            t0 = time.perf_counter()
+            hpl = led.hparams()
+            if led.states is None and method in ("d4s", "alphaedit"):
+                led.load_states(adapter, stats, cache_key)
+            fn = entry.fn
+            if method in ("d4s", "alphaedit"):
+                delta = fn(adapter, batch, hpl, stats, led.states, cache_key=cache_key)
+            else:
+                delta = fn(adapter, batch, hpl, stats if entry.needs_stats else None)
+            values = delta.meta.get("requests") or []
+            rec = {"start": start, "end": start + len(batch), "edit_s": time.perf_counter() - t0,
+                   "v_target_norm": [v.get("v_target_norm") for v in values],
+                   "v_delta_norm": [v.get("v_delta_norm") for v in values],
+                   "v_init_norm": [v.get("v_init_norm") for v in values]}
+            append_jsonl(steps_path, rec)  # before the commit: a redone batch overwrites it
+            steps.setdefault(start, {}).update(rec)
+            index = led.record(batch, led.states if method in SUM_METHODS else delta,
+                               state=led.states if method == "alphaedit" else None)
+            led.apply_to(adapter)
+            n_done += len(batch)
+            if tracker is not None:
+                ld = delta.layers[tracker.layer]
+                tracker.add_increment(ld.left, ld.right, adapter.down_weight(tracker.layer))
+            _after_commit(method, n_done)
+            probs = _record_probs(adapter, batch, start, index, steps_path, steps, probe)
+            last_eff = _mean(probs["success"])
+            bar.update(len(batch))
+            if _checkpoint_due(n_done, start, total, eval_every) and n_done not in recorded:
+                recorded[n_done] = _checkpoint(method, adapter, led, hp, stream, n_done, recorded, steps, base,
+                                               probe, tracker, out)
+                last_eff = recorded[n_done].get("efficacy_all")
+            bar.set_postfix({"method": method, "eff": f"{last_eff:.2f}" if last_eff is not None else "-"})
+    finally:
+        bar.close()
+    return _compact(recorded[total])
+
+
+def _ledger_batches(led):
+    start = 0
+    for e in led.edits:
+        yield start, e
+        start += len(e["requests"])
+
+
+def _replay_tracker(tracker, led, W0: torch.Tensor, dtype: torch.dtype) -> None:
+    """Rebuild the tracker from the ledger's per-edit files (resume): same sums, same weights."""
+    from safetensors.torch import load_file
+
+    l = tracker.layer
+    D = torch.zeros_like(W0, dtype=F64)
+    for e in led.edits:
+        data = load_file(str(led.dir / e["file"]))
+        left, right = data[f"layer.{l}.left"], data[f"layer.{l}.right"]
+        D = D + left.to(F64) @ right.to(F64).T
+        W_after = (W0.to(F64) + D).to(dtype)  # what Ledger.apply_to puts into the model
+        tracker.add_increment(left, right, W_after)
+
+
+def _record_probs(adapter, batch, start, index, steps_path, steps, probe) -> dict:
+    res = batch_evaluate(adapter, batch, max_neighbours=0, paraphrases=False, batch_size=probe.eval_batch_size)
+    rec = {"start": start, "end": start + len(batch), "ledger_index": index,
+           "prob_new": [r["rewrite_prob_new"] for r in res], "prob_true": [r.get("rewrite_prob_true") for r in res],
+           "success": [r["efficacy_score"] for r in res]}
+    append_jsonl(steps_path, rec)
+    steps.setdefault(start, {}).update(rec)
+    return rec
+
+
+def _per_edit(steps: dict, n: int, key: str) -> list:
+    out = [None] * n
+    for s, r in steps.items():
+        vals = r.get(key) or []
+        for i, v in enumerate(vals):
+            if s + i < n:
+                out[s + i] = v
+    return out
+
+
+def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, probe, tracker, out: Path) -> dict:
+    from ..eval.recall import fact_recall
+
+    t0 = time.perf_counter()
+    prev = max([k for k in recorded if k < n], default=0)
+    rec: dict[str, Any] = {"method": method, "n_edits": n, "n_batches": len(led.edits), "final": n == len(stream),
+                           "last_block": [prev, n], "layers_edited": list(led.layers)}
+    done = stream[:n]
+    res = batch_evaluate(adapter, done, probe.max_neighbours, True, probe.eval_batch_size) if n else []
+    for key, name in (("efficacy_score", "efficacy"), ("paraphrase_score", "paraphrase"),
+                      ("neighborhood_score", "neighborhood"), ("efficacy_magnitude", "efficacy_magnitude")):
+        rec[f"{name}_all"] = _mean([r.get(key) for r in res])
+        rec[f"{name}_last_block"] = _mean([r.get(key) for r in res[prev:n]])
+    parts = [rec["efficacy_all"], rec["paraphrase_all"], rec["neighborhood_all"]]
+    if all(p is not None for p in parts):
+        from ..eval.metrics import harmonic_mean
+
+        rec["score_all"] = harmonic_mean(parts)
+    now_success = [r["efficacy_score"] for r in res]
+    at_edit = _per_edit(steps, n, "success")
+    bs = probe.block_size
+    blocks = []
+    for b0 in range(0, n, bs):
+        b1 = min(n, b0 + bs)
+        a, c = _mean(at_edit[b0:b1]), _mean(now_success[b0:b1])
+        blocks.append({"block": b0 // bs, "start": b0, "end": b1, "complete": b1 - b0 == bs,
+                       "efficacy_at_edit": a, "efficacy_now": c,
+                       "forgetting": (a - c) if a is not None and c is not None else None})
+    rec["forgetting_blocks"] = blocks
+    rec["forgetting_mean"] = _mean([b["forgetting"] for b in blocks])
+    rec["efficacy_at_edit_all"] = _mean(at_edit)
+    # untouched facts
+    if probe.facts:
+        hits = fact_recall(adapter.model, adapter.tokenizer, [f["prompt"] for f in probe.facts],
+                           [f["target"] for f in probe.facts], probe.eval_batch_size)
+        rec["untouched_recall"] = sum(hits) / len(hits)
+        if probe.base_hits:
+            kept = [h for h, b in zip(hits, probe.base_hits) if b]
+            rec["untouched_retention"] = sum(kept) / len(kept) if kept else None
+            rec["untouched_base_recall"] = sum(probe.base_hits) / len(probe.base_hits)
+        rec["untouched_n"] = len(hits)
+    if probe.all_facts:
+        hits = fact_recall(adapter.model, adapter.tokenizer, [f["prompt"] for f in probe.all_facts],
+                           [f["target"] for f in probe.all_facts], probe.eval_batch_size)
+        rec["all_facts_recall"] = sum(hits) / len(hits)
+    if probe.texts:
+        rec["perplexity"] = perplexity(adapter, probe.texts)
+    # weights
+    layers = {}
+    for l in led.layers:
+        W = adapter.down_weight(l).detach().to(F64)
+        W0 = base[l].to(W.device)
+        D = W - W0
+        w0_l1, w0_fro = float(W0.abs().mean()), float(W0.norm())
+        layers[str(l)] = {"w_l1": float(W.abs().mean()), "w_fro": float(W.norm()),
+                          "w_l1_rel": float(W.abs().mean()) / w0_l1 if w0_l1 else None,
+                          "w_fro_rel": float(W.norm()) / w0_fro if w0_fro else None,
+                          "delta_l1": float(D.abs().mean()), "delta_fro": float(D.norm())}
+    rec["layers"] = layers
+    rec["w_l1_rel_mean"] = _mean([v["w_l1_rel"] for v in layers.values()])
+    rec["delta_fro_total"] = math.sqrt(sum(v["delta_fro"] ** 2 for v in layers.values()))
+    for key in ("v_target_norm", "v_delta_norm", "v_init_norm"):
+        vals = _per_edit(steps, n, key)
+        rec[f"{key}_all"] = _mean(vals)
+        rec[f"{key}_last_block"] = _mean(vals[prev:n])
+    if tracker is not None:
+        rec["interference"] = tracker.check(adapter.down_weight(tracker.layer))
+    rec["edit_s"] = sum(float(s.get("edit_s") or 0.0) for s in steps.values() if int(s["start"]) < n)
+    rec["eval_s"] = time.perf_counter() - t0
+    rec["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    append_jsonl(out / "metrics.jsonl", rec)
+    append_jsonl(out / method / "edit_probs.jsonl", {
+        "method": method, "n_edits": n, "prob_new_at_edit": _per_edit(steps, n, "prob_new"),
+        "prob_true_at_edit": _per_edit(steps, n, "prob_true"),
+        "prob_new_now": [r["rewrite_prob_new"] for r in res], "prob_true_now": [r.get("rewrite_prob_true") for r in res],
+        "success_at_edit": at_edit, "success_now": now_success})
+    log.info("%s @ %d edits: efficacy %.3f (last block %.3f), paraphrase %s, untouched retention %s, ppl %s",
+             method, n, rec["efficacy_all"] or 0.0, rec["efficacy_last_block"] or 0.0,
+             _fmt(rec.get("paraphrase_all")), _fmt(rec.get("untouched_retention")), _fmt(rec.get("perplexity")))
+    return rec
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+COMPACT_KEYS = ("n_edits", "efficacy_all", "efficacy_last_block", "paraphrase_all", "neighborhood_all", "score_all",
+                "forgetting_mean", "untouched_recall", "untouched_retention", "all_facts_recall", "perplexity",
+                "w_l1_rel_mean", "delta_fro_total", "v_target_norm_all", "edit_s")
+
+
+def _compact(rec: dict) -> dict:
+    out = {k: rec.get(k) for k in COMPACT_KEYS if k in rec}
+    inter = rec.get("interference") or {}
+    for s in ("o", "e"):
+        if s in inter:
+            out[f"interference_{s}_rel_error"] = inter[s]["rel_error"]
+            out[f"interference_{s}_top5_share"] = inter[s]["top5_share"]
+    return out

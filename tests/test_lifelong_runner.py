@@ -1,0 +1,211 @@
+"""Lifelong runner (checkpoints, resume), the interference identity, the report, the ledger CLI."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import CORPUS, tiny_adapter
+from superedit.data import EditRequest
+from superedit.editing.hparams import ROMEHParams
+from superedit.lifelong import runner as runner_mod
+from superedit.lifelong.hparams import D4SHParams
+from superedit.lifelong.runner import Probe, run_lifelong
+from superedit.utils.io import read_jsonl
+from test_editing import corpus_cov
+
+F64 = torch.float64
+FAST = dict(v_num_grad_steps=4, n_prefixes=1, context_lengths=[3])
+FACTS = [("{} was born in", "Anna Berg", "Paris", "Oslo"), ("{} is located in", "Eiffel Tower", "Oslo", "Paris"),
+         ("{} plays the", "Toko Yasuda", "piano", "guitar"), ("{} was created by", "Apple A5", "Google", "Apple"),
+         ("{} is owned by", "Google Trends", "Apple", "Google"),
+         ("{}'s mother tongue is", "Danielle Darrieux", "Japan", "French")]
+REQS = [EditRequest(prompt=p, subject=s, target_new=n, target_true=t,
+                    paraphrase_prompts=[f"In short, {p.replace('{}', s)}"],
+                    neighborhood_prompts=["The Eiffel Tower is located in" if s != "Eiffel Tower" else "Anna Berg was born in"],
+                    neighborhood_answers=["Paris" if s != "Eiffel Tower" else "Oslo"], case_id=i)
+        for i, (p, s, n, t) in enumerate(FACTS)]
+PROBE_FACTS = [{"prompt": "The Eiffel Tower is located in", "target": "Paris", "template": "The {} is located in",
+                "subject": "Eiffel Tower"},
+               {"prompt": "Toko Yasuda is from", "target": "Japan", "template": "{} is from", "subject": "Toko Yasuda"},
+               {"prompt": "Google Trends is owned by", "target": "Google", "template": "{} is owned by",
+                "subject": "Google Trends"}]
+CHECKPOINT_KEYS = {"method", "n_edits", "efficacy_all", "efficacy_last_block", "paraphrase_all",
+                   "paraphrase_last_block", "neighborhood_all", "forgetting_blocks", "forgetting_mean",
+                   "untouched_recall", "untouched_retention", "perplexity", "layers", "w_l1_rel_mean",
+                   "delta_fro_total", "v_target_norm_all", "v_delta_norm_last_block", "edit_s", "eval_s"}
+
+
+def probe():
+    return Probe(facts=[dict(f) for f in PROBE_FACTS], texts=CORPUS[:6], block_size=2)
+
+
+@pytest.fixture(scope="module")
+def world():
+    stats = corpus_cov(tiny_adapter("gpt2"), [1, 2])
+    hps = {"rome": ROMEHParams(layers=[1], **FAST),
+           "d4s": D4SHParams(layers=[1, 2], mom2_update_weight=10.0, **FAST)}
+    return stats, hps
+
+
+def factory():
+    return tiny_adapter("gpt2")
+
+
+def _strip(rec):
+    return {k: v for k, v in rec.items() if k not in runner_mod.TIMING_FIELDS}
+
+
+def _close(a, b, path=""):
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-7), path
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="module")
+def full_run(world, tmp_path_factory):
+    stats, hps = world
+    out = tmp_path_factory.mktemp("lifelong") / "full"
+    summary = run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2,
+                           out_dir=out, probe=probe())
+    return out, summary
+
+
+def test_lifelong_run_checkpoints_and_report(full_run):
+    out, summary = full_run
+    recs = read_jsonl(out / "metrics.jsonl")
+    assert [(r["method"], r["n_edits"]) for r in recs] == [(m, n) for m in ("rome", "d4s") for n in (0, 2, 4, 6)]
+    for r in recs:
+        assert CHECKPOINT_KEYS <= set(r), CHECKPOINT_KEYS - set(r)
+        if r["n_edits"]:
+            assert 0.0 <= r["efficacy_all"] <= 1.0 and r["last_block"] == [r["n_edits"] - 2, r["n_edits"]]
+            assert r["perplexity"] > 1.0 and r["untouched_n"] == 3
+            assert set(r["layers"]) == ({"1"} if r["method"] == "rome" else {"1", "2"})
+            assert r["layers"]["1"]["delta_fro"] > 0 and r["v_target_norm_all"] > 0
+            assert len(r["forgetting_blocks"]) == r["n_edits"] // 2
+    final = {r["method"]: r for r in recs if r["final"]}
+    assert final["rome"]["efficacy_all"] >= 0.5 and final["d4s"]["efficacy_all"] >= 0.5
+    assert "interference" in final["rome"] and "interference" not in final["d4s"]
+    probs = read_jsonl(out / "rome" / "edit_probs.jsonl")
+    assert [p["n_edits"] for p in probs] == [0, 2, 4, 6] and len(probs[-1]["prob_new_at_edit"]) == 6
+    assert all(p is not None for p in probs[-1]["prob_new_at_edit"])
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 10 and "rome" in html and "d4s" in html
+    assert summary["methods"]["rome"]["n_edits"] == 6
+
+
+def test_interference_identity_rome(full_run):
+    out, _ = full_run
+    inter = [r["interference"] for r in read_jsonl(out / "metrics.jsonl") if r["method"] == "rome" and r["n_edits"]]
+    for it in inter:
+        assert it["o"]["rel_error"] < 1e-4 and it["o"]["n_keys"] == 3
+        assert it["o"]["meas_shift_mean"] > 0
+    assert inter[-1]["e"]["rel_error"] < 1e-4 and inter[-1]["e"]["edits"]
+    assert 0.0 < inter[-1]["o"]["top5_share"] <= 1.0 + 1e-9  # ≤ 5 edits so far: the top-5 carry all of it
+    assert inter[0]["n_edits"] == 2 and inter[-1]["n_edits"] == 6
+
+
+def test_interference_tracker_keys_and_deltas(world):
+    """k̂ = C·u is the edit's key k* (read independently), δ = v − W_{i−1}k*, and Σ p δ = (W − W₀)kⱼ."""
+    from superedit.editing.contexts import context_prefixes
+    from superedit.editing.keys import compute_keys, keys_at
+    from superedit.editing.methods import get_method
+    from superedit.lifelong.interference import InterferenceTracker
+
+    stats, hps = world
+    hp = hps["rome"]
+    a = tiny_adapter("gpt2")
+    W0 = a.down_weight(1).detach().clone()
+    probe_keys = keys_at(a, [f["template"] for f in PROBE_FACTS], [f["subject"] for f in PROBE_FACTS], [1])[1]
+    tr = InterferenceTracker(1, stats.mom2(1), W0, probe_keys)
+    prefixes = context_prefixes(a, hp.context_lengths, hp.n_prefixes, hp.seed)
+    for req in REQS[:4]:
+        k = compute_keys(a, [req.prompt], [req.subject], [1], prefixes)[1][0].double()
+        W_prev = a.down_weight(1).detach().double().clone()
+        d = get_method("rome").fn(a, [req], hp, stats).layers[1]
+        a.add_to_down_weight(1, d.dense(F64))
+        tr.add_increment(d.left, d.right, a.down_weight(1))
+        k_hat = tr.keys[-1]
+        assert float((k_hat - k).norm() / k.norm()) < 1e-4
+        v = a.down_weight(1).double() @ k  # ROME inserts v* exactly at k*
+        assert float((tr.deltas[-1] - (v - W_prev @ k)).norm() / tr.deltas[-1].norm()) < 1e-3
+    res = tr.check(a.down_weight(1))
+    assert res["o"]["rel_error"] < 1e-4 and res["e"]["rel_error"] < 1e-4
+    meas = (a.down_weight(1).double() - W0.double()) @ probe_keys.double().T
+    assert float(meas.norm()) > 0
+
+
+def test_resume_after_interruption_matches(world, full_run, tmp_path, monkeypatch):
+    stats, hps = world
+    out_full, _ = full_run
+    out = tmp_path / "resumed"
+
+    def crash(method, n_done):
+        if method == "d4s" and n_done == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(runner_mod, "_after_commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2, out_dir=out,
+                     probe=probe())
+    monkeypatch.undo()
+    from superedit.errors import SupereditError
+
+    with pytest.raises(SupereditError, match="--resume"):
+        run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2, out_dir=out,
+                     probe=probe())
+    run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2, out_dir=out,
+                 probe=probe(), resume=True)
+    a = [_strip(r) for r in read_jsonl(out_full / "metrics.jsonl")]
+    b = [_strip(r) for r in read_jsonl(out / "metrics.jsonl")]
+    assert [(r["method"], r["n_edits"]) for r in b] == [(r["method"], r["n_edits"]) for r in a]
+    _close(a, b)
+    from superedit.lifelong.ledger import Ledger
+
+    for m in ("rome", "d4s"):
+        la, lb = Ledger.open(out_full / m / "ledger"), Ledger.open(out / m / "ledger")
+        assert len(lb.edits) == 6  # nothing applied twice
+        for l in la.layers:
+            da, db = la.total_delta(l), lb.total_delta(l)
+            assert float((da - db).norm() / da.norm()) < 1e-6
+
+
+def test_ledger_cli_show_undo_export(full_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+    from superedit.editing.delta import WeightDelta
+
+    out, _ = full_run
+    src = out / "rome" / "ledger"
+    import shutil
+
+    led_dir = tmp_path / "ledger"
+    shutil.copytree(src, led_dir)
+    cli = CliRunner()
+    res = cli.invoke(app, ["ledger", "show", "--ledger", str(led_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["method"] == "rome" and info["active"] == list(range(6)) and info["delta_norms"]["1"]["fro"] > 0
+    res = cli.invoke(app, ["ledger", "undo", "--ledger", str(led_dir), "--index", "2", "--json"])
+    assert res.exit_code == 2 and "only the last applied edit" in res.output
+    res = cli.invoke(app, ["ledger", "undo", "--ledger", str(led_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["active"] == list(range(5))
+    res = cli.invoke(app, ["ledger", "export", "--ledger", str(led_dir), "--out", str(tmp_path / "exp"), "--json"])
+    assert res.exit_code == 0, res.output
+    d = WeightDelta.load(tmp_path / "exp")
+    from superedit.lifelong.ledger import Ledger
+
+    led = Ledger.open(led_dir)
+    assert torch.allclose(d.layers[1].dense(F64), led.total_delta(1))
+    assert json.loads((tmp_path / "exp" / "edits.json").read_text())["edits"][5]["status"] == "undone"
