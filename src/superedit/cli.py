@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "eval",
     "superposition",
     "forecast",
+    "robust",
+    "keys",
     "lifelong",
     "ledger",
 ]

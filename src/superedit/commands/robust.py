@@ -1,0 +1,215 @@
+"""``superedit robust``: ROME/MEMIT edits with and without the REP key adaptor, on perturbed queries.
+
+Example (testbed; requests from the testbed's world, aliases as subject rephrases)::
+
+    superedit robust --model builtin --method rome --adaptor both --n 20 --tau-sweep 0.5,0.7,0.9,0.95 --out runs/rep
+
+Writes ``records.jsonl`` (one record per request), ``table.json`` + ``table.csv`` (micro-averaged
+metrics per setting, τ sweep, skip counts), ``perturbations.jsonl``, ``plots/`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, parse_layers
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+def model_dir_of(model: str) -> Path | None:
+    from ..models.loading import resolve_model_path
+
+    try:
+        path, is_local = resolve_model_path(model)
+    except Exception:  # noqa: BLE001 - only used to find a testbed.json
+        return None
+    return Path(path) if is_local else None
+
+
+def hparams_profile(adapter, model_dir: Path | None) -> str:
+    """``testbed-<size>`` for a testbed model (testbed.json's "size"), else the model family."""
+    import json
+
+    if model_dir is not None and (model_dir / "testbed.json").is_file():
+        size = json.loads((model_dir / "testbed.json").read_text()).get("size")
+        return f"testbed-{size}" if size else "testbed"
+    return adapter.family
+
+
+def load_requests_for(model: str, requests: str | None, n: int | None, seed: int) -> list:
+    """``--requests FILE`` (sampled to ``n``), else the testbed's default edit requests."""
+    from ..data import load_requests, sample_requests
+    from ..errors import SupereditError
+
+    if requests:
+        return sample_requests(load_requests(requests), n, seed)
+    mdir = model_dir_of(model)
+    if mdir is None or not (mdir / "testbed.json").is_file():
+        raise SupereditError(f"--requests is required: --model {model!r} is not a testbed model with default edit "
+                             "requests; pass --requests FILE (CounterFact, zsRE, EasyEdit or superedit JSONL)")
+    from .. import testbed
+
+    fn = getattr(testbed, "default_edit_requests", None)
+    if fn is None:
+        from ..testbed.access import default_edit_requests as fn
+    return list(fn(mdir, n, seed))
+
+
+def load_corpus(adapter, corpus: str | None, model_dir: Path | None = None):
+    """``--corpus`` as a :class:`~superedit.stats.Corpus`, else the testbed's own corpus."""
+    from ..errors import StatsError
+    from ..stats import Corpus, corpus_for_model
+
+    if corpus:
+        return Corpus.coerce(corpus)
+    try:
+        return corpus_for_model(adapter)
+    except StatsError:
+        if model_dir is None or not (model_dir / "testbed.json").is_file():
+            raise
+        from ..testbed.access import testbed_corpus
+
+        return Corpus(list(testbed_corpus(model_dir)), source=f"testbed:{model_dir}")
+
+
+def max_positions(adapter) -> int:
+    from ..robust.adaptor import _max_positions
+
+    return _max_positions(adapter)
+
+
+def parse_taus(spec: str | None) -> list[float]:
+    if not spec:
+        return []
+    try:
+        taus = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--tau-sweep {spec!r}: give comma-separated numbers in [0, 1], e.g. 0.5,0.7,0.9") from None
+    bad = [t for t in taus if not 0 <= t <= 1]
+    if bad:
+        raise ValueError(f"--tau-sweep: values {bad} are outside [0, 1]")
+    return taus
+
+
+def build_edit_hparams(adapter, method: str, profile: str, hparams: str | None, layers: str | None, corpus: str | None,
+                       mom2_tokens: int | None):
+    from ..editing.hparams import MEMITHParams, ROMEHParams, load_hparams
+
+    cls = {"rome": ROMEHParams, "memit": MEMITHParams}[method]
+    overrides = {}
+    if layers:
+        overrides["layers"] = parse_layers(layers, adapter.n_layers)
+    if corpus:
+        overrides["mom2_corpus"] = corpus
+    if mom2_tokens:
+        overrides["mom2_n_tokens"] = mom2_tokens
+    hp = load_hparams(cls, method, profile, hparams, overrides)
+    for l in hp.layers:
+        adapter.check_layer(l)
+    return hp
+
+
+def make_stats(adapter, hp, stats_dir: str | None, corpus=None):
+    """C via CorpusCovariance over ``hp.mom2_corpus`` (or the already loaded ``corpus``)."""
+    from ..editing.covariance import CorpusCovariance
+
+    return CorpusCovariance(adapter, hp.mom2_corpus or corpus, n_tokens=hp.mom2_n_tokens, max_length=hp.mom2_max_length,
+                            cache_dir=stats_dir, layers=list(hp.layers))
+
+
+def register(app) -> None:
+    @app.command("robust")
+    @command
+    def robust(model: str = ModelOpt,
+               requests: Optional[str] = typer.Option(None, "--requests", help="Edit requests file (default: the testbed's)."),
+               method: str = typer.Option("rome", "--method", help="rome | memit."),
+               adaptor: str = typer.Option("both", "--adaptor", help="on | off | both: evaluate the edit with/without REP."),
+               tau: float = typer.Option(0.9, "--tau", help="Gate threshold τ at inference."),
+               n: Optional[int] = typer.Option(None, "--n", help="Number of requests (seeded sample)."),
+               layers: Optional[str] = typer.Option(None, "--layers", help="Edited layer(s), overriding the hparams."),
+               corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus for C and long contexts (default: the testbed's)."),
+               tau_sweep: Optional[str] = typer.Option(None, "--tau-sweep", help="Comma-separated τ values, e.g. 0.5,0.7,0.9,0.95."),
+               out: str = typer.Option(..., "--out", help="Output directory."),
+               hparams: Optional[str] = typer.Option(None, "--hparams", help="YAML overriding the edit hparams."),
+               rephrases: Optional[str] = typer.Option(None, "--rephrases", help="JSON subject -> [rephrases] (added to subject_rephrases)."),
+               steps: Optional[int] = typer.Option(None, "--steps", help="Adaptor Adam steps (default 10)."),
+               lr: Optional[float] = typer.Option(None, "--lr", help="Adaptor learning rate (default 5e-4)."),
+               rank: Optional[int] = typer.Option(None, "--rank", help="Adaptor rank r (default 32)."),
+               gate_weight: Optional[float] = typer.Option(None, "--gate-weight", help="Weight of the gate locality BCE (default 1)."),
+               n_long: int = typer.Option(4, "--n-long", help="Long contexts per request (split 50/50 ID/OOD)."),
+               long_words: int = typer.Option(300, "--long-words", help="Words per long context (trimmed to the model's window)."),
+               n_shuffles: int = typer.Option(10, "--n-shuffles", help="Max token permutations per subject."),
+               mom2_tokens: Optional[int] = typer.Option(None, "--mom2-tokens", help="Corpus tokens for C."),
+               stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help="Covariance cache directory."),
+               save_edits: bool = typer.Option(False, "--save-edits", help="Save each delta + adaptor under OUT/edits/."),
+               seed: int = typer.Option(0, "--seed"),
+               device: str = DeviceOpt, as_json: bool = JsonOpt,
+               verbose: bool = typer.Option(False, "--verbose", "-v")):
+        """Robust Edit Pathway: edits vs edits + gated key adaptor on rephrased, shuffled and long-context queries."""
+        from ..models import load_model
+        from ..robust.adaptor import AdaptorHParams
+        from ..robust.evaluate import run_robust, summarize_records, table_rows
+        from ..robust.perturb import build_perturbations, corpus_words, load_rephrases
+        from ..utils.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+        from ..utils.logs import get_logger
+
+        log = get_logger("superedit.robust")
+        if method not in ("rome", "memit"):
+            raise ValueError(f"--method must be rome or memit (got {method!r})")
+        if adaptor not in ("on", "off", "both"):
+            raise ValueError(f"--adaptor must be on, off or both (got {adaptor!r})")
+        taus = parse_taus(tau_sweep)
+        adapter = load_model(model, device=default_device(device))
+        mdir = model_dir_of(model)
+        profile = hparams_profile(adapter, mdir)
+        hp = build_edit_hparams(adapter, method, profile, hparams, layers, corpus, mom2_tokens)
+        ahp = AdaptorHParams.from_dict({k: v for k, v in {"tau": tau, "num_steps": steps, "lr": lr, "rank": rank,
+                                                           "gate_weight": gate_weight, "seed": seed}.items()
+                                        if v is not None}, source="command line")
+        reqs = load_requests_for(model, requests, n, seed)
+        corpus_obj = load_corpus(adapter, corpus, mdir)
+        words = corpus_words(corpus_obj)
+        psets, skips = build_perturbations(adapter.tokenizer, reqs, words=words,
+                                           rephrases=load_rephrases(rephrases) if rephrases else None,
+                                           n_shuffles=n_shuffles, n_long=n_long, long_words=long_words,
+                                           max_tokens=max_positions(adapter) - 8, seed=seed)
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rec_path = out_dir / "records.jsonl"
+        if rec_path.exists():
+            rec_path.unlink()
+        write_jsonl_atomic(out_dir / "perturbations.jsonl", [p.to_dict() for p in psets])
+        log.info("%s on %s (profile %s, layers %s): %d request(s), adaptor %s, τ=%g, adaptor steps %d lr %g",
+                 method, model, profile, hp.layers, len(reqs), adaptor, tau, ahp.num_steps, ahp.lr)
+        stats = make_stats(adapter, hp, stats_dir, corpus_obj)
+        records = run_robust(adapter, reqs, psets, method, hp, stats, adaptor, ahp, taus, negative_words=words,
+                             out_path=rec_path, save_dir=str(out_dir / "edits") if save_edits else None)
+        summary = summarize_records(records)
+        summary["config"] = {"model": model, "profile": profile, "method": method, "layers": hp.layers, "tau": tau,
+                             "tau_sweep": taus, "adaptor": adaptor, "n": len(reqs), "seed": seed,
+                             "edit_hparams": hp.to_dict(), "adaptor_hparams": ahp.to_dict(),
+                             "perturbation": {"n_long": n_long, "long_words": long_words, "n_shuffles": n_shuffles,
+                                              "rephrases_file": rephrases}}
+        write_json_atomic(out_dir / "table.json", summary)
+        rows = table_rows(summary)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["setting", "metric", "acc", "n", "edits"])
+        w.writeheader()
+        w.writerows(rows)
+        write_text_atomic(out_dir / "table.csv", buf.getvalue())
+        from ..report.robust_report import render_plots, write_report
+
+        plots = render_plots(out_dir)
+        report = write_report(out_dir)
+        result = {"out": str(out_dir), "report": str(report), "records": str(rec_path),
+                  "plots": [str(p) for p in plots], "n_requests": summary["n_requests"], "n_errors": summary["n_errors"],
+                  "skips": summary["skips"],
+                  "table": {s: {m: v["acc"] for m, v in ms.items()} for s, ms in summary["settings"].items()},
+                  "tau_sweep": summary["tau_sweep"], "adaptor_hparams": ahp.to_dict()}
+        emit(result, as_json)
+        return result

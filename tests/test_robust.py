@@ -1,0 +1,241 @@
+"""REP (keys to robust edits): perturbations, the gated key adaptor, save/load, evaluation and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import CORPUS, bpe_tokenizer, sp_tokenizer, tiny_adapter
+from superedit.data import EditRequest
+from superedit.editing.covariance import FixedCovariance
+from superedit.editing.hparams import ROMEHParams
+from superedit.models import Trace
+from superedit.robust import perturb
+from superedit.robust.adaptor import (AdaptorHParams, KeyAdaptor, RobustAdaptor, TrainingKeys, fit_layer, load_edit,
+                                      save_edit, train_adaptor)
+from superedit.robust.evaluate import METRICS, evaluate_edit, run_robust, summarize_records
+
+FAST = dict(v_num_grad_steps=3, n_prefixes=1, context_lengths=[3])
+REQ = EditRequest(prompt="{} was born in", subject="Anna Berg", target_new="Paris", case_id="a",
+                  subject_rephrases=["Ms. Anna Berg", "Berg, Anna", "A. Berg", "Anna B."],
+                  paraphrase_prompts=["Anna Berg's birthplace is"],
+                  neighborhood_prompts=["Toko Yasuda is from", "The Eiffel Tower is located in"],
+                  neighborhood_answers=["Japan", "Paris"])
+
+
+def cov(adapter, layers):
+    enc = adapter.tokenizer(CORPUS[:12], return_tensors="pt", padding=True)
+    with Trace(adapter, reads=[("key", l) for l in layers]) as tr:
+        adapter.model(**enc)
+    mask = enc["attention_mask"].bool()
+    return FixedCovariance({l: (lambda K: K.T @ K / K.shape[0] + 1e-3 * torch.eye(K.shape[1], dtype=torch.float64))(
+        tr["key", l][mask].double()) for l in layers})
+
+
+def logits(adapter, text="Anna Berg was born in Oslo and Toko Yasuda"):
+    enc = adapter.tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        return adapter.model(**enc).logits.clone()
+
+
+def trained_adaptor(d=24, seed=0):
+    torch.manual_seed(seed)
+    k_star = torch.randn(d)
+    keys = TrainingKeys(k_star, torch.nn.functional.normalize(torch.randn(d), dim=0), k_star + 0.1 * torch.randn(d),
+                        k_star + torch.randn(6, d), torch.randn(40, d))
+    return fit_layer(keys, AdaptorHParams(num_steps=30, lr=1e-2, rank=4))
+
+
+# ------------------------------------------------------------------------------------------ perturbations
+@pytest.mark.parametrize("tok_fn", [bpe_tokenizer, sp_tokenizer])
+@pytest.mark.parametrize("subject", ["Anna Berg", "Eiffel Tower", "Danielle Darrieux", "Toko Yasuda"])
+def test_shuffles_differ_and_round_trip(tok_fn, subject):
+    tok = tok_fn()
+    texts, reason = perturb.shuffled_subjects(tok, subject, max_n=10, seed=1)
+    assert texts and reason is None and len(texts) <= 10
+    assert len(set(texts)) == len(texts)
+    orig_forms = {tuple(perturb._ids(tok, lead + subject)) for lead in ("", " ")}
+    for t in texts:
+        assert t != subject
+        ok = False
+        for lead in ("", " "):
+            ids = perturb._ids(tok, lead + t)
+            if tok.decode(ids, clean_up_tokenization_spaces=False) == lead + t and tuple(ids) not in orig_forms:
+                assert perturb._ids(tok, tok.decode(ids, clean_up_tokenization_spaces=False)) == ids
+                ok = True
+        assert ok, t
+
+
+def test_id_ood_disjoint_and_seeded():
+    tok = bpe_tokenizer()
+    words = perturb.corpus_words(CORPUS)
+    a = perturb.make_perturbations(tok, REQ, words=words, n_long=6, long_words=30, seed=3)
+    b = perturb.make_perturbations(tok, REQ, words=words, n_long=6, long_words=30, seed=3)
+    c = perturb.make_perturbations(tok, REQ, words=words, n_long=6, long_words=30, seed=4)
+    assert a.to_dict() == b.to_dict()
+    assert a.to_dict() != c.to_dict()
+    for kind in perturb.KINDS:
+        ids = {(p.template, p.subject) for p in a.of(kind, "id")}
+        ood = {(p.template, p.subject) for p in a.of(kind, "ood")}
+        assert not ids & ood
+        assert abs(len(ids) - len(ood)) <= 1
+    assert len(a.of("rephrase", "id")) == 2 and len(a.of("long")) == 6
+    for p in a.of("long"):
+        assert p.prompt.endswith("Anna Berg was born in") and len(p.prompt) > 60
+
+
+def test_bad_inputs_are_documented_skips():
+    tok = sp_tokenizer()
+    one = EditRequest(prompt="{} is the capital of", subject="Paris", target_new="Japan")  # one token, no rephrases
+    assert len(perturb._ids(tok, "Paris")) == 1
+    sets, summary = perturb.build_perturbations(tok, [one, one, REQ], kinds=("rephrase", "shuffle", "long"), words=[])
+    assert summary["shuffle"][perturb.SKIP_ONE_TOKEN] == 2
+    assert summary["rephrase"][perturb.SKIP_NO_REPHRASES] == 2
+    assert summary["long"][perturb.SKIP_NO_CORPUS] == 3
+    assert sets[0].of("shuffle") == [] and sets[0].skips
+    with pytest.raises(perturb.PerturbError):
+        perturb.make_perturbations(tok, REQ, kinds=("typo",))
+
+
+# ------------------------------------------------------------------------------------------ adaptor
+def test_b_zero_at_init_is_identity_and_gate_off_leaves_logits():
+    adapter = tiny_adapter("gpt2")
+    ref = logits(adapter)
+    a = KeyAdaptor(adapter.d_mlp, rank=4)
+    assert torch.count_nonzero(a.B) == 0
+    k = torch.randn(3, 5, adapter.d_mlp)
+    assert torch.equal(a.infer(k, 0.9, force_gate="on"), k)
+    rep = RobustAdaptor({1: a, 2: KeyAdaptor(adapter.d_mlp, rank=4, seed=1)}, tau=0.0)
+    with rep.active(adapter):
+        assert torch.equal(logits(adapter), ref)  # B = 0: identity even with the gate open
+    ad, _ = trained_adaptor(adapter.d_mlp)
+    assert torch.count_nonzero(ad.B) > 0
+    rep = RobustAdaptor({1: ad}, tau=0.0)
+    rep.force_gate = "off"
+    with rep.active(adapter):
+        assert torch.equal(logits(adapter), ref)
+    rep.force_gate = "on"
+    with rep.active(adapter):
+        assert not torch.equal(logits(adapter), ref)  # the same adaptor does act when open
+
+
+def test_install_remove_restores_model_exactly():
+    adapter = tiny_adapter("llama")
+    ref = logits(adapter)
+    ad, _ = trained_adaptor(adapter.d_mlp)
+    rep = RobustAdaptor({0: ad, 2: trained_adaptor(adapter.d_mlp, seed=1)[0]}, tau=0.0)
+    rep.force_gate = "on"
+    rep.install(adapter)
+    assert rep.installed and not torch.equal(logits(adapter), ref)
+    with pytest.raises(Exception):
+        rep.install(adapter)
+    rep.remove()
+    assert not rep.installed
+    assert torch.equal(logits(adapter), ref)
+    for m in adapter.model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+def test_loss_decreases_on_tiny_model_and_gate_separates():
+    adapter = tiny_adapter("gpt2")
+    stats = cov(adapter, [1])
+    pset = perturb.make_perturbations(adapter.tokenizer, REQ, words=perturb.corpus_words(CORPUS), long_words=30)
+    k = torch.randn(adapter.d_mlp, dtype=torch.float64)
+    u = torch.linalg.solve(stats.mom2(1), k)
+    hp = AdaptorHParams(num_steps=40, lr=5e-3, rank=8)
+    rep, info = train_adaptor(adapter, REQ, pset.of(split="id"), [1], {1: k}, {1: u / u.norm()}, hp,
+                              negative_texts=CORPUS[:4])
+    lay = info["layers"]["1"]
+    assert lay["loss_end"] < lay["loss_start"]
+    assert lay["cos_u_after"] > lay["cos_u_before"]
+    assert lay["gate_pos_mean"] > lay["gate_neg_mean"]
+    assert not any(m._forward_pre_hooks for m in adapter.model.modules())  # training leaves no hooks
+
+
+def test_save_load_round_trip(tmp_path):
+    adapter = tiny_adapter("gpt2")
+    stats = cov(adapter, [1])
+    from superedit.editing.methods import get_method
+
+    delta = get_method("rome").fn(adapter, [REQ], ROMEHParams(layers=[1], **FAST), stats)
+    ad, _ = trained_adaptor(adapter.d_mlp)
+    rep = RobustAdaptor({1: ad}, tau=0.3, meta={"case_id": "a"})
+    save_edit(tmp_path / "e", delta, rep)
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["delta.json", "delta.safetensors",
+                                                                 "rep_adaptor.json", "rep_adaptor.safetensors"]
+    d2, r2 = load_edit(tmp_path / "e")
+    assert r2.tau == 0.3 and r2.meta["case_id"] == "a"
+    for name, t in ad.state_dict().items():
+        assert torch.equal(t, r2.layers[1].state_dict()[name])
+    with delta.applied(adapter), rep.active(adapter):
+        a = logits(adapter)
+    with d2.applied(adapter), r2.active(adapter):
+        b = logits(adapter)
+    assert torch.equal(a, b)
+    delta.save(tmp_path / "plain")
+    assert load_edit(tmp_path / "plain")[1] is None
+
+
+# ------------------------------------------------------------------------------------------ evaluation + CLI
+def test_run_robust_records_and_protocol():
+    adapter = tiny_adapter("gpt2")
+    stats = cov(adapter, [1])
+    before = {l: adapter.down_weight_param(l).clone() for l in range(adapter.n_layers)}
+    words = perturb.corpus_words(CORPUS)
+    one = EditRequest(prompt="{} is in", subject="Paris", target_new="Japan", case_id="b")
+    reqs = [REQ, one]
+    psets = [perturb.make_perturbations(adapter.tokenizer, r, words=words, long_words=20) for r in reqs]
+    recs = run_robust(adapter, reqs, psets, "rome", ROMEHParams(layers=[1], **FAST), stats, "both",
+                      AdaptorHParams(num_steps=5, lr=1e-2, rank=4), tau_sweep=[0.5, 0.95], negative_words=words)
+    for l, w in before.items():
+        assert torch.equal(adapter.down_weight_param(l), w)
+    assert not any(m._forward_pre_hooks for m in adapter.model.modules())
+    assert set(recs[0]["settings"]) == {"pre", "rome", "rome+rep"}
+    assert set(recs[0]["settings"]["rome"]) == set(METRICS)
+    assert recs[0]["settings"]["rome"]["locality"]["n"] == 2
+    assert len(recs[0]["tau_sweep"]) == 2
+    summ = summarize_records(recs)
+    assert summ["settings"]["rome"]["success"]["n"] == 2
+    assert summ["settings"]["rome"]["rephrase_ood"]["n"] == 2  # only REQ has rephrases ...
+    assert summ["skips"]["rephrase"][perturb.SKIP_NO_REPHRASES] == 1  # ... and the other is counted, not zero
+
+
+def test_cli_micro_end_to_end(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+
+    monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
+    adapter = tiny_adapter("gpt2")
+    mdir = tmp_path / "model"
+    adapter.model.save_pretrained(mdir)
+    adapter.tokenizer.save_pretrained(mdir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS[:6]) + "\n")
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text("\n".join(json.dumps(r.to_dict()) for r in [REQ, EditRequest(
+        prompt="{} is owned by", subject="Google Trends", target_new="Apple", case_id="g")]) + "\n")
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("v_num_grad_steps: 2\nn_prefixes: 1\ncontext_lengths: [3]\nmom2_ridge: 0.01\nmom2_n_tokens: 500\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["robust", "--model", str(mdir), "--requests", str(reqs), "--method", "rome",
+                                   "--layers", "1", "--corpus", str(corpus), "--hparams", str(hp), "--steps", "3",
+                                   "--long-words", "20", "--tau-sweep", "0.5,0.9", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["n_requests"] == 2
+    for name in ["records.jsonl", "table.json", "table.csv", "perturbations.jsonl", "report.html",
+                 "plots/metrics.png", "plots/tau_sweep.png"]:
+        assert (out / name).is_file(), name
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    kout = tmp_path / "keys"
+    res = CliRunner().invoke(app, ["keys", "--model", str(mdir), "--requests", str(reqs), "--layer", "1",
+                                   "--corpus", str(corpus), "--hparams", str(hp), "--long-words", "20",
+                                   "--scan-docs", "6", "--out", str(kout), "--json"])
+    assert res.exit_code == 0, res.output
+    for name in ["geometry.json", "similar_keys.jsonl", "report.html", "plots/similarity_cos.png",
+                 "plots/pca_variants.png", "plots/value_norms.png"]:
+        assert (kout / name).is_file(), name
+    hits = [json.loads(l) for l in (kout / "similar_keys.jsonl").read_text().splitlines()]
+    assert hits and all(h["subject"] not in h["context"] for h in hits)
