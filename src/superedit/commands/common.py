@@ -81,3 +81,93 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     if bad:
         raise IndexError(f"--layers {spec!r}: layer(s) {bad} out of range; this model has layers 0..{n_layers - 1}")
     return sorted(layers)
+
+
+# ----- model directory, hyperparameters, requests, statistics (shared by the editing commands) -------------
+DEFAULT_TESTBED_N = 20
+
+
+def local_model_dir(model: str):
+    """The local directory of ``--model`` (builtin specs resolved), or None for a hub id."""
+    from pathlib import Path
+
+    from ..models.loading import resolve_model_path
+
+    path, is_local = resolve_model_path(model)
+    return Path(path) if is_local else None
+
+
+def testbed_meta(model_dir) -> dict | None:
+    """The testbed.json of a testbed model directory, else None."""
+    if model_dir is None or not (model_dir / "testbed.json").is_file():
+        return None
+    try:
+        return json.loads((model_dir / "testbed.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def hparams_profile(adapter, model_dir) -> str:
+    """Packaged hyperparameter profile: ``testbed-<size>`` for a testbed model, else the model family."""
+    meta = testbed_meta(model_dir)
+    if meta is not None:
+        size = meta.get("size")
+        return f"testbed-{size}" if size else "testbed"
+    return adapter.family
+
+
+def resolve_requests(model_dir, requests: str | None, fmt: str = "auto", limit: int | None = None,
+                     n: int | None = None, seed: int = 0, default_n: int = DEFAULT_TESTBED_N) -> list:
+    """``--requests FILE`` (first ``limit``, then a seeded sample of ``n``), else a testbed's own
+    counterfactual requests (``n`` or ``limit`` or ``default_n`` of them)."""
+    from ..errors import SupereditError
+
+    if requests:
+        from ..data import load_requests, sample_requests
+
+        reqs = load_requests(requests, fmt=fmt, limit=limit)
+        if n is not None:
+            reqs = sample_requests(reqs, n, seed)
+    else:
+        if testbed_meta(model_dir) is None:
+            raise SupereditError("--requests is required for non-testbed models: pass a dataset file "
+                                 "(CounterFact, MQuAKE, EasyEdit, zsRE-MEND or superedit JSONL)")
+        from ..testbed.access import default_edit_requests
+
+        reqs = list(default_edit_requests(model_dir, n or limit or default_n, seed))[:limit]
+    if not reqs:
+        raise SupereditError(f"no edit requests to run (--requests {requests!r}, --limit {limit})")
+    return reqs
+
+
+def build_hparams(method: str, profile: str, path: str | None, n_layers: int, layers: str | None = None,
+                  mom2_tokens: int | None = None, corpus: str | None = None):
+    """Packaged YAML for (method, profile) < ``--hparams`` < --layers/--mom2-tokens/--corpus; layers checked."""
+    from ..editing.hparams import HParamsError, load_hparams
+    from ..editing.methods import get_method
+
+    cls = get_method(method).hparams_cls
+    names = set(cls.__dataclass_fields__)
+    overrides: dict[str, Any] = {}
+    if layers:
+        overrides["layers"] = parse_layers(layers, n_layers)
+    if mom2_tokens is not None:
+        if "mom2_n_tokens" not in names:
+            raise HParamsError(f"--mom2-tokens does not apply to {method} (it uses no key statistics)")
+        overrides["mom2_n_tokens"] = mom2_tokens
+    if corpus and "mom2_corpus" in names:
+        overrides["mom2_corpus"] = str(corpus)
+    hp = load_hparams(cls, method, profile, path, overrides)
+    for l in hp.layers:
+        if not 0 <= l < n_layers:
+            raise HParamsError(f"hparams for {method}/{profile}: layer {l} is out of range for this model "
+                               f"(layers 0..{n_layers - 1}); pass --layers or --hparams FILE")
+    return hp
+
+
+def make_stats(adapter, hp, cache_dir: str | None = None, corpus=None):
+    """C = E[kkᵀ] for the method's layers from ``hp.mom2_corpus`` (or ``corpus``; default: the testbed's)."""
+    from ..editing.covariance import CorpusCovariance
+
+    return CorpusCovariance(adapter, getattr(hp, "mom2_corpus", "") or corpus, n_tokens=getattr(hp, "mom2_n_tokens", 100_000),
+                            max_length=getattr(hp, "mom2_max_length", 128), cache_dir=cache_dir, layers=list(hp.layers))

@@ -13,9 +13,14 @@ from typing import Any
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit, parse_layers
+from .common import (DeviceOpt, JsonOpt, ModelOpt, command, emit, hparams_profile, local_model_dir,  # noqa: F401
+                     make_stats, resolve_requests, testbed_meta)
+from .common import build_hparams as _build_hparams
 
-DEFAULT_TESTBED_N = 20
+
+def build_hparams(entry, method, profile, path, layers, n_layers, mom2_tokens, corpus):
+    # transitional signature still used by commands/lifelong.py
+    return _build_hparams(method, profile, path, n_layers, layers, mom2_tokens, corpus)
 
 RequestsOpt = typer.Option(None, "--requests", "-r", help="Dataset file (CounterFact, MQuAKE, EasyEdit, zsRE-MEND, "
                            "superedit JSONL). Optional for testbed models (their own counterfactual requests).")
@@ -27,79 +32,6 @@ SeedOpt = typer.Option(0, "--seed", help="Seed for sampling (fluency generations
 
 
 # ------------------------------------------------------------------------------------- helpers
-def local_model_dir(model: str) -> Path | None:
-    """The local directory of ``--model`` (builtin specs resolved), or None for a hub id."""
-    from ..models.loading import resolve_model_path
-
-    path, is_local = resolve_model_path(model)
-    return Path(path) if is_local else None
-
-
-def testbed_meta(model_dir: Path | None) -> dict | None:
-    if model_dir is None or not (model_dir / "testbed.json").is_file():
-        return None
-    try:
-        return json.loads((model_dir / "testbed.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def hparams_profile(adapter, model_dir: Path | None) -> str:
-    """``testbed-<size>`` for a testbed model directory, else the adapter's family."""
-    meta = testbed_meta(model_dir)
-    if meta is not None:
-        size = meta.get("size")
-        return f"testbed-{size}" if size else "testbed"
-    return adapter.family
-
-
-def resolve_requests(requests: str | None, fmt: str, limit: int | None, model_dir: Path | None, seed: int) -> list:
-    """Requests from ``--requests``, or a testbed model's default counterfactual requests."""
-    from ..errors import SupereditError
-
-    if requests:
-        from ..data import load_requests
-
-        reqs = load_requests(requests, fmt=fmt, limit=limit)
-    else:
-        if testbed_meta(model_dir) is None:
-            raise SupereditError("--requests is required for non-testbed models: pass a dataset file "
-                                 "(CounterFact, MQuAKE, EasyEdit, zsRE-MEND or superedit JSONL)")
-        try:
-            from ..testbed import default_edit_requests
-        except ImportError:
-            raise SupereditError("--requests is required: this version of the testbed has no default edit "
-                                 "requests (superedit.testbed.default_edit_requests)") from None
-        reqs = list(default_edit_requests(model_dir, limit or DEFAULT_TESTBED_N, seed))
-        if limit is not None:
-            reqs = reqs[:limit]
-    if not reqs:
-        raise SupereditError(f"no edit requests to run (--requests {requests!r}, --limit {limit})")
-    return reqs
-
-
-def build_hparams(entry, method: str, profile: str, path: str | None, layers: str | None, n_layers: int,
-                  mom2_tokens: int | None, corpus: str | None):
-    from ..editing.hparams import HParamsError, load_hparams
-
-    names = {f for f in entry.hparams_cls.__dataclass_fields__}
-    overrides: dict[str, Any] = {}
-    if layers:
-        overrides["layers"] = parse_layers(layers, n_layers)
-    if mom2_tokens is not None:
-        if "mom2_n_tokens" not in names:
-            raise HParamsError(f"--mom2-tokens does not apply to {method} (it uses no key statistics)")
-        overrides["mom2_n_tokens"] = mom2_tokens
-    if corpus and "mom2_corpus" in names:
-        overrides["mom2_corpus"] = str(corpus)
-    hp = load_hparams(entry.hparams_cls, method, profile, path, overrides)
-    for l in hp.layers:
-        if not 0 <= l < n_layers:
-            raise HParamsError(f"hparams for {method}/{profile}: layer {l} is out of range for this model "
-                               f"(layers 0..{n_layers - 1}); pass --layers or --hparams FILE")
-    return hp
-
-
 def start_out_dir(out: str | None, prefix: str) -> Path:
     """The output directory (default ``runs/<prefix>-<timestamp>``), with any old records.jsonl removed."""
     from ..utils.logs import get_logger
@@ -153,7 +85,6 @@ def register(app) -> None:
     ):
         """Edit facts with ROME, MEMIT or FT; evaluate each edit before/after (efficacy, paraphrase,
         neighbourhood, S, rewrite/rephrase accuracy, locality, fluency)."""
-        from ..editing.covariance import CorpusCovariance
         from ..editing.methods import get_method
         from ..editing.run import run_edits
         from ..models import load_model
@@ -169,13 +100,9 @@ def register(app) -> None:
         adapter = load_model(model, device=device)
         model_dir = local_model_dir(model)
         profile = hparams_profile(adapter, model_dir)
-        hp = build_hparams(entry, method, profile, hparams, layers, adapter.n_layers, mom2_tokens, corpus)
-        reqs = resolve_requests(requests, fmt, limit, model_dir, seed)
-        stats = None
-        if entry.needs_stats:
-            stats = CorpusCovariance(adapter, corpus or getattr(hp, "mom2_corpus", "") or None,
-                                     n_tokens=hp.mom2_n_tokens, max_length=getattr(hp, "mom2_max_length", 128),
-                                     layers=list(hp.layers))
+        hp = _build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)
+        reqs = resolve_requests(model_dir, requests, fmt, limit, seed=seed)
+        stats = make_stats(adapter, hp, corpus=corpus) if entry.needs_stats else None
         out_dir = start_out_dir(out, f"edit-{method}")
         log.info("%s: %d request(s), batch size %d, %s, hparams profile %s, layers %s → %s", method, len(reqs),
                  batch_size, "sequential" if sequential else "independent", profile, hp.layers, out_dir)

@@ -29,12 +29,13 @@ def register(app) -> None:
         from ..models import load_model
         from ..utils.io import write_json_atomic
         from ..utils.seed import seed_everything
-        from .edit import local_model_dir, print_summary, resolve_requests, start_out_dir
+        from .common import local_model_dir, resolve_requests
+        from .edit import print_summary, start_out_dir
 
         seed_everything(seed)
         wd = WeightDelta.load(delta)
         adapter = load_model(model, device=device)
-        reqs = resolve_requests(requests, fmt, limit, local_model_dir(model), seed)
+        reqs = resolve_requests(local_model_dir(model), requests, fmt, limit, seed=seed)
         out_dir = start_out_dir(out, "eval") if out else None
         records, summary = evaluate_delta(adapter, reqs, wd, out_path=out_dir / "records.jsonl" if out_dir else None,
                                           gen_tokens=gen_tokens, eval_seed=seed)

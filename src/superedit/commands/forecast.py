@@ -48,6 +48,7 @@ def register(app) -> None:
         from ..errors import SupereditError
         from ..models import load_model
         from ..utils.io import write_json_atomic
+        from .common import hparams_profile, local_model_dir
         from .superposition import load_edit_requests, make_covariance
 
         if protected and protected_n is not None:
@@ -67,7 +68,7 @@ def register(app) -> None:
         else:
             others = [r for i, r in enumerate(reqs) if i != request_index]
             prot = sample_requests(others, n_protect, seed)
-        hp = load_hparams(ROMEHParams, "rome", profile=adapter.family, path=hparams)
+        hp = load_hparams(ROMEHParams, "rome", profile=hparams_profile(adapter, local_model_dir(model)), path=hparams)
         if ridge is not None:
             hp = hp.replace(mom2_ridge=float(ridge))
         check_layer = None

@@ -42,16 +42,16 @@ def register(app) -> None:
         from ..models import load_model
         from ..robust.geometry import run_geometry
         from ..robust.perturb import build_perturbations, corpus_words, load_rephrases
-        from .robust import (build_edit_hparams, hparams_profile, load_corpus, load_requests_for, make_stats,
-                             max_positions, model_dir_of)
+        from .common import build_hparams, hparams_profile, local_model_dir, make_stats, resolve_requests
+        from .robust import load_corpus, max_positions
 
         adapter = load_model(model, device=default_device(device))
-        mdir = model_dir_of(model)
+        mdir = local_model_dir(model)
         profile = hparams_profile(adapter, mdir)
-        hp = build_edit_hparams(adapter, "rome", profile, hparams, str(layer) if layer is not None else None, corpus,
-                                mom2_tokens)
+        hp = build_hparams("rome", profile, hparams, adapter.n_layers, str(layer) if layer is not None else None,
+                           mom2_tokens, corpus)
         layer_ = hp.layers[0]
-        reqs = load_requests_for(model, requests, n, seed)
+        reqs = resolve_requests(mdir, requests, n=n, seed=seed)
         corpus_obj = load_corpus(adapter, corpus, mdir)
         texts = corpus_obj.texts
         psets, skips = build_perturbations(adapter.tokenizer, reqs, words=corpus_words(texts),

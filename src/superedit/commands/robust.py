@@ -17,49 +17,11 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, parse_layers
+from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, default_device, emit, hparams_profile,
+                     local_model_dir, make_stats, resolve_requests)
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
-def model_dir_of(model: str) -> Path | None:
-    from ..models.loading import resolve_model_path
-
-    try:
-        path, is_local = resolve_model_path(model)
-    except Exception:  # noqa: BLE001 - only used to find a testbed.json
-        return None
-    return Path(path) if is_local else None
-
-
-def hparams_profile(adapter, model_dir: Path | None) -> str:
-    """``testbed-<size>`` for a testbed model (testbed.json's "size"), else the model family."""
-    import json
-
-    if model_dir is not None and (model_dir / "testbed.json").is_file():
-        size = json.loads((model_dir / "testbed.json").read_text()).get("size")
-        return f"testbed-{size}" if size else "testbed"
-    return adapter.family
-
-
-def load_requests_for(model: str, requests: str | None, n: int | None, seed: int) -> list:
-    """``--requests FILE`` (sampled to ``n``), else the testbed's default edit requests."""
-    from ..data import load_requests, sample_requests
-    from ..errors import SupereditError
-
-    if requests:
-        return sample_requests(load_requests(requests), n, seed)
-    mdir = model_dir_of(model)
-    if mdir is None or not (mdir / "testbed.json").is_file():
-        raise SupereditError(f"--requests is required: --model {model!r} is not a testbed model with default edit "
-                             "requests; pass --requests FILE (CounterFact, zsRE, EasyEdit or superedit JSONL)")
-    from .. import testbed
-
-    fn = getattr(testbed, "default_edit_requests", None)
-    if fn is None:
-        from ..testbed.access import default_edit_requests as fn
-    return list(fn(mdir, n, seed))
-
-
 def load_corpus(adapter, corpus: str | None, model_dir: Path | None = None):
     """``--corpus`` as a :class:`~superedit.stats.Corpus`, else the testbed's own corpus."""
     from ..errors import StatsError
@@ -94,32 +56,6 @@ def parse_taus(spec: str | None) -> list[float]:
     if bad:
         raise ValueError(f"--tau-sweep: values {bad} are outside [0, 1]")
     return taus
-
-
-def build_edit_hparams(adapter, method: str, profile: str, hparams: str | None, layers: str | None, corpus: str | None,
-                       mom2_tokens: int | None):
-    from ..editing.hparams import MEMITHParams, ROMEHParams, load_hparams
-
-    cls = {"rome": ROMEHParams, "memit": MEMITHParams}[method]
-    overrides = {}
-    if layers:
-        overrides["layers"] = parse_layers(layers, adapter.n_layers)
-    if corpus:
-        overrides["mom2_corpus"] = corpus
-    if mom2_tokens:
-        overrides["mom2_n_tokens"] = mom2_tokens
-    hp = load_hparams(cls, method, profile, hparams, overrides)
-    for l in hp.layers:
-        adapter.check_layer(l)
-    return hp
-
-
-def make_stats(adapter, hp, stats_dir: str | None, corpus=None):
-    """C via CorpusCovariance over ``hp.mom2_corpus`` (or the already loaded ``corpus``)."""
-    from ..editing.covariance import CorpusCovariance
-
-    return CorpusCovariance(adapter, hp.mom2_corpus or corpus, n_tokens=hp.mom2_n_tokens, max_length=hp.mom2_max_length,
-                            cache_dir=stats_dir, layers=list(hp.layers))
 
 
 def register(app) -> None:
@@ -165,13 +101,13 @@ def register(app) -> None:
             raise ValueError(f"--adaptor must be on, off or both (got {adaptor!r})")
         taus = parse_taus(tau_sweep)
         adapter = load_model(model, device=default_device(device))
-        mdir = model_dir_of(model)
+        mdir = local_model_dir(model)
         profile = hparams_profile(adapter, mdir)
-        hp = build_edit_hparams(adapter, method, profile, hparams, layers, corpus, mom2_tokens)
+        hp = build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)
         ahp = AdaptorHParams.from_dict({k: v for k, v in {"tau": tau, "num_steps": steps, "lr": lr, "rank": rank,
                                                            "gate_weight": gate_weight, "seed": seed}.items()
                                         if v is not None}, source="command line")
-        reqs = load_requests_for(model, requests, n, seed)
+        reqs = resolve_requests(mdir, requests, n=n, seed=seed)
         corpus_obj = load_corpus(adapter, corpus, mdir)
         words = corpus_words(corpus_obj)
         psets, skips = build_perturbations(adapter.tokenizer, reqs, words=words,

@@ -17,34 +17,13 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, parse_layers
+from .common import (DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, local_model_dir, parse_layers,
+                     resolve_requests)
 
 
 def load_edit_requests(model: str, requests: str | None, n: int, seed: int) -> list:
-    """Requests from ``--requests FILE``, else the testbed's default edit requests for ``model``."""
-    from ..errors import SupereditError
-
-    if requests:
-        from ..data import load_requests
-
-        return load_requests(requests)
-    missing = SupereditError(f"--requests is required (--model {model!r} is not a testbed model with default "
-                             "edit requests); pass --requests FILE (CounterFact, zsRE, EasyEdit or superedit JSONL)")
-    try:
-        from .. import testbed
-        from ..models.loading import resolve_model_path
-    except ImportError:
-        raise missing from None
-    fn = getattr(testbed, "default_edit_requests", None)
-    if fn is None:
-        raise missing
-    path, is_local = resolve_model_path(model)
-    if not is_local or not (Path(path) / "testbed.json").exists():
-        raise missing
-    reqs = list(fn(path, n, seed))
-    if not reqs:
-        raise missing
-    return reqs
+    """All requests of ``--requests FILE``, else ``n`` of the testbed's default edit requests for ``model``."""
+    return resolve_requests(local_model_dir(model), requests, seed=seed, default_n=n)
 
 
 def make_covariance(adapter, corpus: str | None, n_tokens: int, layers: list[int], max_length: int = 128):
