@@ -126,7 +126,7 @@ def register(app) -> None:
             if len(ntok) > 1:
                 log.warning("methods ask for different mom2_n_tokens %s; using %d for all", sorted(ntok), max(ntok))
             layers = sorted({l for h in stat_hps for l in h.layers})
-            stats = CorpusCovariance(adapter0, corpus or stat_hps[0].mom2_corpus or None, n_tokens=max(ntok),
+            stats = CorpusCovariance(adapter0, corpus or stat_hps[0].mom2_corpus or _testbed_corpus(model_dir), n_tokens=max(ntok),
                                      max_length=stat_hps[0].mom2_max_length, layers=layers)
         if testbed_meta(model_dir) is not None and not requests:
             probe = testbed_probe(model_dir, stream, probe_n, seed)
@@ -156,6 +156,16 @@ def register(app) -> None:
         if not as_json:
             _print_table(summary["final"])
         emit({k: v for k, v in summary.items() if as_json or k not in ("final", "hparams", "methods")}, as_json)
+
+
+def _testbed_corpus(model_dir: Path | None):
+    """The testbed's own corpus as a Corpus (None for other models: CorpusCovariance then asks for --corpus)."""
+    if model_dir is None or not (model_dir / "testbed.json").exists():
+        return None
+    from ..stats import Corpus
+    from ..testbed.access import testbed_corpus
+
+    return Corpus(testbed_corpus(model_dir), source=f"testbed:{model_dir}")
 
 
 def _print_table(rows: list[dict]) -> None:
