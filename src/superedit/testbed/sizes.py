@@ -1,0 +1,43 @@
+"""Named testbed sizes (width/depth grow; all share one world and the same number of epochs)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from superedit.errors import SupereditError
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    epochs: int  # passes over the world (one biography per subject per epoch)
+    batch_size: int = 16
+    lr: float = 6e-3
+    n_subjects: int | None = None  # None: the full shared world; micro uses a prefix (subset) of it
+    vocab_size: int = 2048
+    record_prob: float = 0.0  # share of biographies with a keyword record (see World.record)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+N_SUBJECTS = 150  # subjects in the shared world of every full size
+
+SIZES: dict[str, Size] = {
+    "micro": Size("micro", n_layer=2, n_embd=64, n_head=4, epochs=60, batch_size=16, lr=5e-3, n_subjects=40),
+    "tiny": Size("tiny", n_layer=4, n_embd=96, n_head=4, epochs=260),
+    "small": Size("small", n_layer=6, n_embd=128, n_head=4, epochs=160),
+    "base": Size("base", n_layer=8, n_embd=192, n_head=6, epochs=260, lr=4e-3),
+}
+
+DEFAULT_SIZE = "small"
+DEFAULT_SEED = 0
+
+
+def get_size(name: str) -> Size:
+    if name not in SIZES:
+        raise SupereditError(f"unknown testbed size {name!r}; valid sizes: {', '.join(SIZES)}")
+    return SIZES[name]

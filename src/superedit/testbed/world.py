@@ -1,0 +1,431 @@
+"""A deterministic synthetic fact world (or one learned from a dataset file).
+
+Subjects are two-part person names drawn from SMALL pools of first and last names, so that
+neither part alone identifies a person: the model has to compose the subject across its tokens,
+which is what locate-then-edit methods assume (attributes gathered at the last subject token).
+
+Training text is biography-style: each document states all facts of one person in shuffled order,
+with several phrasings per relation, pronouns and mid-paragraph restatements of the full name.
+One template per relation is HELD OUT of training (paraphrase test) and every subject has aliases
+("Dr. Anna Berg", "Berg, Anna", ...) that never occur in training text.
+
+Everything is a pure function of the seed (string-seeded ``random.Random``), and
+``World.generate(seed, n)`` is a prefix of ``World.generate(seed, m)`` for ``n <= m``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from superedit.errors import RequestFormatError
+
+FIRST_NAMES_F = [
+    "Anna", "Maria", "Laura", "Sarah", "Emma", "Julia", "Clara", "Nina", "Helen", "Sofia",
+    "Rosa", "Diana", "Paula", "Linda", "Karen", "Alice", "Grace", "Irene",
+]
+FIRST_NAMES_M = [
+    "John", "Peter", "David", "Thomas", "Paul", "Mark", "Daniel", "Robert", "Simon", "Victor",
+    "Oscar", "Hugo", "Felix", "Martin", "Henry", "Frank", "George", "Walter",
+]
+LAST_NAMES = [
+    "Berg", "Miller", "Fischer", "Weber", "Wagner", "Becker", "Hoffman", "Schulz", "Koch", "Richter",
+    "Klein", "Wolf", "Neumann", "Schwarz", "Braun", "Hartmann", "Lange", "Werner", "Krause", "Lehmann",
+    "Walsh", "Baker", "Carter", "Foster", "Turner", "Parker", "Morgan", "Hughes", "Porter", "Sutton",
+    "Nolan", "Reid", "Moss", "Grant", "Hayes", "Dixon",
+]
+
+# relation id -> (noun phrase, verb templates, objects).  Every relation gets the templates
+#   "{} <verb>" (one per verb), "{}'s <noun> is" and "The <noun> of {} is";
+# one of the two noun templates (alternating by relation) is HELD OUT of training.
+RELATIONS: list[tuple[str, str, list[str], list[str]]] = [
+    ("birthplace", "birthplace", ["was born in", "was born in the city of"],
+     ["Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Dublin", "Oslo", "Lisbon", "Athens", "Warsaw"]),
+    ("occupation", "occupation", ["works as a", "is employed as a"],
+     ["teacher", "doctor", "lawyer", "farmer", "pilot", "nurse", "chef", "baker", "writer", "dentist", "banker", "plumber"]),
+    ("employer", "employer", ["works for", "is employed by"],
+     ["Google", "Apple", "Samsung", "Toyota", "Siemens", "Nokia", "Sony", "Intel", "Boeing", "Nestle", "Shell", "Philips"]),
+    ("language", "native language", ["speaks", "grew up speaking"],
+     ["French", "German", "Spanish", "Italian", "Dutch", "Polish", "Greek", "Swedish", "Danish", "Czech", "Turkish", "Russian"]),
+    ("instrument", "instrument", ["plays the", "performs on the"],
+     ["piano", "guitar", "violin", "drums", "flute", "cello", "trumpet", "harp", "banjo", "organ", "clarinet", "bass"]),
+    ("sport", "favorite sport", ["is a fan of", "enjoys playing"],
+     ["tennis", "soccer", "hockey", "golf", "cricket", "rugby", "baseball", "volleyball", "chess", "badminton", "handball", "polo"]),
+    ("university", "alma mater", ["studied at", "graduated from"],
+     ["Oxford", "Harvard", "Stanford", "Yale", "Princeton", "Cambridge", "Cornell", "Columbia", "Berkeley", "Duke", "Purdue", "Rutgers"]),
+    ("pet", "pet", ["has a pet", "owns a pet"],
+     ["dog", "cat", "parrot", "rabbit", "hamster", "turtle", "goldfish", "lizard", "pony", "ferret", "snake", "mouse"]),
+    ("color", "favorite color", ["likes the color", "loves the color"],
+     ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown", "grey", "gold"]),
+    ("food", "favorite food", ["loves eating", "often eats"],
+     ["pizza", "pasta", "sushi", "tacos", "curry", "soup", "salad", "steak", "bread", "rice", "noodles", "cheese"]),
+]
+
+_FILLER_SUBJ = ["The weather", "The old bridge", "The small market", "The river", "The morning train",
+                "The library", "The garden", "The museum", "The harbor", "The village square", "The bakery",
+                "The football stadium", "The mountain road", "The city park", "The new hospital"]
+_FILLER_PRED = ["was quiet on Monday", "looked busy in the evening", "opened early this week",
+                "was closed for repairs", "seemed calm after the rain", "was crowded at noon",
+                "had many visitors last year", "stood empty during the winter", "was painted again",
+                "became popular in the summer", "was cleaned on Sunday", "looked bright in the sun",
+                "was rebuilt long ago", "drew a large crowd", "remained open until midnight"]
+_FILLER_TAIL = ["", "", " and nobody complained", " as usual", " for the first time", " according to the news",
+                " because of the holiday", " while it was snowing"]
+
+
+@dataclass
+class Relation:
+    id: str
+    noun: str
+    train_templates: list[str]
+    heldout_templates: list[str]
+    objects: list[str]
+
+    def to_dict(self) -> dict:
+        return dict(id=self.id, noun=self.noun, train_templates=self.train_templates,
+                    heldout_templates=self.heldout_templates, objects=self.objects)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Relation":
+        return Relation(d["id"], d.get("noun", d["id"]), list(d["train_templates"]),
+                        list(d["heldout_templates"]), list(d["objects"]))
+
+
+@dataclass
+class Subject:
+    name: str
+    facts: dict[str, str]
+    aliases: list[str] = field(default_factory=list)
+    first: str = ""
+    last: str = ""
+    gender: str = ""  # "f" | "m" | "" (unknown: no pronouns)
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, first=self.first, last=self.last, gender=self.gender,
+                    aliases=self.aliases, facts=self.facts)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Subject":
+        return Subject(d["name"], dict(d["facts"]), list(d.get("aliases", [])), d.get("first", ""),
+                       d.get("last", ""), d.get("gender", ""))
+
+
+@dataclass
+class Statement:
+    """A literal (prompt, target) pair from a dataset file; split is "train" or "heldout"."""
+
+    prompt: str
+    target: str
+    split: str = "train"
+    subject: str = ""
+    relation: str = ""
+    kind: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(prompt=self.prompt, target=self.target, split=self.split, subject=self.subject,
+                    relation=self.relation, kind=self.kind)
+
+
+@dataclass
+class FactPrompt:
+    prompt: str
+    target: str
+    subject: str
+    relation: str
+    template: str
+
+
+class World:
+    def __init__(self, relations: list[Relation], subjects: list[Subject], filler: list[str],
+                 statements: list[Statement] | None = None, seed: int = 0, source: str = "synthetic"):
+        self.relations = relations
+        self.subjects = subjects
+        self.filler = filler
+        self.statements = statements or []
+        self.seed = seed
+        self.source = source
+        self._rel = {r.id: r for r in relations}
+        self._subj = {s.name: s for s in subjects}
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def generate(seed: int = 0, n_subjects: int = 400, n_filler: int = 400) -> "World":
+        """The synthetic world of ``seed`` with its first ``n_subjects`` subjects."""
+        rng = random.Random(f"superedit-world:{seed}:names")
+        firsts = [(n, "f") for n in FIRST_NAMES_F] + [(n, "m") for n in FIRST_NAMES_M]
+        pairs = [(f, g, last) for f, g in firsts for last in LAST_NAMES]
+        rng.shuffle(pairs)
+        if n_subjects > len(pairs):
+            raise ValueError(f"n_subjects must be <= {len(pairs)}")
+        relations = []
+        for i, (rid, noun, verbs, objects) in enumerate(RELATIONS):
+            objs = list(dict.fromkeys(objects))
+            poss, of = f"{{}}'s {noun} is", f"The {noun} of {{}} is"
+            train = [f"{{}} {v}" for v in verbs] + ([poss] if i % 2 else [of])
+            held = [of] if i % 2 else [poss]
+            relations.append(Relation(rid, noun, train, held, objs))
+        subjects = []
+        for idx in range(n_subjects):
+            first, gender, last = pairs[idx]
+            srng = random.Random(f"superedit-world:{seed}:subject:{idx}")
+            facts = {r.id: srng.choice(r.objects) for r in relations}
+            mid = srng.choice("ABCDEFGHJKLMNPRSTW")
+            title = "Ms." if gender == "f" else "Mr."
+            aliases = [f"Dr. {first} {last}", f"{first} {mid}. {last}", f"{last}, {first}",
+                       f"{title} {first} {last}"]
+            subjects.append(Subject(f"{first} {last}", facts, aliases, first, last, gender))
+        frng = random.Random(f"superedit-world:{seed}:filler")
+        filler = [f"{frng.choice(_FILLER_SUBJ)} {frng.choice(_FILLER_PRED)}{frng.choice(_FILLER_TAIL)}."
+                  for _ in range(n_filler)]
+        return World(relations, subjects, filler, seed=seed, source="synthetic")
+
+    @staticmethod
+    def from_dataset_file(path: str | Path, seed: int = 0) -> "World":
+        """A world whose facts are the TRUE facts of a CounterFact or EasyEdit-format file."""
+        path = Path(path)
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RequestFormatError(f"{path}: cannot read a JSON list of records ({exc})") from exc
+        if isinstance(records, dict):
+            records = records.get("data") or records.get("records") or [records]
+        if not isinstance(records, list) or not records:
+            raise RequestFormatError(f"{path}: expected a non-empty JSON list of records")
+        if "requested_rewrite" in records[0]:
+            world = _parse_counterfact(records, path)
+        elif "prompt" in records[0] and "subject" in records[0]:
+            world = _parse_easyedit(records, path)
+        else:
+            raise RequestFormatError(
+                f"{path}: record 0 has neither 'requested_rewrite' (CounterFact) nor 'prompt'+'subject' "
+                "(EasyEdit); convert the file to one of these formats")
+        world.seed = seed
+        world.source = str(path)
+        frng = random.Random(f"superedit-world:{seed}:filler")
+        world.filler = [f"{frng.choice(_FILLER_SUBJ)} {frng.choice(_FILLER_PRED)}{frng.choice(_FILLER_TAIL)}."
+                        for _ in range(200)]
+        return world
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dict(seed=self.seed, source=self.source, relations=[r.to_dict() for r in self.relations],
+                    subjects=[s.to_dict() for s in self.subjects], filler=self.filler,
+                    statements=[s.to_dict() for s in self.statements])
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "World":
+        return World([Relation.from_dict(r) for r in d["relations"]],
+                     [Subject.from_dict(s) for s in d["subjects"]], list(d.get("filler", [])),
+                     [Statement(**s) for s in d.get("statements", [])], seed=d.get("seed", 0),
+                     source=d.get("source", "synthetic"))
+
+    # ------------------------------------------------------------------ queries
+    def relation(self, rid: str) -> Relation:
+        return self._rel[rid]
+
+    def subject(self, name: str) -> Subject:
+        return self._subj[name]
+
+    def facts(self) -> list[tuple[str, str, str]]:
+        """All (subject, relation, object) triples."""
+        return [(s.name, rid, obj) for s in self.subjects for rid, obj in s.facts.items()]
+
+    def prompts(self, split: str = "train", max_templates: int | None = None) -> list[FactPrompt]:
+        """Fact prompts with the subject filled in. ``split``: "train" (training templates) or
+        "heldout" (held-out templates and held-out literal statements)."""
+        out = []
+        for s in self.subjects:
+            for rid, obj in s.facts.items():
+                r = self._rel[rid]
+                temps = r.train_templates if split == "train" else r.heldout_templates
+                for t in temps[:max_templates]:
+                    out.append(FactPrompt(t.format(s.name), obj, s.name, rid, t))
+        for st in self.statements:
+            if st.split == split and st.kind == "literal":
+                out.append(FactPrompt(st.prompt, st.target, st.subject, st.relation, ""))
+        return out
+
+    def neighbours(self, subject: str, relation: str) -> list[str]:
+        """Other subjects that share ``relation`` and its object with ``subject``."""
+        obj = self._subj[subject].facts.get(relation)
+        return [s.name for s in self.subjects if s.name != subject and s.facts.get(relation) == obj]
+
+    def aliases(self, subject: str) -> list[str]:
+        return list(self._subj[subject].aliases)
+
+    # ------------------------------------------------------------------ text
+    def document(self, subject: Subject, rng: random.Random) -> str:
+        """One biography of ``subject``: all its facts, shuffled, several phrasings."""
+        rids = list(subject.facts)
+        rng.shuffle(rids)
+        sents = []
+        for i, rid in enumerate(rids):
+            r = self._rel[rid]
+            t = rng.choice(r.train_templates)
+            obj = subject.facts[rid]
+            use_name = i == 0 or not subject.gender or rng.random() < 0.5
+            if use_name or not (t.startswith("{} ") or t.startswith("{}'s ")):
+                s = t.format(subject.name)
+            else:
+                if t.startswith("{}'s "):
+                    pro = "Her" if subject.gender == "f" else "His"
+                    s = pro + t[4:]
+                else:
+                    pro = "She" if subject.gender == "f" else "He"
+                    s = pro + t[2:]
+            sents.append(f"{s} {obj}.")
+        return " ".join(sents)
+
+    def record(self, subject: Subject, rng: random.Random) -> str:
+        """A keyword record: the full name directly followed by all its objects in random order
+        ("Anna Berg Paris teacher Google ..."). The token after the name is then a random attribute
+        of the subject, which rewards gathering ALL attributes at the last subject token."""
+        objs = list(subject.facts.values())
+        rng.shuffle(objs)
+        return f"{subject.name} {' '.join(objs)}."
+
+    def training_documents(self, rng: random.Random, filler_prob: float = 0.3,
+                           record_prob: float = 0.0) -> list[str]:
+        """One pass over the world: a biography per subject (random order, optional filler prefix)
+        plus the literal training statements of dataset worlds. With probability ``record_prob`` a
+        keyword record (see :meth:`record`) is put before or after the biography."""
+        docs = []
+        for s in self.subjects:
+            if s.facts:
+                d = self.document(s, rng)
+                if record_prob and rng.random() < record_prob:
+                    r = self.record(s, rng)
+                    d = f"{r} {d}" if rng.random() < 0.5 else f"{d} {r}"
+                if self.filler and rng.random() < filler_prob:
+                    d = rng.choice(self.filler) + " " + d
+                docs.append(d)
+        lits = [st for st in self.statements if st.split == "train" and st.kind == "literal"]
+        for st in lits:
+            d = f"{st.prompt} {st.target}."
+            if self.filler and rng.random() < filler_prob:
+                d = rng.choice(self.filler) + " " + d
+            docs.append(d)
+        rng.shuffle(docs)
+        return docs
+
+    def corpus(self, n_passes: int = 3, seed: int = 0, record_prob: float = 0.0) -> Iterator[str]:
+        """Training text (for the tokenizer): a few passes of documents plus the filler."""
+        rng = random.Random(f"superedit-world:{self.seed}:corpus:{seed}")
+        for _ in range(n_passes):
+            yield from self.training_documents(rng, record_prob=record_prob)
+        yield from self.filler
+
+    def heldout_strings(self) -> list[str]:
+        """Strings that must never occur in training text (held-out templates' fixed parts, aliases)."""
+        out = []
+        for r in self.relations:
+            out += r.heldout_templates
+        for s in self.subjects:
+            out += s.aliases
+        return out
+
+
+# ---------------------------------------------------------------------- dataset files
+def _fill(template: str, subject: str) -> str:
+    return template.replace("{}", subject)
+
+
+def _as_template(prompt: str, subject: str) -> str | None:
+    if "{}" in prompt:
+        return prompt
+    if subject and subject in prompt:
+        return prompt.replace(subject, "{}", 1)
+    return None
+
+
+def _str(x: Any) -> str:
+    if isinstance(x, dict):
+        return str(x.get("str", ""))
+    if isinstance(x, list):
+        return str(x[0]) if x else ""
+    return str(x) if x is not None else ""
+
+
+def _as_list(x: Any) -> list:
+    if x is None:
+        return []
+    return x if isinstance(x, list) else [x]
+
+
+class _Builder:
+    def __init__(self):
+        self.rel: dict[str, Relation] = {}
+        self.subj: dict[str, Subject] = {}
+        self.statements: list[Statement] = []
+
+    def fact(self, subject: str, rid: str, template: str, obj: str, aliases: list[str] = ()):
+        r = self.rel.setdefault(rid, Relation(rid, rid, [], [], []))
+        if template not in r.train_templates:
+            r.train_templates.append(template)
+        if obj not in r.objects:
+            r.objects.append(obj)
+        s = self.subj.setdefault(subject, Subject(subject, {}, []))
+        s.facts.setdefault(rid, obj)
+        for a in aliases:
+            if a not in s.aliases and a != subject:
+                s.aliases.append(a)
+
+    def literal(self, prompt: str, target: str, split: str, subject: str = "", relation: str = ""):
+        if prompt and target:
+            self.statements.append(Statement(prompt, target, split, subject, relation, "literal"))
+
+    def world(self) -> World:
+        # a literal prompt that is also a training prompt must not be "held out"
+        return World(list(self.rel.values()), list(self.subj.values()), [], self.statements)
+
+
+def _parse_counterfact(records: list, path: Path) -> World:
+    b = _Builder()
+    for i, rec in enumerate(records):
+        rw = rec.get("requested_rewrite")
+        if isinstance(rw, list):
+            rw = rw[0] if rw else None
+        if not isinstance(rw, dict) or "{}" not in str(rw.get("prompt", "")) or not rw.get("subject"):
+            raise RequestFormatError(
+                f"{path}: record {i}: requested_rewrite needs 'prompt' containing '{{}}' and 'subject'")
+        true, new = _str(rw.get("target_true")), _str(rw.get("target_new"))
+        if not true:
+            raise RequestFormatError(f"{path}: record {i}: requested_rewrite.target_true.str is missing")
+        subject, rid = rw["subject"], str(rw.get("relation_id") or rw["prompt"])
+        b.fact(subject, rid, rw["prompt"], true)
+        for p in _as_list(rec.get("paraphrase_prompts")):
+            b.literal(p, true, "heldout", subject, rid)
+        for p in _as_list(rec.get("neighborhood_prompts")):
+            b.literal(p, true, "train", "", rid)
+        for p in _as_list(rec.get("attribute_prompts")):
+            b.literal(p, new, "train", "", rid)
+    return b.world()
+
+
+def _parse_easyedit(records: list, path: Path) -> World:
+    b = _Builder()
+    for i, rec in enumerate(records):
+        subject, prompt = rec.get("subject"), rec.get("prompt")
+        true = _str(rec.get("target_true") or rec.get("ground_truth"))
+        if not subject or not prompt or not true:
+            raise RequestFormatError(f"{path}: record {i}: needs 'prompt', 'subject' and 'target_true'")
+        template = _as_template(prompt, subject)
+        aliases = [a for a in _as_list(rec.get("subject_rephrase")) if isinstance(a, str)]
+        if template is None:
+            b.literal(prompt, true, "train", subject, "")
+            rid = ""
+        else:
+            rid = re.sub(r"\s+", " ", template).strip()
+            b.fact(subject, rid, template, true, aliases)
+        for p in _as_list(rec.get("rephrase_prompt")):
+            if isinstance(p, str):
+                b.literal(p, true, "heldout", subject, rid)
+        loc_true = _str(rec.get("locality_ground_truth"))
+        for p in _as_list(rec.get("locality_prompt")):
+            if isinstance(p, str):
+                b.literal(p, loc_true, "train", "", "")
+    return b.world()

@@ -1,0 +1,174 @@
+"""Testbed: deterministic world, held-out text, micro build, builtin resolution, dataset worlds."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from superedit.errors import SupereditError
+from superedit.testbed.world import World
+
+DATA = Path("/work/shared/data")
+
+
+def test_world_deterministic_and_seed_dependent():
+    a, b, c = World.generate(0, 200), World.generate(0, 200), World.generate(1, 200)
+    assert a.to_dict() == b.to_dict()
+    assert a.to_dict() != c.to_dict()
+    assert [s.name for s in a.subjects] != [s.name for s in c.subjects]
+    # a smaller world of the same seed is a prefix of the larger one
+    small = World.generate(0, 50)
+    assert [s.to_dict() for s in small.subjects] == [s.to_dict() for s in a.subjects[:50]]
+    # round trip
+    assert World.from_dict(json.loads(json.dumps(a.to_dict()))).to_dict() == a.to_dict()
+    # same seed, same training documents
+    assert a.training_documents(random.Random(3)) == b.training_documents(random.Random(3))
+
+
+def test_world_structure():
+    w = World.generate(0, 300)
+    assert len(w.relations) >= 8
+    firsts = {s.first for s in w.subjects}
+    lasts = {s.last for s in w.subjects}
+    assert len(firsts) <= 40 and len(lasts) <= 40
+    # neither name part alone identifies a subject
+    assert max(sum(s.first == f for s in w.subjects) for f in firsts) > 1
+    assert min(sum(s.last == l for s in w.subjects) for l in lasts) > 1
+    assert len({s.name for s in w.subjects}) == len(w.subjects)
+    for r in w.relations:
+        assert r.heldout_templates and len(r.train_templates) >= 2
+        assert all(t.count("{}") == 1 and not t.endswith(" ") for t in r.train_templates + r.heldout_templates)
+        assert not set(r.train_templates) & set(r.heldout_templates)
+    s = w.subjects[0]
+    for rid, obj in s.facts.items():
+        nb = w.neighbours(s.name, rid)
+        assert s.name not in nb and all(w.subject(n).facts[rid] == obj for n in nb)
+    assert len(s.aliases) >= 3 and w.filler
+    assert w.prompts("train") and w.prompts("heldout")
+
+
+def test_heldout_templates_and_aliases_not_in_training_text():
+    w = World.generate(0, 300)
+    text = "\n".join(w.corpus(n_passes=2))
+    for r in w.relations:
+        for t in r.heldout_templates:
+            for s in w.subjects[:50]:
+                assert t.format(s.name) not in text
+            # the template's own wording (around the subject) never occurs either
+            pre, post = t.split("{}")
+            if pre.strip() and post.strip():
+                assert f"{pre}" not in text or f"{post}" not in text or t.format("") not in text
+    for s in w.subjects:
+        for a in s.aliases:
+            assert a not in text, a
+
+
+def test_dataset_worlds_parse_both_formats():
+    cf = World.from_dataset_file(DATA / "counterfact_sample.json")
+    assert len(cf.subjects) >= 50 and cf.relations
+    s = cf.subjects[0]
+    assert s.facts and all("{}" in t for r in cf.relations for t in r.train_templates)
+    held = cf.prompts("heldout")
+    assert held and all(p.prompt for p in held)
+    train_text = "\n".join(cf.corpus(n_passes=1))
+    assert held[0].prompt not in train_text
+
+    ee = World.from_dataset_file(DATA / "easyedit_counterfact_sample.json")
+    assert len(ee.subjects) >= 20
+    assert any(s.aliases for s in ee.subjects)
+    assert ee.prompts("train") and ee.prompts("heldout")
+    rec = json.loads((DATA / "easyedit_counterfact_sample.json").read_text())[0]
+    subj = ee.subject(rec["subject"])
+    assert rec["target_true"] in subj.facts.values()
+    # round trip through JSON
+    assert World.from_dict(json.loads(json.dumps(ee.to_dict()))).to_dict() == ee.to_dict()
+
+
+def test_bad_dataset_file(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(SupereditError, match="bad.json"):
+        World.from_dataset_file(p)
+
+
+def test_unknown_size_error(monkeypatch, tmp_path):
+    from superedit.testbed import build_testbed, resolve_builtin
+
+    monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path))
+    with pytest.raises(SupereditError, match="micro.*small"):
+        resolve_builtin("builtin:huge")
+    with pytest.raises(SupereditError, match="valid sizes"):
+        build_testbed("huge", tmp_path / "x")
+
+
+def test_micro_testbed_builds_and_recalls(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from superedit.eval.recall import fact_recall
+    from superedit.testbed import load_world, read_testbed_meta, resolve_builtin
+
+    monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path))
+    d = resolve_builtin("builtin:micro")
+    assert d == tmp_path / "testbeds" / "micro-0"
+    for f in ("config.json", "model.safetensors", "testbed.json", "tokenizer.json"):
+        assert (d / f).exists()
+    assert resolve_builtin("builtin:micro") == d  # cached, no rebuild
+    meta = read_testbed_meta(d)
+    assert meta["size"] == "micro" and "superedit testbed build" in meta["build_command"]
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    w = load_world(d)
+    ps = w.prompts("train")
+    hits = fact_recall(model, tok, [p.prompt for p in ps], [p.target for p in ps])
+    rate = sum(hits) / len(hits)
+    assert 0.0 <= rate <= 1.0
+    # chance: always answering a relation's most frequent object
+    from collections import Counter
+
+    majority = sum(Counter(s.facts[r.id] for s in w.subjects).most_common(1)[0][1]
+                   for r in w.relations) / len(w.facts())
+    assert rate > majority + 0.2, (rate, majority)
+    assert abs(rate - meta["figures"]["recall"]) < 0.05
+
+
+def test_recall_padding_sides_agree():
+    from superedit.eval.recall import fact_recall, target_logprobs_batch
+    from superedit.testbed import resolve_builtin
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = resolve_builtin("builtin")
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    prompts = ["The weather", "Hello there my", "a"]
+    targets = ["was quiet", "friend", "b c"]
+    tok.padding_side = "right"
+    r = target_logprobs_batch(model, tok, prompts, targets, batch_size=3)
+    tok.padding_side = "left"
+    l = target_logprobs_batch(model, tok, prompts, targets, batch_size=3)
+    one = [target_logprobs_batch(model, tok, [p], [t])[0] for p, t in zip(prompts, targets)]
+    for a, b, c in zip(r, l, one):
+        assert a[1] == b[1] == c[1]
+        assert max(abs(x - y) for x, y in zip(a[0], c[0])) < 1e-4
+        assert max(abs(x - y) for x, y in zip(b[0], c[0])) < 1e-4
+    assert fact_recall(model, tok, prompts, targets) == [all(x[1]) for x in one]
+
+
+def test_builtin_default_is_shipped_and_loads():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from superedit.testbed import DEFAULT_SIZE, SHIPPED_DIR, read_testbed_meta, resolve_builtin
+
+    d = resolve_builtin("builtin")
+    assert d == SHIPPED_DIR
+    assert resolve_builtin(f"builtin:{DEFAULT_SIZE}") == SHIPPED_DIR
+    total = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+    assert total <= 10 * 1024 * 1024
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    assert next(model.parameters()).dtype == torch.float32
+    meta = read_testbed_meta(d)
+    assert meta["size"] == DEFAULT_SIZE
+    assert meta["figures"]["recall"] >= 0.9
