@@ -75,3 +75,15 @@ def test_bad_templates_and_subjects():
         subject_token_span(tok, "{} is", "  ")
     with pytest.raises(SubjectNotFoundError, match="does not occur"):
         encode_prompts(tok, ["The Eiffel Tower is in"], ["Paris"], filled=True)
+
+
+def test_prefixed_prompt_uses_the_template_span_not_the_first_occurrence():
+    from superedit.models import encode_prompt_target
+
+    tok = bpe_tokenizer()
+    prompt, a, b = fill_template("Anna Berg said hi. {} was born in", "Anna Berg")
+    by_span = encode_prompt_target(tok, [prompt], ["Oslo"], subject_spans=[(a, b)])
+    by_search = encode_prompt_target(tok, [prompt], ["Oslo"], subjects=["Anna Berg"])
+    first, last = subject_token_span(tok, "Anna Berg said hi. {} was born in", "Anna Berg")
+    assert by_span.subject_last[0] == last
+    assert by_search.subject_last[0] < first  # the search finds the earlier mention

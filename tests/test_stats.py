@@ -248,7 +248,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_corpus_for_model(tmp_path, monkeypatch):
-    import superedit.testbed as tb
+    import superedit.testbed.access as tb
 
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -259,11 +259,9 @@ def test_corpus_for_model(tmp_path, monkeypatch):
     bed = tmp_path / "bed"
     bed.mkdir()
     (bed / "testbed.json").write_text("{}", encoding="utf-8")
-    (bed / "corpus.txt").write_text("from file one\nfrom file two\n", encoding="utf-8")
-    monkeypatch.setattr(tb, "testbed_corpus", lambda d: [f"doc of {d.name}", "second"], raising=False)
+    monkeypatch.setattr(tb, "testbed_corpus", lambda d: [f"doc of {d.name}", "second"])
     assert corpus_for_model(bed).texts == ["doc of bed", "second"]
-    monkeypatch.delattr(tb, "testbed_corpus", raising=False)
-    assert corpus_for_model(str(bed)).texts == ["from file one", "from file two"]
+    assert corpus_for_model(str(bed)).texts == ["doc of bed", "second"]
 
 
 # ----- CLI ---------------------------------------------------------------------------------------

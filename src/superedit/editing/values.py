@@ -64,8 +64,9 @@ def optimize_value(adapter: ModelAdapter, prompt: str, subject: str, target: str
         raise ValueError(f"value site must be 'value' (ROME) or 'resid' (MEMIT), got {site!r}")
     device = adapter.device
     tok = adapter.tokenizer
-    filled = [fill_template(pre + prompt, subject)[0] for pre in prefixes]
-    rw = encode_prompt_target(tok, filled, [target] * len(filled), subjects=[subject] * len(filled), device=device)
+    filled = [fill_template(pre + prompt, subject) for pre in prefixes]  # (prompt, start, end): exact subject span
+    rw = encode_prompt_target(tok, [f[0] for f in filled], [target] * len(filled),
+                              subject_spans=[(f[1], f[2]) for f in filled], device=device)
     mask, labels = rw.loss_mask()
     kl = encode_prompts(tok, KL_TEMPLATES, [subject] * len(KL_TEMPLATES), padding_side="right", device=device)
     kl_rows = torch.arange(len(KL_TEMPLATES), device=device)

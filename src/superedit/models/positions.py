@@ -147,12 +147,13 @@ class TargetBatch:
 
 
 def encode_prompt_target(tokenizer, prompts: list[str], targets: list[str], subjects: list[str] | None = None,
-                         device=None) -> TargetBatch:
+                         device=None, subject_spans: list[tuple[int, int]] | None = None) -> TargetBatch:
     """Tokenize ``prompt + " " + target`` and mark the target tokens.
 
     The target tokens are the tokens of the full text beyond the tokenized prompt; pre-tokenizers of
     byte-level BPE and sentencepiece both split at the space, so the prompt's tokens are a prefix of
-    the full text's (checked). With ``subjects``, each prompt's last subject token is located too.
+    the full text's (checked). With ``subject_spans`` (char spans, e.g. from :func:`fill_template`) each
+    prompt's last subject token is located there; with only ``subjects``, at the subject's first occurrence.
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
@@ -175,11 +176,11 @@ def encode_prompt_target(tokenizer, prompts: list[str], targets: list[str], subj
         plens.append(n)
         tpos.append(list(range(n - 1, len(ids) - 1)))
         tids.append(ids[n:])
-        if subjects is not None:
-            a, b = locate_subject(p, subjects[i])
+        if subject_spans is not None or subjects is not None:
+            a, b = subject_spans[i] if subject_spans is not None else locate_subject(p, subjects[i])
             idx = tokens_overlapping(enc["offset_mapping"][:n], a, b)
             if not idx:
-                raise SubjectNotFoundError(f"no token of subject {subjects[i]!r} in {p!r}")
+                raise SubjectNotFoundError(f"no token of the subject {p[a:b]!r} in {p!r}")
             slast.append(idx[-1])
         else:
             slast.append(None)

@@ -194,24 +194,14 @@ def _model_dir(adapter_or_model_dir) -> Path | None:
 def corpus_for_model(adapter_or_model_dir) -> Corpus:
     """The default statistics corpus of a model: the testbed's own corpus for a testbed model.
 
-    A model directory with a ``testbed.json`` uses ``superedit.testbed.testbed_corpus(model_dir)``
-    (or, where that is unavailable, the ``corpus.txt`` next to the weights). Any other model needs an
-    explicit corpus: raises :class:`StatsError`.
+    A model directory with a ``testbed.json`` uses ``superedit.testbed.access.testbed_corpus(model_dir)``.
+    Any other model needs an explicit corpus: raises :class:`StatsError`.
     """
     model_dir = _model_dir(adapter_or_model_dir)
     if model_dir is None or not (model_dir / "testbed.json").exists():
         name = model_dir or getattr(adapter_or_model_dir, "source", adapter_or_model_dir)
         raise StatsError(f"--corpus is required for non-testbed models ({name} has no testbed.json); "
                          "pass a .txt/.jsonl/.json file or a directory of them")
-    try:
-        from ..testbed import testbed_corpus  # written alongside; may not exist yet
-    except ImportError:
-        testbed_corpus = None
-    if testbed_corpus is not None:
-        texts = list(testbed_corpus(model_dir))
-        return Corpus(texts, source=f"testbed:{model_dir}")
-    fallback = model_dir / "corpus.txt"
-    if fallback.exists():
-        log.info("using %s as the testbed corpus", fallback)
-        return Corpus.from_path(fallback)
-    raise StatsError(f"testbed model {model_dir} has no corpus (no testbed_corpus() and no corpus.txt); pass --corpus")
+    from ..testbed.access import testbed_corpus
+
+    return Corpus(list(testbed_corpus(model_dir)), source=f"testbed:{model_dir}")
