@@ -15,12 +15,7 @@ import typer
 
 from .common import (DeviceOpt, JsonOpt, ModelOpt, command, emit, hparams_profile, local_model_dir,  # noqa: F401
                      make_stats, resolve_requests, testbed_meta)
-from .common import build_hparams as _build_hparams
-
-
-def build_hparams(entry, method, profile, path, layers, n_layers, mom2_tokens, corpus):
-    # transitional signature still used by commands/lifelong.py
-    return _build_hparams(method, profile, path, n_layers, layers, mom2_tokens, corpus)
+from .common import build_hparams
 
 RequestsOpt = typer.Option(None, "--requests", "-r", help="Dataset file (CounterFact, MQuAKE, EasyEdit, zsRE-MEND, "
                            "superedit JSONL). Optional for testbed models (their own counterfactual requests).")
@@ -100,7 +95,7 @@ def register(app) -> None:
         adapter = load_model(model, device=device)
         model_dir = local_model_dir(model)
         profile = hparams_profile(adapter, model_dir)
-        hp = _build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)
+        hp = build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)
         reqs = resolve_requests(model_dir, requests, fmt, limit, seed=seed)
         stats = make_stats(adapter, hp, corpus=corpus) if entry.needs_stats else None
         out_dir = start_out_dir(out, f"edit-{method}")

@@ -45,7 +45,7 @@ def load_stream(requests: str | None, fmt: str, model_dir: Path | None, seed: in
     if requests:
         reqs = list(load_requests(requests, fmt=fmt))
     else:
-        from .edit import testbed_meta
+        from .common import testbed_meta
 
         if testbed_meta(model_dir) is None:
             raise SupereditError("--requests is required for non-testbed models: pass a dataset file "
@@ -98,7 +98,7 @@ def register(app) -> None:
         from ..report.lifelong_report import summary_rows
         from ..utils.logs import get_logger
         from ..utils.seed import seed_everything
-        from .edit import build_hparams, hparams_profile, local_model_dir, testbed_meta
+        from .common import build_hparams, hparams_profile, local_model_dir, testbed_meta
 
         log = get_logger("superedit.commands.lifelong")
         names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -112,8 +112,8 @@ def register(app) -> None:
         adapter0 = load_model(model, device=device)
         model_dir = local_model_dir(model)
         profile = hparams_profile(adapter0, model_dir)
-        hps = {m: build_hparams(entries[m], m, profile, method_hparams_path(hparams_dir, m, profile), None,
-                                adapter0.n_layers, mom2_tokens if entries[m].needs_stats else None, corpus)
+        hps = {m: build_hparams(m, profile, method_hparams_path(hparams_dir, m, profile), adapter0.n_layers, None,
+                                mom2_tokens if entries[m].needs_stats else None, corpus)
                for m in names}
         reqs = load_stream(requests, fmt, model_dir, seed, out_dir, resume)
         if len(reqs) < edits:
@@ -126,7 +126,7 @@ def register(app) -> None:
             if len(ntok) > 1:
                 log.warning("methods ask for different mom2_n_tokens %s; using %d for all", sorted(ntok), max(ntok))
             layers = sorted({l for h in stat_hps for l in h.layers})
-            stats = CorpusCovariance(adapter0, corpus or stat_hps[0].mom2_corpus or _testbed_corpus(model_dir), n_tokens=max(ntok),
+            stats = CorpusCovariance(adapter0, corpus or stat_hps[0].mom2_corpus or None, n_tokens=max(ntok),
                                      max_length=stat_hps[0].mom2_max_length, layers=layers)
         if testbed_meta(model_dir) is not None and not requests:
             probe = testbed_probe(model_dir, stream, probe_n, seed)
@@ -156,16 +156,6 @@ def register(app) -> None:
         if not as_json:
             _print_table(summary["final"])
         emit({k: v for k, v in summary.items() if as_json or k not in ("final", "hparams", "methods")}, as_json)
-
-
-def _testbed_corpus(model_dir: Path | None):
-    """The testbed's own corpus as a Corpus (None for other models: CorpusCovariance then asks for --corpus)."""
-    if model_dir is None or not (model_dir / "testbed.json").exists():
-        return None
-    from ..stats import Corpus
-    from ..testbed.access import testbed_corpus
-
-    return Corpus(testbed_corpus(model_dir), source=f"testbed:{model_dir}")
 
 
 def _print_table(rows: list[dict]) -> None:

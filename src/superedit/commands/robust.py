@@ -23,20 +23,10 @@ from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, defau
 
 # ------------------------------------------------------------------------------------------ shared helpers
 def load_corpus(adapter, corpus: str | None, model_dir: Path | None = None):
-    """``--corpus`` as a :class:`~superedit.stats.Corpus`, else the testbed's own corpus."""
-    from ..errors import StatsError
+    """``--corpus`` as a :class:`~superedit.stats.Corpus`, else the model's default (the testbed's own)."""
     from ..stats import Corpus, corpus_for_model
 
-    if corpus:
-        return Corpus.coerce(corpus)
-    try:
-        return corpus_for_model(adapter)
-    except StatsError:
-        if model_dir is None or not (model_dir / "testbed.json").is_file():
-            raise
-        from ..testbed.access import testbed_corpus
-
-        return Corpus(list(testbed_corpus(model_dir)), source=f"testbed:{model_dir}")
+    return Corpus.coerce(corpus) if corpus else corpus_for_model(adapter)
 
 
 def max_positions(adapter) -> int:
