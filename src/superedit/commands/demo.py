@@ -1,0 +1,183 @@
+"""``superedit demo``: the main job, end to end on the built-in testbed.
+
+Stages (each writes into --out and adds a section to demo.json):
+  1. recall        — the testbed's recall of trained facts and of held-out paraphrase templates;
+  2. trace         — causal tracing over a sample of facts and the last-subject-token state swap;
+  3. edit          — independent ROME, MEMIT (one batch) and FT edits with CounterFact metrics;
+  4. lifelong      — sequential ROME vs MEMIT vs D4S vs AlphaEdit on one edit stream (report.html);
+  5. superposition — P matrices, kurtosis by layer and whitening-space angles (report.html);
+  6. robust        — ROME with and without the REP key adaptor on rephrased/shuffled/long queries.
+Stages 3-6 run the real commands in-process and read back the files those commands write, so the
+demo exercises exactly what a user runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
+
+
+def stage_recall(ctx: dict) -> dict[str, Any]:
+    """Teacher-forced recall of every trained fact prompt and every held-out-template prompt."""
+    from ..eval.recall import fact_recall
+    from ..testbed import load_world
+
+    adapter, world = ctx["adapter"], load_world(ctx["model_dir"])
+    out = {}
+    for split in ("train", "heldout"):
+        prompts = world.prompts(split)
+        if ctx["quick"]:
+            prompts = prompts[:: max(1, len(prompts) // 400)]
+        hits = fact_recall(adapter.model, adapter.tokenizer, [p.prompt for p in prompts], [p.target for p in prompts])
+        out[f"{split}_recall"] = sum(hits) / max(1, len(hits))
+        out[f"{split}_prompts"] = len(hits)
+    return out
+
+
+def stage_trace(ctx: dict) -> dict[str, Any]:
+    """Causal trace (mlp, resid, attn) of ``n_trace`` facts and the state-swap test."""
+    from .trace import _load_facts, run_trace
+
+    facts = _load_facts(ctx["model"], None, None, None, None, ctx["n_trace"], ctx["seed"])
+    res = run_trace(ctx["adapter"], facts, ctx["model"], ["mlp", "resid", "attn"], None, 3.0, 10, ctx["seed"],
+                    True, ctx["out"] / "trace")
+    return {k: res[k] for k in ("n_facts", "mlp", "resid", "attn", "swap", "files") if k in res}
+
+
+def _run_command(args: list[str]) -> None:
+    """Run a superedit command in-process (its human output goes to stderr)."""
+    from ..cli import app
+
+    app(args, standalone_mode=False, prog_name="superedit")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def stage_edit(ctx: dict) -> dict[str, Any]:
+    """Independent edits (weights restored between requests; MEMIT as one batch) with CounterFact metrics."""
+    n = ctx["n_edit"]
+    out = {}
+    keys = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude")
+    for method, extra in (("rome", []), ("memit", ["--batch-size", str(n)]), ("ft", [])):
+        d = ctx["out"] / f"edit-{method}"
+        _run_command(["edit", "--model", ctx["model"], "--method", method, "--limit", str(n), "--seed", str(ctx["seed"]),
+                      "--gen-tokens", "0", "--out", str(d)] + extra)
+        summary = _read_json(d / "summary.json")
+        post, pre = summary.get("post", {}), summary.get("pre", {})
+        out[method] = {"n": summary.get("n_edited"), **{f"pre_{k}": pre.get(k) for k in keys if k in pre},
+                       **{k: post.get(k) for k in keys if k in post}, "layers": summary.get("hparams", {}).get("layers"),
+                       "records": str(d / "records.jsonl")}
+    return out
+
+
+def stage_lifelong(ctx: dict) -> dict[str, Any]:
+    """A short lifelong comparison; the figures are the last checkpoint of each method."""
+    from ..report.lifelong_report import final_table, load_metrics
+
+    d = ctx["out"] / "lifelong"
+    n = ctx["n_lifelong"]
+    _run_command(["lifelong", "--model", ctx["model"], "--methods", "rome,memit,d4s,alphaedit", "--edits", str(n),
+                  "--eval-every", str(max(1, n // 4)), "--block-size", str(max(1, n // 2)), "--probe-n", "200",
+                  "--seed", str(ctx["seed"]), "--out", str(d)])
+    keep = ("n_edits", "efficacy_all", "paraphrase_all", "neighborhood_all", "untouched_retention", "all_facts_recall",
+            "perplexity", "w_l1_rel_mean")
+    table = {row["method"]: {k: row.get(k) for k in keep} for row in final_table(load_metrics(d))}
+    return {"final": table, "report": str(d / "report.html")}
+
+
+def stage_superposition(ctx: dict) -> dict[str, Any]:
+    """Superposition matrices of ``m`` testbed facts at every layer, with the kurtosis-by-layer plot."""
+    d = ctx["out"] / "superposition"
+    _run_command(["superposition", "--model", ctx["model"], "--m", str(ctx["m"]), "--layers", "all",
+                  "--seed", str(ctx["seed"]), "--out", str(d)])
+    stats = _read_json(d / "stats.json")
+    rows = stats.get("layers", [])
+    return {"kurtosis_by_layer": {r["layer"]: r.get("kurtosis") for r in rows},
+            "whitening_angle_mode": {r["layer"]: r.get("angle_mode_whitening") for r in rows},
+            "report": str(d / "report.html")}
+
+
+def stage_robust(ctx: dict) -> dict[str, Any]:
+    """ROME alone vs ROME + REP adaptor on perturbed queries (single-edit protocol)."""
+    d = ctx["out"] / "robust"
+    _run_command(["robust", "--model", ctx["model"], "--method", "rome", "--adaptor", "both", "--n", str(ctx["n_robust"]),
+                  "--seed", str(ctx["seed"]), "--out", str(d)])
+    table = _read_json(d / "table.json")
+    return {"settings": table.get("settings", table), "report": str(d / "report.html")}
+
+
+STAGES: list[tuple[str, Callable[[dict], dict]]] = [
+    ("recall", stage_recall),
+    ("trace", stage_trace),
+    ("edit", stage_edit),
+    ("lifelong", stage_lifelong),
+    ("superposition", stage_superposition),
+    ("robust", stage_robust),
+]
+
+
+def register(app) -> None:
+    @app.command("demo")
+    @command
+    def demo(
+        model: str = ModelOpt,
+        out: str = typer.Option("runs/demo", "--out", help="Output directory."),
+        n_trace: int = typer.Option(20, "--n-trace", help="Facts traced by the causal-tracing stage."),
+        n_edit: int = typer.Option(20, "--n-edit", help="Requests edited independently by each method."),
+        n_lifelong: int = typer.Option(100, "--n-lifelong", help="Sequential edits per method in the lifelong stage."),
+        m: int = typer.Option(64, "--m", help="Facts in the superposition matrices."),
+        n_robust: int = typer.Option(8, "--n-robust", help="Requests in the robust-keys comparison."),
+        stages: str = typer.Option("all", "--stages", help="Comma-separated stages to run: "
+                                   + ", ".join(name for name, _ in STAGES) + " (default all)."),
+        quick: bool = typer.Option(False, "--quick", help="Smaller samples everywhere (smoke test)."),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = DeviceOpt,
+        as_json: bool = JsonOpt,
+    ):
+        """Run the whole pipeline on the built-in testbed and write a report into --out."""
+        from ..errors import SupereditError
+        from ..models import load_model
+        from ..models.loading import resolve_model_path
+        from ..utils.io import write_json_atomic
+        from ..utils.logs import get_logger
+
+        log = get_logger("superedit.demo")
+        names = [n for n, _ in STAGES]
+        wanted = names if stages == "all" else [s.strip() for s in stages.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in names]
+        if unknown:
+            raise SupereditError(f"--stages: unknown stage(s) {unknown}; available: {names}")
+        model_dir, _ = resolve_model_path(model)
+        if not (Path(model_dir) / "testbed.json").exists():
+            raise SupereditError(f"the demo runs on a testbed model (with testbed.json); {model!r} is not one")
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ctx = dict(model=model, model_dir=model_dir, adapter=load_model(model, device=device), out=out_dir,
+                   n_trace=n_trace if not quick else min(n_trace, 4), quick=quick, seed=seed,
+                   n_edit=min(n_edit, 4) if quick else n_edit, n_lifelong=min(n_lifelong, 8) if quick else n_lifelong,
+                   m=min(m, 16) if quick else m, n_robust=min(n_robust, 2) if quick else n_robust)
+        report: dict[str, Any] = {"model": model, "stages": {}}
+        t_start = time.time()
+        for name, fn in STAGES:
+            if name not in wanted:
+                continue
+            log.info("demo stage %s …", name)
+            t0 = time.time()
+            section = fn(ctx)
+            section["seconds"] = round(time.time() - t0, 1)
+            report["stages"][name] = section
+            write_json_atomic(out_dir / "demo.json", report)
+            log.info("demo stage %s done in %.1fs", name, section["seconds"])
+        report["seconds"] = round(time.time() - t_start, 1)
+        report["report"] = str(out_dir / "demo.json")
+        write_json_atomic(out_dir / "demo.json", report)
+        emit(report, as_json)
