@@ -108,7 +108,7 @@ class ValueHParams(ContextHParams):
     v_num_grad_steps: int = _f(20, "Gradient steps for the value delta.")
     v_lr: float = _f(0.5, "Adam learning rate of the value delta.")
     v_loss_layer: int = _f(-1, "Layer whose output feeds the loss (-1: the model's last layer; kept for the field's naming).")
-    v_weight_decay: float = _f(0.5, "Weight of ||delta||² / ||v||² in the loss.")
+    v_weight_decay: float = _f(0.5, "Weight of ||delta|| / ||v0||² in the loss (ROME/MEMIT's form).")
     clamp_norm_factor: float = _f(4.0, "Clamp ||delta|| to this multiple of the original value's norm.")
     kl_factor: float = _f(0.0625, "Weight of the KL term on '{} is a' that keeps the subject's essence.")
     v_early_stop_nll: float = _f(0.05, "Stop when the target NLL falls below this.")

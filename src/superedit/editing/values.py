@@ -5,7 +5,7 @@ context-prefixed prompt and optimised with Adam on (ROME eq. 4 / MEMIT eq. 16):
 
     L(δ) = mean_p NLL(target | p + prompt, site += δ)
            + kl_factor · KL(P_orig(· | "{} is a") ‖ P_δ(· | "{} is a"))     at the subject's last token
-           + v_weight_decay · ‖δ‖² / ‖v₀‖²
+           + v_weight_decay · ‖δ‖ / ‖v₀‖²           (exactly as ROME's compute_v and MEMIT's compute_z)
 
 with ‖δ‖ clamped to ``clamp_norm_factor · ‖v₀‖`` after each step. v₀ is the site's output at the
 subject's last token of the unprefixed prompt and v* = v₀ + δ.
@@ -90,7 +90,7 @@ def optimize_value(adapter: ModelAdapter, prompt: str, subject: str, target: str
         logits = _logits_at_layer(adapter, rw.model_inputs(), edits, hp.v_loss_layer)
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         nll = (-(logp * mask).sum(1) / mask.sum(1)).mean()
-        loss = nll + hp.v_weight_decay * delta.norm() ** 2 / v0.norm() ** 2
+        loss = nll + hp.v_weight_decay * delta.norm() / v0.norm() ** 2
         if hp.kl_factor > 0:
             kl_edits = {(site, layer): add_at_positions(kl.subject_last, delta)}
             cur = F.log_softmax(_logits_at_layer(adapter, kl.model_inputs(), kl_edits, -1)[kl_rows, kl_idx], dim=-1)
