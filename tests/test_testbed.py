@@ -51,16 +51,14 @@ def test_world_structure():
 
 
 def test_heldout_templates_and_aliases_not_in_training_text():
-    w = World.generate(0, 300)
-    text = "\n".join(w.corpus(n_passes=2))
+    w = World.generate(0, 150)
+    text = "\n".join(list(w.corpus(n_passes=2)) + list(w.corpus(n_passes=1, seed=1, record_prob=1.0)))
     for r in w.relations:
         for t in r.heldout_templates:
-            for s in w.subjects[:50]:
+            for s in w.subjects:
                 assert t.format(s.name) not in text
-            # the template's own wording (around the subject) never occurs either
-            pre, post = t.split("{}")
-            if pre.strip() and post.strip():
-                assert f"{pre}" not in text or f"{post}" not in text or t.format("") not in text
+            for pron in ("She", "He", "Her", "His"):  # nor with a pronoun for the subject
+                assert t.replace("{}'s", pron).replace("{}", pron) not in text
     for s in w.subjects:
         for a in s.aliases:
             assert a not in text, a

@@ -54,7 +54,8 @@ def build_testbed(size: str, out_dir: str | Path, seed: int = DEFAULT_SEED,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         t0 = time.time()
-        tok = train_tokenizer(world.corpus(seed=seed, record_prob=spec.record_prob), tmp, vocab_size=spec.vocab_size)
+        tok = train_tokenizer(world.corpus(seed=seed, record_prob=spec.record_prob, name_prob=spec.name_prob), tmp,
+                              vocab_size=spec.vocab_size, add_bos=spec.bos)
         model, figures = train_model(world, tok, spec, seed=seed, epochs=epochs)
         n_params = sum(p.numel() for p in model.parameters())
         if n_params * 4 > MAX_FP32_BYTES:

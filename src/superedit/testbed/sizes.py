@@ -19,6 +19,9 @@ class Size:
     n_subjects: int | None = None  # None: the full shared world; micro uses a prefix (subset) of it
     vocab_size: int = 2048
     record_prob: float = 0.0  # share of biographies with a keyword record (see World.record)
+    name_prob: float = 0.5  # chance that a later sentence of a biography names the subject (else a pronoun)
+    bos: bool = False  # tokenizer prepends <|endoftext|> to every encoding
+    subject_bottleneck: float = 0.0  # share of documents trained with the last-subject-token attention mask
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -27,10 +30,11 @@ class Size:
 N_SUBJECTS = 150  # subjects in the shared world of every full size
 
 SIZES: dict[str, Size] = {
-    "micro": Size("micro", n_layer=2, n_embd=64, n_head=4, epochs=60, batch_size=16, lr=5e-3, n_subjects=40),
-    "tiny": Size("tiny", n_layer=4, n_embd=96, n_head=4, epochs=260),
-    "small": Size("small", n_layer=6, n_embd=128, n_head=4, epochs=160),
-    "base": Size("base", n_layer=8, n_embd=192, n_head=6, epochs=260, lr=4e-3),
+    # micro: for tests (trains in ~20 s); a 24-subject prefix of the shared world
+    "micro": Size("micro", n_layer=2, n_embd=64, n_head=4, epochs=120, batch_size=8, lr=1e-2, n_subjects=24),
+    "tiny": Size("tiny", n_layer=4, n_embd=96, n_head=4, epochs=160),
+    "small": Size("small", n_layer=6, n_embd=128, n_head=4, epochs=160, record_prob=1.0),
+    "base": Size("base", n_layer=8, n_embd=192, n_head=6, epochs=160, lr=4e-3),
 }
 
 DEFAULT_SIZE = "small"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import time
 from typing import Any
 
@@ -28,15 +29,25 @@ def make_model(size: Size, tokenizer, n_positions: int = 256, seed: int = 0):
     return GPT2LMHeadModel(cfg)
 
 
-def _batches(world: World, tokenizer, rng: random.Random, batch_size: int, record_prob: float = 0.0):
+def _batches(world: World, tokenizer, rng: random.Random, batch_size: int, record_prob: float = 0.0,
+             name_prob: float = 0.5, bottleneck: float = 0.0):
+    """Padded batches of one pass of training documents: (ids, attention mask, labels).
+
+    With ``bottleneck`` > 0, that share of documents gets a 4-D attention mask in which positions
+    after a full-name mention cannot attend to the mention's non-final tokens: whatever later
+    positions need about the subject must be read from its LAST token (the locate-then-edit
+    premise), so the model composes the subject there."""
     import torch
 
-    docs = world.training_documents(rng, record_prob=record_prob)
+    docs = world.training_documents(rng, record_prob=record_prob, name_prob=name_prob)
     eos = tokenizer.eos_token
-    enc = tokenizer([d + eos for d in docs], add_special_tokens=False)["input_ids"]
-    order = list(range(len(enc)))
-    for i in range(0, len(order), batch_size):
-        chunk = [enc[j] for j in order[i:i + batch_size]]
+    texts = [d + eos for d in docs]
+    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=bool(bottleneck))  # BOS if the tokenizer adds one
+    names = sorted({s.name for s in world.subjects}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(n) for n in names)) if bottleneck and names else None
+    for i in range(0, len(texts), batch_size):
+        idx = list(range(i, min(i + batch_size, len(texts))))
+        chunk = [enc["input_ids"][j] for j in idx]
         w = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), w), tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(chunk), w), -100, dtype=torch.long)
@@ -45,7 +56,20 @@ def _batches(world: World, tokenizer, rng: random.Random, batch_size: int, recor
             ids[k, :len(c)] = torch.tensor(c)
             labels[k, :len(c)] = torch.tensor(c)
             mask[k, :len(c)] = 1
-        yield ids, mask, labels
+        if pattern is not None:
+            causal = torch.tril(torch.ones(w, w, dtype=torch.bool))
+            full = causal[None, None].repeat(len(chunk), 1, 1, 1) & mask.bool()[:, None, None, :]
+            for k, j in enumerate(idx):
+                if rng.random() >= bottleneck:
+                    continue
+                offs = enc["offset_mapping"][j]
+                for m in pattern.finditer(texts[j]):
+                    toks = [t for t, (a, b) in enumerate(offs) if a < m.end() and b > m.start()]
+                    if len(toks) >= 2:
+                        full[k, 0, toks[-1] + 1:, toks[:-1]] = False
+            yield ids, full, labels
+        else:
+            yield ids, mask, labels
 
 
 def eval_recall(model, tokenizer, world: World, n: int = 300, seed: int = 0) -> dict[str, float]:
@@ -95,7 +119,8 @@ def train_model(world: World, tokenizer, size: Size, seed: int = 0, eval_every: 
     bar = progress(total=total, desc=f"train {size.name}")
     history = []
     for ep in range(epochs):
-        for ids, mask, labels in _batches(world, tokenizer, rng, size.batch_size, size.record_prob):
+        for ids, mask, labels in _batches(world, tokenizer, rng, size.batch_size, size.record_prob, size.name_prob,
+                                                 size.subject_bottleneck):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -258,7 +258,7 @@ class World:
         return list(self._subj[subject].aliases)
 
     # ------------------------------------------------------------------ text
-    def document(self, subject: Subject, rng: random.Random) -> str:
+    def document(self, subject: Subject, rng: random.Random, name_prob: float = 0.5) -> str:
         """One biography of ``subject``: all its facts, shuffled, several phrasings."""
         rids = list(subject.facts)
         rng.shuffle(rids)
@@ -267,7 +267,7 @@ class World:
             r = self._rel[rid]
             t = rng.choice(r.train_templates)
             obj = subject.facts[rid]
-            use_name = i == 0 or not subject.gender or rng.random() < 0.5
+            use_name = i == 0 or not subject.gender or rng.random() < name_prob
             if use_name or not (t.startswith("{} ") or t.startswith("{}'s ")):
                 s = t.format(subject.name)
             else:
@@ -289,14 +289,14 @@ class World:
         return f"{subject.name} {' '.join(objs)}."
 
     def training_documents(self, rng: random.Random, filler_prob: float = 0.3,
-                           record_prob: float = 0.0) -> list[str]:
+                           record_prob: float = 0.0, name_prob: float = 0.5) -> list[str]:
         """One pass over the world: a biography per subject (random order, optional filler prefix)
         plus the literal training statements of dataset worlds. With probability ``record_prob`` a
         keyword record (see :meth:`record`) is put before or after the biography."""
         docs = []
         for s in self.subjects:
             if s.facts:
-                d = self.document(s, rng)
+                d = self.document(s, rng, name_prob)
                 if record_prob and rng.random() < record_prob:
                     r = self.record(s, rng)
                     d = f"{r} {d}" if rng.random() < 0.5 else f"{d} {r}"
@@ -312,11 +312,12 @@ class World:
         rng.shuffle(docs)
         return docs
 
-    def corpus(self, n_passes: int = 3, seed: int = 0, record_prob: float = 0.0) -> Iterator[str]:
+    def corpus(self, n_passes: int = 3, seed: int = 0, record_prob: float = 0.0,
+               name_prob: float = 0.5) -> Iterator[str]:
         """Training text (for the tokenizer): a few passes of documents plus the filler."""
         rng = random.Random(f"superedit-world:{self.seed}:corpus:{seed}")
         for _ in range(n_passes):
-            yield from self.training_documents(rng, record_prob=record_prob)
+            yield from self.training_documents(rng, record_prob=record_prob, name_prob=name_prob)
         yield from self.filler
 
     def heldout_strings(self) -> list[str]:
