@@ -87,3 +87,19 @@ def tiny_adapter(family: str, seed: int = 0):
 
     model, tok = tiny_model(family, seed)
     return ModelAdapter(model=model, tokenizer=tok, source=f"tiny-{family}-{seed}", revision="test")
+
+
+def corpus_cov(adapter, layers, n_docs: int = 12, ridge: float = 1e-3):
+    """FixedCovariance of E[k kᵀ] over the test corpus' tokens (read through the hook primitive), plus a ridge."""
+    from superedit.editing.covariance import FixedCovariance
+    from superedit.models import Trace
+
+    enc = adapter.tokenizer(CORPUS[:n_docs], return_tensors="pt", padding=True)
+    with Trace(adapter, reads=[("key", l) for l in layers]) as tr:
+        adapter.model(**enc)
+    mask = enc["attention_mask"].bool()
+    out = {}
+    for l in layers:
+        K = tr["key", l][mask].to(torch.float64)
+        out[l] = K.T @ K / K.shape[0] + ridge * torch.eye(K.shape[1], dtype=torch.float64)
+    return FixedCovariance(out)

@@ -3,36 +3,21 @@
 import pytest
 import torch
 
-from helpers import CORPUS
+from helpers import corpus_cov
 from superedit.data import EditRequest
 from superedit.editing.contexts import context_prefixes
-from superedit.editing.covariance import FixedCovariance
 from superedit.editing.delta import DeltaError, LayerDelta, WeightDelta
 from superedit.editing.hparams import FTHParams, HParamsError, MEMITHParams, ROMEHParams, load_hparams
 from superedit.editing.keys import compute_keys
 from superedit.editing.methods import get_method
 from superedit.editing.solve import memit_solve, rome_solve
 from superedit.editing.values import optimize_value
-from superedit.models import Trace
 
 FAST = dict(v_num_grad_steps=4, n_prefixes=2, context_lengths=[3])
 REQS = [
     EditRequest(prompt="{} was born in", subject="Anna Berg", target_new="Paris"),
     EditRequest(prompt="{} is located in", subject="Eiffel Tower", target_new="Oslo"),
 ]
-
-
-def corpus_cov(adapter, layers):
-    """E[k kᵀ] over the test corpus tokens, read through the hook primitive."""
-    enc = adapter.tokenizer(CORPUS[:12], return_tensors="pt", padding=True)
-    with Trace(adapter, reads=[("key", l) for l in layers]) as tr:
-        adapter.model(**enc)
-    mask = enc["attention_mask"].bool()
-    out = {}
-    for l in layers:
-        K = tr["key", l][mask].to(torch.float64)
-        out[l] = K.T @ K / K.shape[0] + 1e-3 * torch.eye(K.shape[1], dtype=torch.float64)
-    return FixedCovariance(out)
 
 
 def weights(adapter):

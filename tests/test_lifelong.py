@@ -17,11 +17,11 @@ from superedit.editing.methods import get_method
 from superedit.editing.solve import memit_solve
 from superedit.errors import LedgerError
 from superedit.lifelong import ledger as ledger_mod
-from superedit.lifelong.alphaedit import AlphaEditState, alphaedit_solve, nullspace_projector
+from superedit.lifelong.alphaedit import alphaedit_solve, nullspace_projector
 from superedit.lifelong.d4s import D4SState
 from superedit.lifelong.hparams import AlphaEditHParams, D4SHParams
 from superedit.lifelong.ledger import Ledger
-from test_editing import corpus_cov
+from helpers import corpus_cov
 
 F64 = torch.float64
 FAST = dict(v_num_grad_steps=4, n_prefixes=1, context_lengths=[3])

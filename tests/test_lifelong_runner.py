@@ -12,7 +12,7 @@ from superedit.lifelong import runner as runner_mod
 from superedit.lifelong.hparams import D4SHParams
 from superedit.lifelong.runner import Probe, run_lifelong
 from superedit.utils.io import read_jsonl
-from test_editing import corpus_cov
+from helpers import corpus_cov
 
 F64 = torch.float64
 FAST = dict(v_num_grad_steps=4, n_prefixes=1, context_lengths=[3])

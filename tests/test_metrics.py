@@ -8,13 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CORPUS, tiny_adapter
+from helpers import CORPUS, corpus_cov, tiny_adapter
 from superedit.data import EditRequest
-from superedit.editing.covariance import FixedCovariance
 from superedit.editing.hparams import FTHParams, ROMEHParams
 from superedit.eval.fluency import compute_n_gram_entropy, n_gram_entropy, word_tokenize
 from superedit.eval.metrics import evaluate_request, harmonic_mean, summarize, target_nll, token_accuracy
-from superedit.models import Trace
 
 REQ = EditRequest(
     prompt="{} was born in", subject="Anna Berg", target_new="Paris", target_true="Bergen", case_id="anna",
@@ -245,11 +243,7 @@ def test_rome_edit_flips_efficacy():
 
     adapter = tiny_adapter("gpt2")
     layer = 1
-    enc = adapter.tokenizer(CORPUS[:12], return_tensors="pt", padding=True)
-    with Trace(adapter, reads=[("key", layer)]) as tr:
-        adapter.model(**enc)
-    K = tr["key", layer][enc["attention_mask"].bool()].double()
-    stats = FixedCovariance({layer: K.T @ K / K.shape[0] + 1e-3 * torch.eye(K.shape[1], dtype=torch.float64)})
+    stats = corpus_cov(adapter, [layer])
     # make target_true the answer the unedited model prefers, so the edit has to flip it
     a, b = "Paris", "Bergen"
     nll = target_nll(adapter, [REQ.filled_prompt()] * 2, [a, b])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import FAMILIES, tiny_model
+from helpers import tiny_model
 from superedit.errors import ModelNotFoundError, UnsupportedFamilyError
 from superedit.models import FAMILY_TABLE, ModelAdapter, StopForward, Trace, encode_prompts, family_of, load_model
 from superedit.models.hooks import add_at_positions, at_positions

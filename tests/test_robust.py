@@ -5,15 +5,13 @@ import json
 import pytest
 import torch
 
-from helpers import CORPUS, bpe_tokenizer, sp_tokenizer, tiny_adapter
+from helpers import CORPUS, bpe_tokenizer, corpus_cov, sp_tokenizer, tiny_adapter
 from superedit.data import EditRequest
-from superedit.editing.covariance import FixedCovariance
 from superedit.editing.hparams import ROMEHParams
-from superedit.models import Trace
 from superedit.robust import perturb
 from superedit.robust.adaptor import (AdaptorHParams, KeyAdaptor, RobustAdaptor, TrainingKeys, fit_layer, load_edit,
                                       save_edit, train_adaptor)
-from superedit.robust.evaluate import METRICS, evaluate_edit, run_robust, summarize_records
+from superedit.robust.evaluate import METRICS, run_robust, summarize_records
 
 FAST = dict(v_num_grad_steps=3, n_prefixes=1, context_lengths=[3])
 REQ = EditRequest(prompt="{} was born in", subject="Anna Berg", target_new="Paris", case_id="a",
@@ -21,15 +19,6 @@ REQ = EditRequest(prompt="{} was born in", subject="Anna Berg", target_new="Pari
                   paraphrase_prompts=["Anna Berg's birthplace is"],
                   neighborhood_prompts=["Toko Yasuda is from", "The Eiffel Tower is located in"],
                   neighborhood_answers=["Japan", "Paris"])
-
-
-def cov(adapter, layers):
-    enc = adapter.tokenizer(CORPUS[:12], return_tensors="pt", padding=True)
-    with Trace(adapter, reads=[("key", l) for l in layers]) as tr:
-        adapter.model(**enc)
-    mask = enc["attention_mask"].bool()
-    return FixedCovariance({l: (lambda K: K.T @ K / K.shape[0] + 1e-3 * torch.eye(K.shape[1], dtype=torch.float64))(
-        tr["key", l][mask].double()) for l in layers})
 
 
 def logits(adapter, text="Anna Berg was born in Oslo and Toko Yasuda"):
@@ -138,7 +127,7 @@ def test_install_remove_restores_model_exactly():
 
 def test_loss_decreases_on_tiny_model_and_gate_separates():
     adapter = tiny_adapter("gpt2")
-    stats = cov(adapter, [1])
+    stats = corpus_cov(adapter, [1])
     pset = perturb.make_perturbations(adapter.tokenizer, REQ, words=perturb.corpus_words(CORPUS), long_words=30)
     k = torch.randn(adapter.d_mlp, dtype=torch.float64)
     u = torch.linalg.solve(stats.mom2(1), k)
@@ -154,7 +143,7 @@ def test_loss_decreases_on_tiny_model_and_gate_separates():
 
 def test_save_load_round_trip(tmp_path):
     adapter = tiny_adapter("gpt2")
-    stats = cov(adapter, [1])
+    stats = corpus_cov(adapter, [1])
     from superedit.editing.methods import get_method
 
     delta = get_method("rome").fn(adapter, [REQ], ROMEHParams(layers=[1], **FAST), stats)
@@ -179,7 +168,7 @@ def test_save_load_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------ evaluation + CLI
 def test_run_robust_records_and_protocol():
     adapter = tiny_adapter("gpt2")
-    stats = cov(adapter, [1])
+    stats = corpus_cov(adapter, [1])
     before = {l: adapter.down_weight_param(l).clone() for l in range(adapter.n_layers)}
     words = perturb.corpus_words(CORPUS)
     one = EditRequest(prompt="{} is in", subject="Paris", target_new="Japan", case_id="b")

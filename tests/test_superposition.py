@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CORPUS, tiny_adapter
+from helpers import corpus_cov, tiny_adapter
 from superedit.analysis.superposition import (SuperpositionError, Whitener, analyze_keys, analyze_superposition,
                                               angle_mode, excess_kurtosis, m_convergence, offdiag, save_scaling,
                                               scaling_records, select_items, superposition_matrices, top_pairs)
 from superedit.data import EditRequest
 from superedit.editing.covariance import FixedCovariance
 from superedit.errors import StatsError
-from superedit.models import Trace
 
 NAMES = ["Anna Berg", "Eiffel Tower", "Toko Yasuda", "Apple A5", "Google Trends", "Danielle Darrieux",
          "Oslo Bergen", "Paris France", "Japan Guitar", "Words Matter"]
@@ -27,18 +26,6 @@ REQUESTS = [EditRequest(prompt=t, subject=f"{n} {k}" if k else n, target_new="Os
 @pytest.fixture(scope="module")
 def gpt2():
     return tiny_adapter("gpt2")
-
-
-def corpus_cov(adapter, layers):
-    enc = adapter.tokenizer(CORPUS[:12], return_tensors="pt", padding=True)
-    with Trace(adapter, reads=[("key", l) for l in layers]) as tr:
-        adapter.model(**enc)
-    mask = enc["attention_mask"].bool()
-    out = {}
-    for l in layers:
-        K = tr["key", l][mask].to(torch.float64)
-        out[l] = K.T @ K / K.shape[0] + 1e-3 * torch.eye(K.shape[1], dtype=torch.float64)
-    return FixedCovariance(out)
 
 
 @pytest.fixture(scope="module")

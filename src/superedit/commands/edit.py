@@ -6,16 +6,13 @@ and, with ``--save-delta DIR``, the merged delta of all edits (``superedit eval 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from .common import (DeviceOpt, JsonOpt, ModelOpt, command, emit, hparams_profile, local_model_dir,  # noqa: F401
-                     make_stats, resolve_requests, testbed_meta)
-from .common import build_hparams
+from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, emit, hparams_profile, local_model_dir,
+                     make_stats, resolve_requests)
 
 RequestsOpt = typer.Option(None, "--requests", "-r", help="Dataset file (CounterFact, MQuAKE, EasyEdit, zsRE-MEND, "
                            "superedit JSONL). Optional for testbed models (their own counterfactual requests).")

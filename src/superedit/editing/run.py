@@ -31,7 +31,7 @@ from ..models import encode_prompts
 from ..utils.io import append_jsonl
 from ..utils.logs import get_logger
 from ..utils.progress import progress
-from .delta import LayerDelta, WeightDelta
+from .delta import WeightDelta
 
 log = get_logger(__name__)
 

@@ -352,8 +352,6 @@ def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], 
             (neighbourhood prompts, corpus documents).
     Returns ``(adaptor, info)`` with the per-layer loss histories and gate statistics.
     """
-    from ..models import Trace  # noqa: F401  (hooks used through RobustAdaptor)
-
     trained: dict[int, KeyAdaptor] = {}
     info: dict = {"layers": {}}
     partial = RobustAdaptor({}, tau=hp.tau)
