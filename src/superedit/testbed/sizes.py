@@ -29,12 +29,16 @@ class Size:
 
 N_SUBJECTS = 150  # subjects in the shared world of every full size
 
+# training-data options shared by the full sizes: keyword records in every document and the
+# last-subject-token attention bottleneck on 90% of documents (see testbed/train.py::_batches)
+_DATA = dict(record_prob=1.0, subject_bottleneck=0.9)
+
 SIZES: dict[str, Size] = {
     # micro: for tests (trains in ~20 s); a 24-subject prefix of the shared world
     "micro": Size("micro", n_layer=2, n_embd=64, n_head=4, epochs=120, batch_size=8, lr=1e-2, n_subjects=24),
-    "tiny": Size("tiny", n_layer=4, n_embd=96, n_head=4, epochs=160),
-    "small": Size("small", n_layer=6, n_embd=128, n_head=4, epochs=160, record_prob=1.0),
-    "base": Size("base", n_layer=8, n_embd=192, n_head=6, epochs=160, lr=4e-3),
+    "tiny": Size("tiny", n_layer=4, n_embd=96, n_head=4, epochs=160, **_DATA),
+    "small": Size("small", n_layer=6, n_embd=128, n_head=4, epochs=160, **_DATA),
+    "base": Size("base", n_layer=8, n_embd=192, n_head=6, epochs=160, lr=4e-3, **_DATA),
 }
 
 DEFAULT_SIZE = "small"
