@@ -38,8 +38,16 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(threads: int = typer.Option(None, "--threads", envvar="SUPEREDIT_THREADS",
+                                      help="torch CPU threads (default: torch's own; 1 is often fastest for the "
+                                           "small testbed models on a busy machine).")) -> None:
     """superedit: lifelong knowledge editing toolkit."""
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter(f"--threads must be ≥ 1 (got {threads})")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _register_all() -> None:
