@@ -36,9 +36,9 @@ _DATA = dict(record_prob=1.0, subject_bottleneck=0.9)
 SIZES: dict[str, Size] = {
     # micro: for tests (trains in ~20 s); a 24-subject prefix of the shared world
     "micro": Size("micro", n_layer=2, n_embd=64, n_head=4, epochs=120, batch_size=8, lr=1e-2, n_subjects=24),
-    "tiny": Size("tiny", n_layer=4, n_embd=96, n_head=4, epochs=160, **_DATA),
-    "small": Size("small", n_layer=6, n_embd=128, n_head=4, epochs=160, **_DATA),
-    "base": Size("base", n_layer=8, n_embd=192, n_head=6, epochs=160, lr=4e-3, **_DATA),
+    "tiny": Size("tiny", n_layer=4, n_embd=96, n_head=4, epochs=200, lr=8e-3, **_DATA),
+    "small": Size("small", n_layer=6, n_embd=128, n_head=4, epochs=200, lr=8e-3, **_DATA),
+    "base": Size("base", n_layer=8, n_embd=192, n_head=6, epochs=200, lr=4e-3, **_DATA),
 }
 
 DEFAULT_SIZE = "small"
