@@ -48,7 +48,12 @@ def true_facts(model_dir: str | Path) -> list[dict]:
 
 
 def default_edit_requests(model_dir: str | Path, n: int | None, seed: int = 0) -> list:
-    """Seeded counterfactual edits for a testbed model (see the module docstring)."""
+    """Seeded counterfactual edits for a testbed model (see the module docstring).
+
+    Synthetic worlds give one fact per subject first (a seeded order), then a second fact of each
+    subject, and so on: as in CounterFact, the first ``len(subjects)`` requests have distinct subjects,
+    so a batch of them never asks one key (the subject's last token) for two different values.
+    """
     from ..data import load_requests, sample_requests
     from ..data.sampling import counterfactual_requests_from_facts
 
@@ -60,4 +65,14 @@ def default_edit_requests(model_dir: str | Path, n: int | None, seed: int = 0) -
             raise SupereditError(f"testbed {model_dir} learned the facts of {facts_file or 'a dataset file'}, which is "
                                  "not available here; pass --requests FILE")
         return sample_requests(load_requests(facts_file), n, seed)
-    return counterfactual_requests_from_facts(true_facts(model_dir), n, seed, source=f"testbed:{Path(model_dir).name}")
+    reqs = counterfactual_requests_from_facts(true_facts(model_dir), None, seed, source=f"testbed:{Path(model_dir).name}")
+    rng = random.Random(f"superedit-edit-order:{seed}")
+    rng.shuffle(reqs)
+    seen: dict[str, int] = {}
+    rank = []
+    for r in reqs:
+        rank.append(seen.get(r.subject, 0))
+        seen[r.subject] = rank[-1] + 1
+    order = sorted(range(len(reqs)), key=lambda i: rank[i])  # stable: the seeded order within each round
+    reqs = [reqs[i] for i in order]
+    return reqs if n is None else reqs[:n]

@@ -1,0 +1,26 @@
+"""What the rest of superedit reads from a testbed directory: corpus, facts, default edit requests."""
+
+from superedit.testbed import SHIPPED_DIR, load_world
+from superedit.testbed import access
+
+
+def test_default_edit_requests_distinct_subjects_first_and_seeded():
+    world = load_world(SHIPPED_DIR)
+    n_subj = len(world.subjects)
+    reqs = access.default_edit_requests(SHIPPED_DIR, n_subj + 10, seed=0)
+    assert len({r.subject for r in reqs[:n_subj]}) == n_subj  # one fact per subject before any repeat
+    assert [r.case_id for r in access.default_edit_requests(SHIPPED_DIR, 20, seed=0)] == [r.case_id for r in reqs[:20]]
+    assert [r.case_id for r in access.default_edit_requests(SHIPPED_DIR, 20, seed=1)] != [r.case_id for r in reqs[:20]]
+    for r in reqs:
+        assert r.target_new != r.target_true and world.subject(r.subject).facts[r.relation_id] == r.target_true
+        assert r.paraphrase_prompts and r.subject_rephrases  # held-out templates and aliases come along
+
+
+def test_true_facts_and_corpus():
+    facts = access.true_facts(SHIPPED_DIR)
+    world = load_world(SHIPPED_DIR)
+    assert len(facts) == len(world.facts())
+    corpus = access.testbed_corpus(SHIPPED_DIR)
+    assert len(corpus) > len(world.subjects) and all(isinstance(t, str) and t for t in corpus)
+    heldout = set(world.heldout_strings())
+    assert not any(h in doc for doc in corpus[:300] for h in list(heldout)[:50])  # held-out text stays out
