@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# The testbed models are small: one torch thread is usually fastest (override with SUPEREDIT_THREADS).
+export SUPEREDIT_THREADS=${SUPEREDIT_THREADS:-1}
 exec .venv/bin/superedit demo "$@"

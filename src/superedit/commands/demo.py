@@ -133,9 +133,10 @@ def register(app) -> None:
         out: str = typer.Option("runs/demo", "--out", help="Output directory."),
         n_trace: int = typer.Option(20, "--n-trace", help="Facts traced by the causal-tracing stage."),
         n_edit: int = typer.Option(20, "--n-edit", help="Requests edited independently by each method."),
-        n_lifelong: int = typer.Option(100, "--n-lifelong", help="Sequential edits per method in the lifelong stage."),
+        n_lifelong: int = typer.Option(40, "--n-lifelong", help="Sequential edits per method in the lifelong stage "
+                                       "(`superedit lifelong` runs longer streams)."),
         m: int = typer.Option(64, "--m", help="Facts in the superposition matrices."),
-        n_robust: int = typer.Option(8, "--n-robust", help="Requests in the robust-keys comparison."),
+        n_robust: int = typer.Option(6, "--n-robust", help="Requests in the robust-keys comparison."),
         stages: str = typer.Option("all", "--stages", help="Comma-separated stages to run: "
                                    + ", ".join(name for name, _ in STAGES) + " (default all)."),
         quick: bool = typer.Option(False, "--quick", help="Smaller samples everywhere (smoke test)."),
