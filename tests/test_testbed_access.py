@@ -24,3 +24,15 @@ def test_true_facts_and_corpus():
     assert len(corpus) > len(world.subjects) and all(isinstance(t, str) and t for t in corpus)
     heldout = set(world.heldout_strings())
     assert not any(h in doc for doc in corpus[:300] for h in list(heldout)[:50])  # held-out text stays out
+
+
+def test_builtin_spec_and_plain_directory_give_identical_logits():
+    import torch
+
+    from superedit.models import load_model
+
+    a, b = load_model("builtin"), load_model(str(SHIPPED_DIR))
+    assert a.family == b.family == "gpt2" and a.revision == b.revision
+    enc = a.tokenizer(["Anna Berg was born in", "The museum was quiet"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(a.model(**enc).logits, b.model(**enc).logits)
