@@ -34,11 +34,15 @@ def register(app: typer.Typer) -> None:
               out: Path = typer.Option(..., "--out", help="output model directory"),
               facts: Optional[Path] = typer.Option(None, "--facts", help="learn the true facts of a CounterFact/EasyEdit file"),
               seed: int = typer.Option(0, "--seed"),
+              epochs: Optional[int] = typer.Option(None, "--epochs", help="override the size's number of epochs "
+                                                   "(recorded in testbed.json)"),
               as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line")):
         """Train a testbed and write a standard HF model dir plus testbed.json."""
         from superedit.testbed.build import build_testbed
 
-        d = build_testbed(size, out, seed=seed, facts_file=facts)
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"--epochs must be ≥ 1 (got {epochs})")
+        d = build_testbed(size, out, seed=seed, facts_file=facts, epochs=epochs)
         _emit(_summary(d), as_json)
 
     @sub.command("info")

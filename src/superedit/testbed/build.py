@@ -28,10 +28,13 @@ def make_world(size: str, seed: int = DEFAULT_SEED, facts_file: str | Path | Non
     return World.generate(seed, s.n_subjects or N_SUBJECTS)
 
 
-def build_command(size: str, out_dir: str | Path, seed: int, facts_file: str | Path | None) -> str:
+def build_command(size: str, out_dir: str | Path, seed: int, facts_file: str | Path | None,
+                  epochs: int | None = None) -> str:
     cmd = ["superedit", "testbed", "build", "--size", size, "--out", str(out_dir), "--seed", str(seed)]
     if facts_file is not None:
         cmd += ["--facts", str(facts_file)]
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
     return shlex.join(cmd)
 
 
@@ -65,7 +68,7 @@ def build_testbed(size: str, out_dir: str | Path, seed: int = DEFAULT_SEED,
         meta: dict[str, Any] = dict(
             format="superedit-testbed/1", size=size, size_spec=spec.to_dict(), seed=seed,
             facts_file=str(facts_file) if facts_file else None,
-            build_command=build_command(size, out_dir, seed, facts_file),
+            build_command=build_command(size, out_dir, seed, facts_file, epochs),
             split=dict(
                 train_templates={r.id: r.train_templates for r in world.relations},
                 heldout_templates={r.id: r.heldout_templates for r in world.relations},
