@@ -103,3 +103,15 @@ def corpus_cov(adapter, layers, n_docs: int = 12, ridge: float = 1e-3):
         K = tr["key", l][mask].to(torch.float64)
         out[l] = K.T @ K / K.shape[0] + ridge * torch.eye(K.shape[1], dtype=torch.float64)
     return FixedCovariance(out)
+
+
+def shared_data_dir():
+    """The real dataset samples: $SUPEREDIT_SHARED_DATA, else ../shared/data beside the repository."""
+    import os
+    from pathlib import Path
+
+    env = os.environ.get("SUPEREDIT_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+SHARED_DATA = shared_data_dir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from superedit.data import (
 )
 from superedit.errors import RequestFormatError, SupereditError
 
-DATA = Path(os.environ.get("SUPEREDIT_SHARED_DATA", "/work/shared/data"))
+from helpers import SHARED_DATA as DATA  # noqa: E402
 CF = DATA / "counterfact_sample.json"
 EE_CF = DATA / "easyedit_counterfact_sample.json"
 EE_ZSRE = DATA / "easyedit_zsre_sample.json"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from superedit.errors import SupereditError
 from superedit.testbed.world import World
 
-DATA = Path("/work/shared/data")
+from helpers import SHARED_DATA as DATA  # noqa: E402
 
 
 def test_world_deterministic_and_seed_dependent():
