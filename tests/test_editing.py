@@ -11,7 +11,7 @@ from superedit.editing.hparams import FTHParams, HParamsError, MEMITHParams, ROM
 from superedit.editing.keys import compute_keys
 from superedit.editing.methods import get_method
 from superedit.editing.solve import memit_solve, rome_solve
-from superedit.editing.values import optimize_value
+from superedit.editing.values import optimize_value, optimize_values
 
 FAST = dict(v_num_grad_steps=4, n_prefixes=2, context_lengths=[3])
 REQS = [
@@ -151,3 +151,26 @@ def test_hparams_yaml_validation(tmp_path):
     with pytest.raises(HParamsError, match="no such file"):
         load_hparams(ROMEHParams, "rome", None, tmp_path / "missing.yaml")
     assert "clamp_norm_factor" in ROMEHParams.help()
+
+
+@pytest.mark.parametrize("site,kl_factor", [("value", 0.0625), ("resid", 0.0)])
+def test_batched_values_equal_one_request_at_a_time(adapter, site, kl_factor):
+    """optimize_values over several requests = optimize_value per request (row-wise Adam, clamp, early stop)."""
+    hp = MEMITHParams(layers=[1], kl_factor=kl_factor, **FAST)
+    prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
+    items = [(r.prompt, r.subject, r.target_new) for r in REQS]
+    together = optimize_values(adapter, items, 1, site, hp, prefixes)
+    for item, got in zip(items, together):
+        alone = optimize_value(adapter, *item, 1, site, hp, prefixes)
+        assert got.steps == alone.steps
+        torch.testing.assert_close(got.target, alone.target, rtol=1e-4, atol=1e-5)
+        assert got.nll_history == pytest.approx(alone.nll_history, rel=1e-4, abs=1e-5)
+        assert float(got.delta.norm()) > 0  # the optimisation moved
+
+
+def test_batched_values_early_stop_freezes_finished_rows(adapter):
+    hp = MEMITHParams(layers=[1], **{**FAST, "v_num_grad_steps": 6}, v_early_stop_nll=1e9)  # everyone stops at once
+    prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
+    vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in REQS], 1, "value", hp, prefixes)
+    for v in vals:
+        assert v.steps == 1 and torch.equal(v.delta, torch.zeros_like(v.delta))

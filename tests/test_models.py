@@ -59,6 +59,17 @@ def test_last_resid_matches_hidden_states(adapter):
     torch.testing.assert_close(tr["resid", 0], out.hidden_states[1])
 
 
+def test_final_norm_and_head_reproduce_the_logits(adapter):
+    """Every module path of the family table resolves, and head(norm(last resid)) = the model's logits."""
+    assert adapter.embedding() is adapter.model.get_input_embeddings()
+    assert adapter.lm_head() is adapter.model.get_output_embeddings()
+    ids = torch.randint(0, 50, (2, 7))
+    with Trace(adapter, reads=[("resid", adapter.n_layers - 1)]) as tr:
+        logits = adapter.model(input_ids=ids).logits
+    again = adapter.lm_head()(adapter.final_norm()(tr["resid", adapter.n_layers - 1]))
+    torch.testing.assert_close(again, logits, rtol=1e-4, atol=1e-4)
+
+
 def test_hooks_removed_on_exit_and_on_exception(adapter):
     batch = _batch(adapter)
     before = _n_hooks(adapter.model)

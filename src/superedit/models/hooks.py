@@ -143,13 +143,20 @@ def at_positions(positions, new: torch.Tensor) -> Edit:
 
 
 def add_at_positions(positions, delta: torch.Tensor) -> Edit:
-    """Edit that adds ``delta`` (width,) at one token per row (keeps the autograd graph of ``delta``)."""
+    """Edit that adds ``delta`` at one token per row (keeps the autograd graph of ``delta``).
+
+    ``delta`` is (width,) — the same vector in every row — or (rows, width), one vector per row."""
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(t.shape[0], device=t.device)
         mask = torch.zeros(t.shape[:2], dtype=t.dtype, device=t.device)
         mask[rows, _positions(positions, t)] = 1
-        return t + mask.unsqueeze(-1) * delta.to(t.dtype)
+        d = delta.to(t.dtype)
+        if d.dim() == 2:
+            if d.shape[0] != t.shape[0]:
+                raise ValueError(f"{d.shape[0]} delta rows for a batch of {t.shape[0]} rows")
+            d = d[:, None, :]
+        return t + mask.unsqueeze(-1) * d
 
     return fn
 

@@ -384,8 +384,68 @@ class _Builder:
         return World(list(self.rel.values()), list(self.subj.values()), [], self.statements)
 
 
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{\}", "(.+?)") + "$")
+
+
+def induce_templates(templates: dict[str, set[str]], prompts: list[tuple[str, str]], subjects: set[str],
+                     min_support: int = 2, max_rounds: int = 8) -> dict[tuple[str, str], tuple[str, str]]:
+    """Read CounterFact's neighbourhood/attribute prompts as instances of relation templates.
+
+    CounterFact's prompts are ParaRel templates filled with a subject ("Cloud Datalab, by"),
+    but only the rewrite prompt says which part is the subject. Starting from the rewrite
+    templates per relation (``templates``, updated in place) and known subject names, alternate:
+    (1) match every prompt against its relation's templates (longest first), which yields new
+    subject names; (2) propose a template from each unmatched prompt that contains a known subject
+    at word boundaries, and keep it only if it matches at least ``min_support`` unmatched prompts
+    of that relation (so a subject name inside a longer name does not invent a template).
+    Returns ``{(relation, prompt): (subject, template)}`` for the prompts it could read."""
+    parsed: dict[tuple[str, str], tuple[str, str]] = {}
+    for _ in range(max_rounds):
+        unmatched = []
+        for rid, prompt in prompts:
+            if (rid, prompt) in parsed:
+                continue
+            for t in sorted(templates.get(rid, ()), key=len, reverse=True):
+                m = _template_regex(t).match(prompt)
+                if m and len(m.group(1).strip()) > 1 and m.group(1) == m.group(1).strip():
+                    parsed[(rid, prompt)] = (m.group(1), t)
+                    subjects.add(m.group(1))
+                    break
+            else:
+                unmatched.append((rid, prompt))
+        proposals: set[tuple[str, str]] = set()
+        by_len = sorted((s for s in subjects if len(s) > 1), key=len, reverse=True)
+        for rid, prompt in unmatched:
+            for subj in by_len:
+                i = prompt.find(subj)
+                j = i + len(subj)
+                if i < 0 or (i > 0 and prompt[i - 1].isalnum()) or (j < len(prompt) and prompt[j].isalnum()):
+                    continue
+                proposals.add((rid, prompt[:i] + "{}" + prompt[j:]))
+                break
+        added = 0
+        for rid, t in sorted(proposals):
+            rx = _template_regex(t)
+            if sum(1 for r, p in unmatched if r == rid and rx.match(p)) >= min_support:
+                templates.setdefault(rid, set()).add(t)
+                added += 1
+        if not added:
+            break
+    return parsed
+
+
 def _parse_counterfact(records: list, path: Path) -> World:
+    """True facts of every record's subject, plus its neighbourhood prompts (other subjects with the
+    same relation and the record's true object) and attribute prompts (subjects whose true object
+    is the record's new one), read as facts of their own subjects wherever their template can be
+    recognised (see :func:`induce_templates`). As facts they are trained like every other fact of
+    the world (biographies, keyword records, the last-subject-token bottleneck); the few prompts
+    that match no template stay literal statements."""
     b = _Builder()
+    templates: dict[str, set[str]] = {}
+    subjects: set[str] = set()
+    others: list[tuple[str, str, str]] = []  # (relation, prompt, object)
     for i, rec in enumerate(records):
         rw = rec.get("requested_rewrite")
         if isinstance(rw, list):
@@ -398,12 +458,20 @@ def _parse_counterfact(records: list, path: Path) -> World:
             raise RequestFormatError(f"{path}: record {i}: requested_rewrite.target_true.str is missing")
         subject, rid = rw["subject"], str(rw.get("relation_id") or rw["prompt"])
         b.fact(subject, rid, rw["prompt"], true)
+        templates.setdefault(rid, set()).add(rw["prompt"])
+        subjects.add(subject)
         for p in _as_list(rec.get("paraphrase_prompts")):
             b.literal(p, true, "heldout", subject, rid)
-        for p in _as_list(rec.get("neighborhood_prompts")):
-            b.literal(p, true, "train", "", rid)
-        for p in _as_list(rec.get("attribute_prompts")):
-            b.literal(p, new, "train", "", rid)
+        others += [(rid, _str(p), true) for p in _as_list(rec.get("neighborhood_prompts"))]
+        others += [(rid, _str(p), new) for p in _as_list(rec.get("attribute_prompts")) if new]
+    parsed = induce_templates(templates, [(r, p) for r, p, _ in others if p], subjects)
+    for rid, prompt, obj in others:
+        hit = parsed.get((rid, prompt))
+        known = b.subj.get(hit[0]).facts.get(rid) if hit and hit[0] in b.subj else None
+        if hit and known in (None, obj):
+            b.fact(hit[0], rid, hit[1], obj)
+        else:  # no template, or it would contradict a fact already read: keep the sentence as it is
+            b.literal(prompt, obj, "train", "", rid)
     return b.world()
 
 

@@ -22,17 +22,25 @@ from ..delta import LayerDelta, WeightDelta
 from ..hparams import MEMITHParams
 from ..keys import compute_keys, keys_at
 from ..solve import memit_solve
-from ..values import optimize_value
+from ..values import optimize_values
+
+VALUE_ROWS_PER_PASS = 512  # prompt rows per forward pass when optimising several requests' z at once
 
 
 def memit_targets(adapter: ModelAdapter, requests: list, hparams: MEMITHParams, prefixes: list[str]):
     """z_i (n, d_model) at the last MEMIT layer, plus per-request value summaries."""
     z_layer = hparams.layers[-1]
     zs, summaries = [], []
-    for req in progress(requests, desc="MEMIT values", total=len(requests)):
-        val = optimize_value(adapter, req.prompt, req.subject, req.target_new, z_layer, "resid", hparams, prefixes)
-        zs.append(val.target)
-        summaries.append({"case_id": req.case_id, **val.summary()})
+    per_pass = max(1, VALUE_ROWS_PER_PASS // max(1, len(prefixes)))  # requests optimised together
+    with progress(total=len(requests), desc="MEMIT values") as bar:
+        for i in range(0, len(requests), per_pass):
+            chunk = requests[i:i + per_pass]
+            vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in chunk], z_layer, "resid",
+                                   hparams, prefixes, chunk_rows=VALUE_ROWS_PER_PASS)
+            for req, val in zip(chunk, vals):
+                zs.append(val.target)
+                summaries.append({"case_id": req.case_id, **val.summary()})
+            bar.update(len(chunk))
     return torch.stack(zs), summaries
 
 
