@@ -84,6 +84,36 @@ def test_dataset_worlds_parse_both_formats():
     assert World.from_dict(json.loads(json.dumps(ee.to_dict()))).to_dict() == ee.to_dict()
 
 
+def test_counterfact_neighbourhood_prompts_become_facts_of_their_subjects():
+    """CounterFact's neighbourhood/attribute prompts are read as relation templates + subject."""
+    records = json.loads((DATA / "counterfact_sample.json").read_text())
+    cf = World.from_dataset_file(DATA / "counterfact_sample.json")
+    n_other = sum(len(r["neighborhood_prompts"]) + len(r["attribute_prompts"]) for r in records)
+    literal = [st for st in cf.statements if st.split == "train"]
+    assert len(literal) < 0.05 * n_other  # nearly all were recognised
+    rec = records[0]
+    rw = rec["requested_rewrite"]
+    facts = {(s.name, rid): obj for s in cf.subjects for rid, obj in s.facts.items()}
+    for prompt in rec["neighborhood_prompts"]:
+        hits = [(s, t) for r in cf.relations if r.id == rw["relation_id"] for t in r.train_templates
+                for s in [n for n, rid in facts if rid == r.id] if t.format(s) == prompt]
+        if hits:  # this prompt is the fact (subject, relation) -> the record's true object
+            assert facts[(hits[0][0], rw["relation_id"])] == rw["target_true"]["str"]
+    # every induced template keeps the relation's fixed text around one subject slot
+    assert all(t.count("{}") == 1 and t.replace("{}", "").strip() for r in cf.relations for t in r.train_templates)
+
+
+def test_induced_templates_need_support():
+    from superedit.testbed.world import induce_templates
+
+    templates = {"P1": {"{} is owned by"}}
+    prompts = [("P1", "Gmail is owned by"), ("P1", "Gmail, by"), ("P1", "Maps, by"), ("P1", "Maps Studio is new")]
+    parsed = induce_templates(templates, prompts, {"Maps"})
+    assert parsed[("P1", "Gmail, by")] == ("Gmail", "{}, by")  # learned from two prompts
+    assert ("P1", "Maps Studio is new") not in parsed  # one prompt is not enough evidence
+    assert templates["P1"] == {"{} is owned by", "{}, by"}
+
+
 def test_bad_dataset_file(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps([{"foo": 1}]))
