@@ -183,8 +183,10 @@ def test_scaling_records_and_plot(tmp_path):
                 for l in range(n_layers)}
         cov = {l: spd(d, seed=l) for l in range(n_layers)}
         results.append(analyze_keys(keys, cov, model={"source": f"m{n_layers}", "n_params": n_params,
-                                                      "n_layers": n_layers}))
+                                                      "n_layers": n_layers,
+                                                      "training": {"epochs": 200, "recall": n_layers / 5}}))
     rows = scaling_records(results)
+    assert rows[0]["train_epochs"] == 200 and rows[-1]["train_recall"] == 0.8  # the budget is recorded
     assert len(rows) == 6 and rows[-1]["relative_depth"] == 1.0 and rows[1]["relative_depth"] == 1.0
     save_scaling(rows, tmp_path)
     render_scaling(tmp_path)
@@ -192,6 +194,23 @@ def test_scaling_records_and_plot(tmp_path):
         assert (tmp_path / name).is_file(), name
     data = json.loads((tmp_path / "scaling.json").read_text())
     assert [m["n_params"] for m in data["models"]] == [1000, 5000]
+    assert [m["train_recall"] for m in data["models"]] == [0.4, 0.8]
+
+
+def test_scaling_warns_on_unequal_training_budgets(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from superedit.commands.superposition import warn_unequal_budgets
+
+    same = {"world": "synthetic", "seed": 0, "epochs": 200}
+    runs = [SimpleNamespace(model={"source": "a", "training": same}),
+            SimpleNamespace(model={"source": "b", "training": {**same, "epochs": 40}})]
+    with caplog.at_level(logging.WARNING, logger="superedit"):
+        warn_unequal_budgets(runs[:1] * 2)
+        assert not caplog.records
+        warn_unequal_budgets(runs)
+    assert "differ in epochs" in caplog.text and "b: 40" in caplog.text
 
 
 def test_cli_superposition_on_saved_tiny_model(gpt2, gpt2_cov, tmp_path, monkeypatch):

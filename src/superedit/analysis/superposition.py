@@ -531,7 +531,9 @@ def scaling_records(results: Sequence[SuperpositionResult]) -> list[dict[str, An
                          "n_layers": n_layers, "layer": l,
                          "relative_depth": l / (n_layers - 1) if n_layers > 1 else 0.0,
                          "kurtosis": v.stats["kurtosis"], "mean_abs": v.stats["mean_abs"], "std": v.stats["std"],
-                         "frac_abs_gt": v.stats["frac_abs_gt"], "m": v.stats["m"]})
+                         "frac_abs_gt": v.stats["frac_abs_gt"], "m": v.stats["m"],
+                         **{f"train_{k}": v2 for k, v2 in (res.model.get("training") or {}).items()
+                            if k in ("epochs", "recall", "paraphrase_recall")}})
     return rows
 
 
@@ -540,6 +542,7 @@ def save_scaling(rows: list[dict[str, Any]], out_dir: str | Path, config: dict |
     models: dict[str, dict] = {}
     for r in rows:
         d = models.setdefault(r["model"], {"model": r["model"], "n_params": r["n_params"], "n_layers": r["n_layers"],
+                                           **{k: v for k, v in r.items() if k.startswith("train_")},
                                            "kurtosis": []})
         d["kurtosis"].append(r["kurtosis"])
     per_model = []

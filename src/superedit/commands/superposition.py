@@ -17,8 +17,11 @@ from typing import Optional
 
 import typer
 
+from ..utils.logs import get_logger
 from .common import (DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, local_model_dir, parse_layers,
-                     resolve_requests)
+                     resolve_requests, testbed_meta)
+
+log = get_logger(__name__)
 
 
 def load_edit_requests(model: str, requests: str | None, n: int, seed: int) -> list:
@@ -100,11 +103,13 @@ def register(app) -> None:
             cov = make_covariance(adapter, corpus, mom2_tokens, chosen)
             target = out_dir if not models else out_dir / "models" / _slug(spec)
             res = run_one(adapter, reqs, cov, target, chosen, m, seed, fact_token, ridge, top_k, top_by)
+            res.model["training"] = testbed_budget(local_model_dir(spec))
             results.append(res)
             model_dirs[spec] = str(target.relative_to(out_dir)) if models else "."
             del adapter, cov
         result = {"out": str(out_dir), "m": m, "fact_token": fact_token, "ridge": ridge}
         if models:
+            warn_unequal_budgets(results)
             rows = scaling_records(results)
             save_scaling(rows, out_dir, config={"models": specs, "m": m, "seed": seed, "fact_token": fact_token,
                                                 "ridge": ridge, "model_dirs": model_dirs})
@@ -115,3 +120,29 @@ def register(app) -> None:
             result.update({"model": model, "n_params": res.model["n_params"], "layers": _layer_summary(res),
                            "report": str(out_dir / "report.html")})
         emit(result, as_json)
+
+
+def testbed_budget(model_dir) -> dict | None:
+    """A testbed's training budget and outcome (epochs, steps, recall), for the scaling table."""
+    meta = testbed_meta(model_dir)
+    if not meta:
+        return None
+    fig = meta.get("figures") or {}
+    world = meta.get("world") or {}
+    return {"size": meta.get("size"), "seed": meta.get("seed"), "world": world.get("source") or meta.get("facts_file"),
+            "epochs": fig.get("epochs"), "steps": fig.get("steps"), "recall": fig.get("recall"),
+            "paraphrase_recall": fig.get("paraphrase_recall")}
+
+
+def warn_unequal_budgets(results) -> None:
+    """The scaling law is only fair on one world with a comparable budget: say so when it is not."""
+    budgets = [(r.model.get("source"), r.model.get("training")) for r in results]
+    known = [(m, b) for m, b in budgets if b]
+    if len(known) < len(budgets):
+        log.warning("scaling: %d of %d models are not testbeds; their training budget is unknown",
+                    len(budgets) - len(known), len(budgets))
+    for field in ("world", "seed", "epochs"):
+        values = {str(b.get(field)) for _, b in known}
+        if len(values) > 1:
+            log.warning("scaling: the testbeds differ in %s (%s); the comparison is not on equal terms",
+                        field, ", ".join(f"{m}: {b.get(field)}" for m, b in known))

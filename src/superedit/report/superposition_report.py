@@ -266,8 +266,10 @@ def render_scaling(out_dir: str | Path) -> list[Path]:
              f"<style>{_CSS}</style></head><body><h1>Superposition scaling law</h1>",
              "<p>Excess kurtosis of the off-diagonal p(kᵢ,kⱼ) per layer against model size; colour is the "
              "relative depth l/(L-1).</p>", _img(png, "scaling"),
-             _table(data["models"], ["model", "n_params", "n_layers", "kurtosis_mean", "kurtosis_median",
-                                     "kurtosis_max"]),
+             "<p>A fair comparison needs one world and a comparable training budget: the testbeds' epochs "
+             "and recall are listed (empty for models that are not testbeds).</p>",
+             _table(data["models"], ["model", "n_params", "n_layers", "train_epochs", "train_recall",
+                                     "train_paraphrase_recall", "kurtosis_mean", "kurtosis_median", "kurtosis_max"]),
              _table(data["rows"], ["model", "n_params", "layer", "relative_depth", "kurtosis", "mean_abs", "std",
                                    "frac_abs_gt"])]
     sub = data.get("config", {}).get("model_dirs", {})
