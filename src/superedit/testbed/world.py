@@ -476,7 +476,14 @@ def _parse_counterfact(records: list, path: Path) -> World:
 
 
 def _parse_easyedit(records: list, path: Path) -> World:
+    """True facts of every record's subject (its ``prompt`` as the relation's template, aliases from
+    ``subject_rephrase``), plus its locality prompts read as facts of their own subjects where a
+    template can be recognised (as for CounterFact, see :func:`induce_templates`; a record's
+    relation is its prompt template), else kept as literal statements."""
     b = _Builder()
+    templates: dict[str, set[str]] = {}
+    subjects: set[str] = set()
+    others: list[tuple[str, str, str]] = []  # (relation, prompt, object)
     for i, rec in enumerate(records):
         subject, prompt = rec.get("subject"), rec.get("prompt")
         true = _str(rec.get("target_true") or rec.get("ground_truth"))
@@ -490,11 +497,19 @@ def _parse_easyedit(records: list, path: Path) -> World:
         else:
             rid = re.sub(r"\s+", " ", template).strip()
             b.fact(subject, rid, template, true, aliases)
+            templates.setdefault(rid, set()).add(template)
+            subjects.add(subject)
         for p in _as_list(rec.get("rephrase_prompt")):
             if isinstance(p, str):
                 b.literal(p, true, "heldout", subject, rid)
         loc_true = _str(rec.get("locality_ground_truth"))
-        for p in _as_list(rec.get("locality_prompt")):
-            if isinstance(p, str):
-                b.literal(p, loc_true, "train", "", "")
+        others += [(rid, p, loc_true) for p in _as_list(rec.get("locality_prompt")) if isinstance(p, str) and p]
+    parsed = induce_templates(templates, [(r, p) for r, p, _ in others if r], subjects)
+    for rid, prompt, obj in others:
+        hit = parsed.get((rid, prompt))
+        known = b.subj.get(hit[0]).facts.get(rid) if hit and hit[0] in b.subj else None
+        if hit and obj and known in (None, obj):
+            b.fact(hit[0], rid, hit[1], obj)
+        else:
+            b.literal(prompt, obj, "train", "", "")
     return b.world()
