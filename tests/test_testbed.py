@@ -75,6 +75,8 @@ def test_dataset_worlds_parse_both_formats():
 
     ee = World.from_dataset_file(DATA / "easyedit_counterfact_sample.json")
     assert len(ee.subjects) >= 20
+    n_loc = sum(len(r["locality_prompt"]) for r in json.loads((DATA / "easyedit_counterfact_sample.json").read_text()))
+    assert len([st for st in ee.statements if st.split == "train"]) < 0.5 * n_loc  # most became facts
     assert any(s.aliases for s in ee.subjects)
     assert ee.prompts("train") and ee.prompts("heldout")
     rec = json.loads((DATA / "easyedit_counterfact_sample.json").read_text())[0]
