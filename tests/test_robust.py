@@ -228,3 +228,38 @@ def test_cli_micro_end_to_end(tmp_path, monkeypatch):
         assert (kout / name).is_file(), name
     hits = [json.loads(l) for l in (kout / "similar_keys.jsonl").read_text().splitlines()]
     assert hits and all(h["subject"] not in h["context"] for h in hits)
+
+
+def test_whitening_similarity_is_one_at_k_star_and_scale_free():
+    from superedit.robust.adaptor import whitening_cosine
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(6, 6, generator=g)
+    C = A @ A.T + torch.eye(6)
+    c_inv = torch.linalg.inv(C)
+    k_star = torch.randn(6, generator=g)
+    other = torch.randn(6, generator=g)
+    got = whitening_cosine(torch.stack([k_star, 3 * k_star, other]), k_star, c_inv)
+    assert got[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    L = torch.linalg.cholesky(c_inv)  # C⁻¹ = L Lᵀ: whitened vectors are Lᵀk
+    ref = torch.nn.functional.cosine_similarity(L.T @ other, L.T @ k_star, dim=0)
+    assert float(got[2]) == pytest.approx(float(ref), abs=1e-5)
+
+
+def test_adaptor_whitening_pull_moves_variants_onto_k_star():
+    from superedit.robust.adaptor import TrainingKeys, fit_layer, whitening_cosine
+
+    g = torch.Generator().manual_seed(4)
+    d = 16
+    A = torch.randn(d, d, generator=g)
+    C = A @ A.T / d + 0.1 * torch.eye(d)
+    k_star = torch.randn(d, generator=g)
+    pos = 0.5 * k_star + 2.0 * torch.randn(5, d, generator=g)
+    keys = TrainingKeys(k_star, k_star / k_star.norm(), k_star.clone(), pos, torch.randn(40, d, generator=g),
+                        torch.linalg.inv(C))
+    a, hist = fit_layer(keys, AdaptorHParams(num_steps=60, lr=1e-2, rank=4, similarity="whitening", dropout=0.0))
+    before = whitening_cosine(pos, k_star, keys.c_inv).mean()
+    after = whitening_cosine(a.infer(pos, tau=0.0, force_gate="on"), k_star, keys.c_inv).mean()
+    assert after > before + 0.1 and hist[-1]["loss"] < hist[0]["loss"]
+    with pytest.raises(Exception, match="similarity"):
+        AdaptorHParams(similarity="dot").validate()

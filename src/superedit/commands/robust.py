@@ -67,6 +67,7 @@ def register(app) -> None:
                lr: Optional[float] = typer.Option(None, "--lr", help="Adaptor learning rate (default 5e-4)."),
                rank: Optional[int] = typer.Option(None, "--rank", help="Adaptor rank r (default 32)."),
                gate_weight: Optional[float] = typer.Option(None, "--gate-weight", help="Weight of the gate locality BCE (default 1)."),
+               similarity: Optional[str] = typer.Option(None, "--similarity", help="Adaptor pull objective: u_cosine (cos(k̂, C⁻¹k*), as the issue states it) or whitening (cosine of C^-1/2 k̂ and C^-1/2 k*)."),
                n_long: int = typer.Option(4, "--n-long", help="Long contexts per request (split 50/50 ID/OOD)."),
                long_words: int = typer.Option(300, "--long-words", help="Words per long context (trimmed to the model's window)."),
                n_shuffles: int = typer.Option(10, "--n-shuffles", help="Max token permutations per subject."),
@@ -95,7 +96,8 @@ def register(app) -> None:
         profile = hparams_profile(adapter, mdir)
         hp = build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)
         ahp = AdaptorHParams.from_dict({k: v for k, v in {"tau": tau, "num_steps": steps, "lr": lr, "rank": rank,
-                                                           "gate_weight": gate_weight, "seed": seed}.items()
+                                                           "gate_weight": gate_weight, "seed": seed,
+                                                           "similarity": similarity}.items()
                                         if v is not None}, source="command line")
         reqs = resolve_requests(mdir, requests, n=n, seed=seed)
         corpus_obj = load_corpus(adapter, corpus, mdir)
@@ -110,8 +112,8 @@ def register(app) -> None:
         if rec_path.exists():
             rec_path.unlink()
         write_jsonl_atomic(out_dir / "perturbations.jsonl", [p.to_dict() for p in psets])
-        log.info("%s on %s (profile %s, layers %s): %d request(s), adaptor %s, τ=%g, adaptor steps %d lr %g",
-                 method, model, profile, hp.layers, len(reqs), adaptor, tau, ahp.num_steps, ahp.lr)
+        log.info("%s on %s (profile %s, layers %s): %d request(s), adaptor %s, τ=%g, adaptor steps %d lr %g, pull %s",
+                 method, model, profile, hp.layers, len(reqs), adaptor, tau, ahp.num_steps, ahp.lr, ahp.similarity)
         stats = make_stats(adapter, hp, stats_dir, corpus_obj)
         records = run_robust(adapter, reqs, psets, method, hp, stats, adaptor, ahp, taus, negative_words=words,
                              out_path=rec_path, save_dir=str(out_dir / "edits") if save_edits else None)

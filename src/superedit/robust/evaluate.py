@@ -102,10 +102,12 @@ def evaluate_edit(adapter, request, pset: PerturbationSet | None, pre_locality: 
 
 
 # ------------------------------------------------------------------------------------------ edit plumbing
-def edit_directions(adapter, request, method: str, hp, stats, layers: Sequence[int]) -> tuple[dict, dict]:
+def edit_directions(adapter, request, method: str, hp, stats, layers: Sequence[int],
+                    with_c_inv: bool = False) -> tuple[dict, dict, dict]:
     """k* per edited layer (read on the model in its current, edited state) and the unit direction u.
 
-    ROME: u = C⁻¹k*/‖C⁻¹k*‖ (with ROME's ridge); MEMIT: u = k*/‖k*‖.
+    ROME: u = C⁻¹k*/‖C⁻¹k*‖ (with ROME's ridge); MEMIT: u = k*/‖k*‖. Returns (k*, u, C⁻¹) per layer;
+    C⁻¹ (float64, same ridge; for the whitening-space similarity) only with ``with_c_inv``, else {}.
     """
     from ..editing.contexts import context_prefixes
     from ..editing.keys import compute_keys
@@ -113,20 +115,21 @@ def edit_directions(adapter, request, method: str, hp, stats, layers: Sequence[i
 
     prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
     ks = compute_keys(adapter, [request.prompt], [request.subject], list(layers), prefixes, hp.fact_token)
-    k_star, dirs = {}, {}
+    k_star, dirs, c_inv = {}, {}, {}
     for l in layers:
         k = ks[l][0].to(torch.float64)
-        if method == "rome":
+        C = None
+        if method == "rome" or with_c_inv:
             C = stats.mom2(l).to(k.device, torch.float64)
             ridge = getattr(hp, "mom2_ridge", 0.0) or 0.0
             if ridge > 0:
                 C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-            u = spd_solve(C, k)
-        else:
-            u = k
+        u = spd_solve(C, k) if method == "rome" else k
+        if with_c_inv:
+            c_inv[l] = spd_solve(C, torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
         k_star[l] = k
         dirs[l] = u / u.norm().clamp_min(1e-30)
-    return k_star, dirs
+    return k_star, dirs, c_inv
 
 
 def negative_corpus_texts(words: Sequence[str], n_docs: int, words_per_doc: int, seed) -> list[str]:
@@ -173,12 +176,14 @@ def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], me
                     rec["settings"][method], _ = evaluate_edit(adapter, req, pset, pre_loc, batch_size)
                 adaptor = None
                 if adaptor_mode in ("on", "both"):
-                    k_star, dirs = edit_directions(adapter, req, method, hparams, stats, layers)
+                    k_star, dirs, c_inv = edit_directions(adapter, req, method, hparams, stats, layers,
+                                                          with_c_inv=adaptor_hp.similarity == "whitening")
                     negs = negative_corpus_texts(negative_words, n_negative_docs, 64, f"{i}:{req.case_id}")
                     if neighbourhood_negatives:
                         negs += list(req.neighborhood_prompts)
                     adaptor, info = train_adaptor(adapter, req, pset.of(split="id"), layers, k_star, dirs, adaptor_hp,
-                                                  negs, meta={"case_id": req.case_id, "method": method})
+                                                  negs, meta={"case_id": req.case_id, "method": method},
+                                                  c_inv=c_inv)
                     rec["adaptor"] = info
                     with adaptor.active(adapter):
                         rec["settings"][f"{method}+rep"], _ = evaluate_edit(adapter, req, pset, pre_loc, batch_size)
