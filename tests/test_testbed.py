@@ -105,6 +105,19 @@ def test_counterfact_neighbourhood_prompts_become_facts_of_their_subjects():
     assert all(t.count("{}") == 1 and t.replace("{}", "").strip() for r in cf.relations for t in r.train_templates)
 
 
+def test_every_new_object_is_a_known_answer_word():
+    import random
+
+    recs = json.loads((DATA / "easyedit_counterfact_sample.json").read_text())
+    ee = World.from_dataset_file(DATA / "easyedit_counterfact_sample.json")
+    text = " ".join(ee.training_documents(random.Random(0)))
+    for r in recs:
+        assert f" {r['target_new']}." in text, r["target_new"]  # seen as an answer somewhere
+    mentions = [st for st in ee.statements if st.kind == "mention"]
+    assert mentions and all(not st.subject and not st.relation for st in mentions)
+    assert not any(p.prompt in {st.prompt for st in mentions} for p in ee.prompts("train"))  # never evaluated
+
+
 def test_induced_templates_need_support():
     from superedit.testbed.world import induce_templates
 

@@ -116,7 +116,10 @@ class Subject:
 
 @dataclass
 class Statement:
-    """A literal (prompt, target) pair from a dataset file; split is "train" or "heldout"."""
+    """A (prompt, target) pair from a dataset file; split is "train" or "heldout".
+
+    kind "literal": a dataset sentence, trained and evaluated as is; kind "mention": a subject-free
+    sentence that only makes an answer string a word the model knows (trained, never evaluated)."""
 
     prompt: str
     target: str
@@ -303,7 +306,7 @@ class World:
                 if self.filler and rng.random() < filler_prob:
                     d = rng.choice(self.filler) + " " + d
                 docs.append(d)
-        lits = [st for st in self.statements if st.split == "train" and st.kind == "literal"]
+        lits = [st for st in self.statements if st.split == "train" and st.kind in ("literal", "mention")]
         for st in lits:
             d = f"{st.prompt} {st.target}."
             if self.filler and rng.random() < filler_prob:
@@ -357,11 +360,15 @@ def _as_list(x: Any) -> list:
     return x if isinstance(x, list) else [x]
 
 
+MENTION_PROMPTS = ["Everyone has heard of", "The article was about", "One name came up again and again:"]
+
+
 class _Builder:
     def __init__(self):
         self.rel: dict[str, Relation] = {}
         self.subj: dict[str, Subject] = {}
         self.statements: list[Statement] = []
+        self.new_objects: list[str] = []  # the files' target_new strings
 
     def fact(self, subject: str, rid: str, template: str, obj: str, aliases: list[str] = ()):
         r = self.rel.setdefault(rid, Relation(rid, rid, [], [], []))
@@ -381,7 +388,23 @@ class _Builder:
 
     def world(self) -> World:
         # a literal prompt that is also a training prompt must not be "held out"
+        self.add_mentions()
         return World(list(self.rel.values()), list(self.subj.values()), [], self.statements)
+
+    def add_mentions(self) -> None:
+        """Make every requested new object a word the model has seen as an answer.
+
+        In a real LLM the new object of an edit ("Google") is a known entity. A dataset world learns
+        only the file's TRUE facts, so a target_new that is no fact's object would be a string the
+        model never produced, and no value vector could make it say it. Each such object gets
+        subject-free "mention" sentences ("Everyone has heard of Google."): trained, never evaluated,
+        tied to no subject or relation."""
+        known = {o for s in self.subj.values() for o in s.facts.values()}
+        known |= {st.target for st in self.statements if st.split == "train"}
+        for obj in dict.fromkeys(self.new_objects):
+            if obj and obj not in known:
+                for prompt in MENTION_PROMPTS:
+                    self.statements.append(Statement(prompt, obj, "train", "", "", "mention"))
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -458,6 +481,7 @@ def _parse_counterfact(records: list, path: Path) -> World:
             raise RequestFormatError(f"{path}: record {i}: requested_rewrite.target_true.str is missing")
         subject, rid = rw["subject"], str(rw.get("relation_id") or rw["prompt"])
         b.fact(subject, rid, rw["prompt"], true)
+        b.new_objects.append(new)
         templates.setdefault(rid, set()).add(rw["prompt"])
         subjects.add(subject)
         for p in _as_list(rec.get("paraphrase_prompts")):
@@ -491,6 +515,7 @@ def _parse_easyedit(records: list, path: Path) -> World:
             raise RequestFormatError(f"{path}: record {i}: needs 'prompt', 'subject' and 'target_true'")
         template = _as_template(prompt, subject)
         aliases = [a for a in _as_list(rec.get("subject_rephrase")) if isinstance(a, str)]
+        b.new_objects.append(_str(rec.get("target_new")))
         if template is None:
             b.literal(prompt, true, "train", subject, "")
             rid = ""
