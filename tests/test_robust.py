@@ -32,7 +32,7 @@ def trained_adaptor(d=24, seed=0):
     k_star = torch.randn(d)
     keys = TrainingKeys(k_star, torch.nn.functional.normalize(torch.randn(d), dim=0), k_star + 0.1 * torch.randn(d),
                         k_star + torch.randn(6, d), torch.randn(40, d))
-    return fit_layer(keys, AdaptorHParams(num_steps=30, lr=1e-2, rank=4))
+    return fit_layer(keys, AdaptorHParams(num_steps=30, lr=1e-2, rank=4, similarity="u_cosine"))
 
 
 # ------------------------------------------------------------------------------------------ perturbations
@@ -131,13 +131,15 @@ def test_loss_decreases_on_tiny_model_and_gate_separates():
     pset = perturb.make_perturbations(adapter.tokenizer, REQ, words=perturb.corpus_words(CORPUS), long_words=30)
     k = torch.randn(adapter.d_mlp, dtype=torch.float64)
     u = torch.linalg.solve(stats.mom2(1), k)
-    hp = AdaptorHParams(num_steps=40, lr=5e-3, rank=8)
-    rep, info = train_adaptor(adapter, REQ, pset.of(split="id"), [1], {1: k}, {1: u / u.norm()}, hp,
-                              negative_texts=CORPUS[:4])
-    lay = info["layers"]["1"]
-    assert lay["loss_end"] < lay["loss_start"]
-    assert lay["cos_u_after"] > lay["cos_u_before"]
-    assert lay["gate_pos_mean"] > lay["gate_neg_mean"]
+    for similarity in ("u_cosine", "whitening"):
+        hp = AdaptorHParams(num_steps=40, lr=5e-3, rank=8, similarity=similarity)
+        rep, info = train_adaptor(adapter, REQ, pset.of(split="id"), [1], {1: k}, {1: u / u.norm()}, hp,
+                                  negative_texts=CORPUS[:4], c_inv={1: torch.linalg.inv(stats.mom2(1))})
+        lay = info["layers"]["1"]
+        assert lay["loss_end"] < lay["loss_start"]
+        pulled = "cos_u" if similarity == "u_cosine" else "whitening_cos"
+        assert lay[f"{pulled}_after"] > lay[f"{pulled}_before"]
+        assert lay["gate_pos_mean"] > lay["gate_neg_mean"]
     assert not any(m._forward_pre_hooks for m in adapter.model.modules())  # training leaves no hooks
 
 
@@ -263,3 +265,15 @@ def test_adaptor_whitening_pull_moves_variants_onto_k_star():
     assert after > before + 0.1 and hist[-1]["loss"] < hist[0]["loss"]
     with pytest.raises(Exception, match="similarity"):
         AdaptorHParams(similarity="dot").validate()
+
+
+def test_rep_profile_for_testbeds_and_missing_c_inv_is_clear():
+    from superedit.editing.hparams import load_hparams
+    from superedit.robust.adaptor import TrainingKeys, fit_layer
+
+    hp = load_hparams(AdaptorHParams, "rep", "testbed-small")
+    assert (hp.num_steps, hp.lr, hp.similarity) == (100, 5e-3, "whitening")
+    assert load_hparams(AdaptorHParams, "rep", "gpt2").num_steps == 10  # other models: the paper's settings
+    keys = TrainingKeys(torch.ones(4), torch.ones(4) / 2, torch.ones(4), torch.randn(2, 4), torch.randn(3, 4))
+    with pytest.raises(Exception, match="needs C"):
+        fit_layer(keys, AdaptorHParams(num_steps=1, rank=2))

@@ -63,11 +63,12 @@ def register(app) -> None:
                out: str = typer.Option(..., "--out", help="Output directory."),
                hparams: Optional[str] = typer.Option(None, "--hparams", help="YAML overriding the edit hparams."),
                rephrases: Optional[str] = typer.Option(None, "--rephrases", help="JSON subject -> [rephrases] (added to subject_rephrases)."),
-               steps: Optional[int] = typer.Option(None, "--steps", help="Adaptor Adam steps (default 10)."),
-               lr: Optional[float] = typer.Option(None, "--lr", help="Adaptor learning rate (default 5e-4)."),
+               steps: Optional[int] = typer.Option(None, "--steps", help="Adaptor Adam steps (default: the rep profile, 100 on testbeds; the paper and other models: 10)."),
+               lr: Optional[float] = typer.Option(None, "--lr", help="Adaptor learning rate (default: the rep profile, 5e-3 on testbeds; the paper and other models: 5e-4)."),
                rank: Optional[int] = typer.Option(None, "--rank", help="Adaptor rank r (default 32)."),
                gate_weight: Optional[float] = typer.Option(None, "--gate-weight", help="Weight of the gate locality BCE (default 1)."),
-               similarity: Optional[str] = typer.Option(None, "--similarity", help="Adaptor pull objective: u_cosine (cos(k̂, C⁻¹k*), as the issue states it) or whitening (cosine of C^-1/2 k̂ and C^-1/2 k*)."),
+               similarity: Optional[str] = typer.Option(None, "--similarity", help="Adaptor pull objective: whitening (cosine of C^-1/2 k̂ and C^-1/2 k*; default) or u_cosine (cos(k̂, C⁻¹k*))."),
+               adaptor_hparams: Optional[str] = typer.Option(None, "--adaptor-hparams", help="YAML of adaptor hparams (rank, num_steps, lr, similarity, …) over the packaged rep/<profile>.yaml; the options above override it."),
                n_long: int = typer.Option(4, "--n-long", help="Long contexts per request (split 50/50 ID/OOD)."),
                long_words: int = typer.Option(300, "--long-words", help="Words per long context (trimmed to the model's window)."),
                n_shuffles: int = typer.Option(10, "--n-shuffles", help="Max token permutations per subject."),
@@ -79,6 +80,7 @@ def register(app) -> None:
                verbose: bool = typer.Option(False, "--verbose", "-v")):
         """Robust Edit Pathway: edits vs edits + gated key adaptor on rephrased, shuffled and long-context queries."""
         from ..models import load_model
+        from ..editing.hparams import load_hparams
         from ..robust.adaptor import AdaptorHParams
         from ..robust.evaluate import run_robust, summarize_records, table_rows
         from ..robust.perturb import build_perturbations, corpus_words, load_rephrases
@@ -95,10 +97,10 @@ def register(app) -> None:
         mdir = local_model_dir(model)
         profile = hparams_profile(adapter, mdir)
         hp = build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)
-        ahp = AdaptorHParams.from_dict({k: v for k, v in {"tau": tau, "num_steps": steps, "lr": lr, "rank": rank,
-                                                           "gate_weight": gate_weight, "seed": seed,
-                                                           "similarity": similarity}.items()
-                                        if v is not None}, source="command line")
+        ahp = load_hparams(AdaptorHParams, "rep", profile, adaptor_hparams,
+                           {k: v for k, v in {"tau": tau, "num_steps": steps, "lr": lr, "rank": rank,
+                                              "gate_weight": gate_weight, "seed": seed,
+                                              "similarity": similarity}.items() if v is not None})
         reqs = resolve_requests(mdir, requests, n=n, seed=seed)
         corpus_obj = load_corpus(adapter, corpus, mdir)
         words = corpus_words(corpus_obj)
