@@ -500,13 +500,16 @@ def _parse_counterfact(records: list, path: Path) -> World:
 
 
 def _parse_easyedit(records: list, path: Path) -> World:
-    """True facts of every record's subject (its ``prompt`` as the relation's template, aliases from
+    """True facts of every record's subject (its ``prompt`` as a template, aliases from
     ``subject_rephrase``), plus its locality prompts read as facts of their own subjects where a
-    template can be recognised (as for CounterFact, see :func:`induce_templates`; a record's
-    relation is its prompt template), else kept as literal statements."""
+    template can be recognised (as for CounterFact, see :func:`induce_templates`), else kept as
+    literal statements. EasyEdit records carry no relation id: a record's relation starts as its
+    prompt template, and relations that end up sharing a template (after induction) are merged,
+    so one relation holds the subjects of several records and their different objects."""
     b = _Builder()
     templates: dict[str, set[str]] = {}
     subjects: set[str] = set()
+    rows = []  # (rid or "", subject, template or None, true, aliases)
     others: list[tuple[str, str, str]] = []  # (relation, prompt, object)
     for i, rec in enumerate(records):
         subject, prompt = rec.get("subject"), rec.get("prompt")
@@ -516,25 +519,56 @@ def _parse_easyedit(records: list, path: Path) -> World:
         template = _as_template(prompt, subject)
         aliases = [a for a in _as_list(rec.get("subject_rephrase")) if isinstance(a, str)]
         b.new_objects.append(_str(rec.get("target_new")))
+        rid = re.sub(r"\s+", " ", template).strip() if template is not None else ""
         if template is None:
             b.literal(prompt, true, "train", subject, "")
-            rid = ""
         else:
-            rid = re.sub(r"\s+", " ", template).strip()
-            b.fact(subject, rid, template, true, aliases)
             templates.setdefault(rid, set()).add(template)
             subjects.add(subject)
+        rows.append((rid, subject, template, true, aliases))
         for p in _as_list(rec.get("rephrase_prompt")):
             if isinstance(p, str):
                 b.literal(p, true, "heldout", subject, rid)
         loc_true = _str(rec.get("locality_ground_truth"))
         others += [(rid, p, loc_true) for p in _as_list(rec.get("locality_prompt")) if isinstance(p, str) and p]
     parsed = induce_templates(templates, [(r, p) for r, p, _ in others if r], subjects)
+    canon = _merge_relations(templates)
+    for rid, subject, template, true, aliases in rows:
+        if template is not None:
+            b.fact(subject, canon[rid], template, true, aliases)
     for rid, prompt, obj in others:
         hit = parsed.get((rid, prompt))
-        known = b.subj.get(hit[0]).facts.get(rid) if hit and hit[0] in b.subj else None
+        crid = canon.get(rid, rid)
+        known = b.subj.get(hit[0]).facts.get(crid) if hit and hit[0] in b.subj else None
         if hit and obj and known in (None, obj):
-            b.fact(hit[0], rid, hit[1], obj)
+            b.fact(hit[0], crid, hit[1], obj)
         else:
             b.literal(prompt, obj, "train", "", "")
+    for rid, ts in templates.items():  # every template of a merged relation phrases all its facts
+        for t in sorted(ts):
+            r = b.rel.get(canon[rid])
+            if r is not None and t not in r.train_templates:
+                r.train_templates.append(t)
     return b.world()
+
+
+def _merge_relations(templates: dict[str, set[str]]) -> dict[str, str]:
+    """Union of relations that share a template; maps each relation to its group's smallest id."""
+    parent = {r: r for r in templates}
+
+    def find(r):
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    owner: dict[str, str] = {}
+    for rid in sorted(templates):
+        for t in templates[rid]:
+            if t in owner:
+                a, c = find(owner[t]), find(rid)
+                if a != c:
+                    parent[max(a, c)] = min(a, c)
+            else:
+                owner[t] = rid
+    return {r: find(r) for r in templates}
