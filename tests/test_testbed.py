@@ -214,3 +214,11 @@ def test_builtin_default_is_shipped_and_loads():
     meta = read_testbed_meta(d)
     assert meta["size"] == DEFAULT_SIZE
     assert meta["figures"]["recall"] >= 0.9
+
+
+def test_relations_sharing_a_template_are_merged():
+    from superedit.testbed.world import _merge_relations
+
+    canon = _merge_relations({"a": {"{} by", "{} made"}, "b": {"{} made", "{} built"}, "c": {"{} built"},
+                              "d": {"{} sings"}})
+    assert canon == {"a": "a", "b": "a", "c": "a", "d": "d"}
