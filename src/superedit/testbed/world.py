@@ -489,14 +489,22 @@ def _parse_counterfact(records: list, path: Path) -> World:
         others += [(rid, _str(p), true) for p in _as_list(rec.get("neighborhood_prompts"))]
         others += [(rid, _str(p), new) for p in _as_list(rec.get("attribute_prompts")) if new]
     parsed = induce_templates(templates, [(r, p) for r, p, _ in others if p], subjects)
+    _facts_or_literals(b, others, parsed)
+    return b.world()
+
+
+def _facts_or_literals(b: "_Builder", others: list[tuple[str, str, str]],
+                       parsed: dict[tuple[str, str], tuple[str, str]], canon: dict[str, str] | None = None) -> None:
+    """Each (relation, prompt, object) becomes a fact of the subject its template revealed, or stays a
+    literal statement when no template matched or the fact would contradict one already read."""
     for rid, prompt, obj in others:
         hit = parsed.get((rid, prompt))
-        known = b.subj.get(hit[0]).facts.get(rid) if hit and hit[0] in b.subj else None
-        if hit and known in (None, obj):
+        rid = (canon or {}).get(rid, rid)
+        known = b.subj[hit[0]].facts.get(rid) if hit and hit[0] in b.subj else None
+        if hit and obj and known in (None, obj):
             b.fact(hit[0], rid, hit[1], obj)
-        else:  # no template, or it would contradict a fact already read: keep the sentence as it is
+        else:
             b.literal(prompt, obj, "train", "", rid)
-    return b.world()
 
 
 def _parse_easyedit(records: list, path: Path) -> World:
@@ -536,14 +544,7 @@ def _parse_easyedit(records: list, path: Path) -> World:
     for rid, subject, template, true, aliases in rows:
         if template is not None:
             b.fact(subject, canon[rid], template, true, aliases)
-    for rid, prompt, obj in others:
-        hit = parsed.get((rid, prompt))
-        crid = canon.get(rid, rid)
-        known = b.subj.get(hit[0]).facts.get(crid) if hit and hit[0] in b.subj else None
-        if hit and obj and known in (None, obj):
-            b.fact(hit[0], crid, hit[1], obj)
-        else:
-            b.literal(prompt, obj, "train", "", "")
+    _facts_or_literals(b, others, parsed, canon)
     for rid, ts in templates.items():  # every template of a merged relation phrases all its facts
         for t in sorted(ts):
             r = b.rel.get(canon[rid])
