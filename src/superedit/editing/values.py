@@ -70,6 +70,11 @@ def optimize_value(adapter: ModelAdapter, prompt: str, subject: str, target: str
     return optimize_values(adapter, [(prompt, subject, target)], layer, site, hp, prefixes)[0]
 
 
+def requests_per_pass(n_prefixes: int, chunk_rows: int = 512) -> int:
+    """How many requests :func:`optimize_values` optimises in one pass of at most ``chunk_rows`` prompt rows."""
+    return max(1, chunk_rows // max(1, n_prefixes))
+
+
 def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], layer: int, site: str,
                     hp: ValueHParams, prefixes: list[str], chunk_rows: int = 512) -> list[ValueResult]:
     """Optimise v* for several requests ``(template, subject, target)`` at once.
@@ -84,7 +89,7 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
         raise ValueError(f"value site must be 'value' (ROME) or 'resid' (MEMIT), got {site!r}")
     if not items:
         return []
-    per = max(1, chunk_rows // max(1, len(prefixes)))
+    per = requests_per_pass(len(prefixes), chunk_rows)
     if len(items) > per:
         return [r for i in range(0, len(items), per)
                 for r in optimize_values(adapter, items[i:i + per], layer, site, hp, prefixes, chunk_rows)]

@@ -286,7 +286,7 @@ def fit_layer(keys: TrainingKeys, hp: AdaptorHParams, layer_seed: int = 0) -> tu
     a = KeyAdaptor(d, hp.rank, hp.gate_hidden_frac, hp.dropout, seed=hp.seed + layer_seed, key_scale=scale)
     a.train()
     opt = torch.optim.Adam(a.parameters(), lr=hp.lr)
-    k_star, u = keys.k_star.float(), keys.direction.float()
+    k_star = keys.k_star.float()
     k_orig = keys.k_orig.float()[None]
     pos = keys.positives.float()
     gate_pos = torch.cat([k_orig, pos])

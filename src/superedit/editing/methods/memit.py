@@ -22,7 +22,7 @@ from ..delta import LayerDelta, WeightDelta
 from ..hparams import MEMITHParams
 from ..keys import compute_keys, keys_at
 from ..solve import memit_solve
-from ..values import optimize_values
+from ..values import optimize_values, requests_per_pass
 
 VALUE_ROWS_PER_PASS = 512  # prompt rows per forward pass when optimising several requests' z at once
 
@@ -31,7 +31,7 @@ def memit_targets(adapter: ModelAdapter, requests: list, hparams: MEMITHParams, 
     """z_i (n, d_model) at the last MEMIT layer, plus per-request value summaries."""
     z_layer = hparams.layers[-1]
     zs, summaries = [], []
-    per_pass = max(1, VALUE_ROWS_PER_PASS // max(1, len(prefixes)))  # requests optimised together
+    per_pass = requests_per_pass(len(prefixes), VALUE_ROWS_PER_PASS)
     with progress(total=len(requests), desc="MEMIT values") as bar:
         for i in range(0, len(requests), per_pass):
             chunk = requests[i:i + per_pass]
