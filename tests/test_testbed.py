@@ -105,17 +105,47 @@ def test_counterfact_neighbourhood_prompts_become_facts_of_their_subjects():
     assert all(t.count("{}") == 1 and t.replace("{}", "").strip() for r in cf.relations for t in r.train_templates)
 
 
-def test_every_new_object_is_a_known_answer_word():
-    import random
-
+def test_every_new_object_is_an_answer_of_its_relation():
+    """Each (relation, target_new) pair that no fact of the file covers gets synthetic anchor
+    subjects, so the world's model knows the new object as an answer of that relation."""
     recs = json.loads((DATA / "easyedit_counterfact_sample.json").read_text())
     ee = World.from_dataset_file(DATA / "easyedit_counterfact_sample.json")
-    text = " ".join(ee.training_documents(random.Random(0)))
+    by_name = {s.name: s for s in ee.subjects}
+    real = {r["subject"] for r in recs}
     for r in recs:
-        assert f" {r['target_new']}." in text, r["target_new"]  # seen as an answer somewhere
-    mentions = [st for st in ee.statements if st.kind == "mention"]
-    assert mentions and all(not st.subject and not st.relation for st in mentions)
-    assert not any(p.prompt in {st.prompt for st in mentions} for p in ee.prompts("train"))  # never evaluated
+        (rid, _), = by_name[r["subject"]].facts.items()
+        owners = [s.name for s in ee.subjects if s.facts.get(rid) == r["target_new"]]
+        assert owners, (r["subject"], r["target_new"])
+    anchors = [s for s in ee.subjects if s.name not in real and s.first]
+    assert anchors and all(len(s.facts) == 1 and not s.aliases for s in anchors)
+    # anchor names share no word with any dataset subject or alias (no false bottleneck matches)
+    words = {w for s in ee.subjects if s not in anchors for n in [s.name, *s.aliases] for w in n.split()}
+    assert not any(set(s.name.split()) & words for s in anchors)
+    # the CounterFact sample needs none: its attribute prompts already name subjects of every new object
+    cf = World.from_dataset_file(DATA / "counterfact_sample.json")
+    assert not [s for s in cf.subjects if s.first]
+    # deterministic per seed
+    assert World.from_dataset_file(DATA / "easyedit_counterfact_sample.json").to_dict() == ee.to_dict()
+
+
+def test_new_object_without_a_relation_gets_mentions(tmp_path):
+    """A record whose prompt has no template (subject not in it) has no relation to anchor its new
+    object in; the object still appears in subject-free mention sentences, never evaluated."""
+    import random
+
+    p = tmp_path / "ee.json"
+    p.write_text(json.dumps([
+        {"subject": "Quux", "prompt": "The gadget was made by", "target_new": "Zorblatt", "target_true": "Acme"},
+        {"subject": "Foo Bar", "prompt": "Foo Bar was made by", "target_new": "Acme", "target_true": "Initech"},
+    ]))
+    w = World.from_dataset_file(p)
+    mentions = [st for st in w.statements if st.kind == "mention"]
+    assert {st.target for st in mentions} == {"Zorblatt"}
+    assert all(not st.subject and not st.relation for st in mentions)
+    assert " Zorblatt." in " ".join(w.training_documents(random.Random(0)))
+    assert not any(pr.prompt in {st.prompt for st in mentions} for pr in w.prompts("train"))
+    # the templated record's new object got anchor subjects of its relation
+    assert any(s.facts.get("{} was made by") == "Acme" for s in w.subjects if s.name != "Foo Bar")
 
 
 def test_induced_templates_need_support():

@@ -199,9 +199,9 @@ class World:
         if not isinstance(records, list) or not records:
             raise RequestFormatError(f"{path}: expected a non-empty JSON list of records")
         if "requested_rewrite" in records[0]:
-            world = _parse_counterfact(records, path)
+            world = _parse_counterfact(records, path, seed)
         elif "prompt" in records[0] and "subject" in records[0]:
-            world = _parse_easyedit(records, path)
+            world = _parse_easyedit(records, path, seed)
         else:
             raise RequestFormatError(
                 f"{path}: record 0 has neither 'requested_rewrite' (CounterFact) nor 'prompt'+'subject' "
@@ -360,6 +360,7 @@ def _as_list(x: Any) -> list:
     return x if isinstance(x, list) else [x]
 
 
+ANCHORS_PER_OBJECT = 3  # synthetic subjects per (relation, new object) pair no fact covers (see _Builder.add_anchors)
 MENTION_PROMPTS = ["Everyone has heard of", "The article was about", "One name came up again and again:"]
 
 
@@ -368,7 +369,8 @@ class _Builder:
         self.rel: dict[str, Relation] = {}
         self.subj: dict[str, Subject] = {}
         self.statements: list[Statement] = []
-        self.new_objects: list[str] = []  # the files' target_new strings
+        self.new_pairs: list[tuple[str, str]] = []  # the files' (relation, target_new) pairs
+        self.anchors: list[str] = []  # synthetic subjects added by add_anchors
 
     def fact(self, subject: str, rid: str, template: str, obj: str, aliases: list[str] = ()):
         r = self.rel.setdefault(rid, Relation(rid, rid, [], [], []))
@@ -386,22 +388,54 @@ class _Builder:
         if prompt and target:
             self.statements.append(Statement(prompt, target, split, subject, relation, "literal"))
 
-    def world(self) -> World:
-        # a literal prompt that is also a training prompt must not be "held out"
+    def world(self, seed: int = 0) -> World:
+        self.add_anchors(seed)
         self.add_mentions()
         return World(list(self.rel.values()), list(self.subj.values()), [], self.statements)
 
-    def add_mentions(self) -> None:
-        """Make every requested new object a word the model has seen as an answer.
+    def add_anchors(self, seed: int = 0, per_object: int = ANCHORS_PER_OBJECT) -> None:
+        """Make every requested new object a known answer of the relation it is requested for.
 
-        In a real LLM the new object of an edit ("Google") is a known entity. A dataset world learns
-        only the file's TRUE facts, so a target_new that is no fact's object would be a string the
-        model never produced, and no value vector could make it say it. Each such object gets
-        subject-free "mention" sentences ("Everyone has heard of Google."): trained, never evaluated,
-        tied to no subject or relation."""
+        In a real LLM the new object of an edit is a known answer of its relation ("Boeing" is a
+        manufacturer: "X is a product of" can end in "Boeing"). A dataset world learns only the
+        file's true facts, so "Triumph TR8 is a product of Boeing" asks for an object that no
+        subject of that relation has: the world's model gives it a log-probability near -25 after
+        any subject and no value vector at the subject's last token can lift it (measured: v* NLL
+        stuck at 7-10 even with an unconstrained residual delta). A relation with a single object
+        is worse: its answer does not depend on the subject at all. CounterFact's attribute prompts
+        supply such subjects; EasyEdit files have none. So each (relation, new object) pair that no
+        fact covers gets ``per_object`` synthetic anchor subjects (fresh person names) whose fact
+        it is, trained like every other fact and never edited or evaluated as requests."""
+        have = {(rid, o) for s in self.subj.values() for rid, o in s.facts.items()}
+        missing = [(rid, o) for rid, o in dict.fromkeys(self.new_pairs) if rid in self.rel and o and (rid, o) not in have]
+        if not missing:
+            return
+        rng = random.Random(f"superedit-world:{seed}:anchors")
+        names = [f"{f} {last}" for f in FIRST_NAMES_F + FIRST_NAMES_M for last in LAST_NAMES]
+        rng.shuffle(names)
+        taken = set(self.subj) | {a for s in self.subj.values() for a in s.aliases}
+        words = {w for t in taken for w in re.findall(r"\w+", t)}  # no anchor name shares a word with a real name
+        free = (n for n in names if not set(n.split()) & words)
+        for rid, obj in missing:
+            template = self.rel[rid].train_templates[0]
+            for _ in range(per_object):
+                name = next(free, None)
+                if name is None:
+                    raise ValueError(f"not enough synthetic names for {len(missing)} anchor objects "
+                                     f"x {per_object}; lower ANCHORS_PER_OBJECT")
+                first, last = name.split(" ", 1)
+                self.fact(name, rid, template, obj)
+                self.subj[name].first, self.subj[name].last = first, last
+                self.anchors.append(name)
+
+    def add_mentions(self) -> None:
+        """Subject-free "mention" sentences ("Everyone has heard of Google.") for the requested new
+        objects that are still no fact's object after :meth:`add_anchors` (a request whose prompt
+        has no template, so no relation to anchor them in): trained, never evaluated, tied to no
+        subject or relation, so the model has at least seen the word."""
         known = {o for s in self.subj.values() for o in s.facts.values()}
         known |= {st.target for st in self.statements if st.split == "train"}
-        for obj in dict.fromkeys(self.new_objects):
+        for obj in dict.fromkeys(o for _, o in self.new_pairs):
             if obj and obj not in known:
                 for prompt in MENTION_PROMPTS:
                     self.statements.append(Statement(prompt, obj, "train", "", "", "mention"))
@@ -458,7 +492,7 @@ def induce_templates(templates: dict[str, set[str]], prompts: list[tuple[str, st
     return parsed
 
 
-def _parse_counterfact(records: list, path: Path) -> World:
+def _parse_counterfact(records: list, path: Path, seed: int = 0) -> World:
     """True facts of every record's subject, plus its neighbourhood prompts (other subjects with the
     same relation and the record's true object) and attribute prompts (subjects whose true object
     is the record's new one), read as facts of their own subjects wherever their template can be
@@ -481,7 +515,7 @@ def _parse_counterfact(records: list, path: Path) -> World:
             raise RequestFormatError(f"{path}: record {i}: requested_rewrite.target_true.str is missing")
         subject, rid = rw["subject"], str(rw.get("relation_id") or rw["prompt"])
         b.fact(subject, rid, rw["prompt"], true)
-        b.new_objects.append(new)
+        b.new_pairs.append((rid, new))
         templates.setdefault(rid, set()).add(rw["prompt"])
         subjects.add(subject)
         for p in _as_list(rec.get("paraphrase_prompts")):
@@ -490,7 +524,7 @@ def _parse_counterfact(records: list, path: Path) -> World:
         others += [(rid, _str(p), new) for p in _as_list(rec.get("attribute_prompts")) if new]
     parsed = induce_templates(templates, [(r, p) for r, p, _ in others if p], subjects)
     _facts_or_literals(b, others, parsed)
-    return b.world()
+    return b.world(seed)
 
 
 def _facts_or_literals(b: "_Builder", others: list[tuple[str, str, str]],
@@ -507,7 +541,7 @@ def _facts_or_literals(b: "_Builder", others: list[tuple[str, str, str]],
             b.literal(prompt, obj, "train", "", rid)
 
 
-def _parse_easyedit(records: list, path: Path) -> World:
+def _parse_easyedit(records: list, path: Path, seed: int = 0) -> World:
     """True facts of every record's subject (its ``prompt`` as a template, aliases from
     ``subject_rephrase``), plus its locality prompts read as facts of their own subjects where a
     template can be recognised (as for CounterFact, see :func:`induce_templates`), else kept as
@@ -526,8 +560,8 @@ def _parse_easyedit(records: list, path: Path) -> World:
             raise RequestFormatError(f"{path}: record {i}: needs 'prompt', 'subject' and 'target_true'")
         template = _as_template(prompt, subject)
         aliases = [a for a in _as_list(rec.get("subject_rephrase")) if isinstance(a, str)]
-        b.new_objects.append(_str(rec.get("target_new")))
         rid = re.sub(r"\s+", " ", template).strip() if template is not None else ""
+        b.new_pairs.append((rid, _str(rec.get("target_new"))))
         if template is None:
             b.literal(prompt, true, "train", subject, "")
         else:
@@ -545,12 +579,13 @@ def _parse_easyedit(records: list, path: Path) -> World:
         if template is not None:
             b.fact(subject, canon[rid], template, true, aliases)
     _facts_or_literals(b, others, parsed, canon)
+    b.new_pairs = [(canon.get(rid, rid), obj) for rid, obj in b.new_pairs]
     for rid, ts in templates.items():  # every template of a merged relation phrases all its facts
         for t in sorted(ts):
             r = b.rel.get(canon[rid])
             if r is not None and t not in r.train_templates:
                 r.train_templates.append(t)
-    return b.world()
+    return b.world(seed)
 
 
 def _merge_relations(templates: dict[str, set[str]]) -> dict[str, str]:
