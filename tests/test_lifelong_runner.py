@@ -103,6 +103,29 @@ def test_lifelong_run_checkpoints_and_report(full_run):
     assert summary["methods"]["rome"]["n_edits"] == 6
 
 
+def test_retention_split_by_edited_subject(full_run):
+    from superedit.lifelong.runner import retention_by_subject
+
+    facts = [{"subject": "A"}, {"subject": "A"}, {"subject": "B"}, {"subject": "C"}, {"subject": ""}]
+    got = retention_by_subject([True, False, True, False, True], [True, True, True, False, True], facts, {"A"})
+    assert got == {"untouched_retention_edited_subjects": 0.5, "untouched_n_edited_subjects": 2,
+                   "untouched_retention_other_subjects": 1.0, "untouched_n_other_subjects": 1}
+    assert retention_by_subject([], [], [], set())["untouched_retention_other_subjects"] is None
+    out, _ = full_run  # every checkpoint records the split, over the facts the base model recalled
+    base = json.loads((out / "probe.json").read_text())["base_hits"]
+    for r in read_jsonl(out / "metrics.jsonl"):
+        assert r["untouched_n_edited_subjects"] + r["untouched_n_other_subjects"] == sum(base)
+
+
+def test_subject_rounds_stream_order():
+    from superedit.commands.lifelong import subject_rounds
+
+    reqs = [EditRequest(prompt="{} x", subject=s, target_new="n", case_id=i) for i, s in enumerate("AABCBA")]
+    out = subject_rounds(reqs)
+    assert [r.subject for r in out] == ["A", "B", "C", "A", "B", "A"]
+    assert [r.case_id for r in out] == [0, 2, 3, 1, 4, 5]  # stable within a round
+
+
 def test_interference_identity_rome(full_run):
     out, _ = full_run
     inter = [r["interference"] for r in read_jsonl(out / "metrics.jsonl") if r["method"] == "rome" and r["n_edits"]]

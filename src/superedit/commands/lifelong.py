@@ -32,9 +32,27 @@ def method_hparams_path(hparams_dir: str | None, method: str, profile: str) -> s
     return None
 
 
-def load_stream(requests: str | None, fmt: str, model_dir: Path | None, seed: int, out: Path, resume: bool) -> list:
-    """All candidate requests in stream order (seeded shuffle). On --resume without --requests the saved
-    stream comes first (so the run continues on exactly the same edits)."""
+STREAM_ORDERS = ("subject-rounds", "shuffled")
+
+
+def subject_rounds(reqs: list) -> list:
+    """Stable reorder: every subject's first request, then every subject's second, and so on, so a
+    stream edits distinct subjects for as long as there are any (as a dataset of one record per
+    subject does) and re-edits a subject only once all have been edited."""
+    seen: dict[str, int] = {}
+    rank = []
+    for i, r in enumerate(reqs):
+        k = seen.get(r.subject, 0)
+        seen[r.subject] = k + 1
+        rank.append((k, i))
+    return [reqs[i] for _, i in sorted(rank)]
+
+
+def load_stream(requests: str | None, fmt: str, model_dir: Path | None, seed: int, out: Path, resume: bool,
+                order: str = "subject-rounds") -> list:
+    """All candidate requests in stream order (seeded shuffle, then ``order``: see
+    :func:`subject_rounds`). On --resume without --requests the saved stream comes first (so the run
+    continues on exactly the same edits)."""
     from ..data import EditRequest, load_requests
     from ..errors import SupereditError
     from ..utils.io import read_jsonl
@@ -53,8 +71,10 @@ def load_stream(requests: str | None, fmt: str, model_dir: Path | None, seed: in
         from ..testbed.access import default_edit_requests
 
         reqs = list(default_edit_requests(model_dir, None, seed))
+    if order not in STREAM_ORDERS:
+        raise SupereditError(f"--stream-order must be one of {', '.join(STREAM_ORDERS)}, got {order!r}")
     random.Random(f"lifelong-stream:{seed}").shuffle(reqs)
-    return reqs
+    return subject_rounds(reqs) if order == "subject-rounds" else reqs
 
 
 def register(app) -> None:
@@ -80,6 +100,9 @@ def register(app) -> None:
                                    "(default: the testbed's own)."),
         mom2_tokens: int = typer.Option(None, "--mom2-tokens", help="Corpus tokens for the key covariance."),
         seed: int = typer.Option(0, "--seed", help="Seed of the edit stream and the probe."),
+        stream_order: str = typer.Option("subject-rounds", "--stream-order", help="subject-rounds: distinct "
+                                         "subjects first, a subject is re-edited only after all were edited; "
+                                         "shuffled: the seeded shuffle as is (re-edits anywhere)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last committed edit."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write report.html."),
         device: str = DeviceOpt,
@@ -115,7 +138,7 @@ def register(app) -> None:
         hps = {m: build_hparams(m, profile, method_hparams_path(hparams_dir, m, profile), adapter0.n_layers, None,
                                 mom2_tokens if entries[m].needs_stats else None, corpus)
                for m in names}
-        reqs = load_stream(requests, fmt, model_dir, seed, out_dir, resume)
+        reqs = load_stream(requests, fmt, model_dir, seed, out_dir, resume, stream_order)
         if len(reqs) < edits:
             log.warning("only %d requests available; running %d edits instead of %d", len(reqs), len(reqs), edits)
         stream, heldout = reqs[:edits], reqs[edits:]

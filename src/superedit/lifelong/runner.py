@@ -278,7 +278,7 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         saved = read_jsonl(out / "stream.jsonl")
         if [_req_key(r) for r in saved] != [_req_key(r) for r in stream]:
             raise SupereditError(f"{out / 'stream.jsonl'}: the edit stream differs from the requests given now "
-                                 "(other --requests/--seed?); resume with the original ones")
+                                 "(other --requests/--seed/--stream-order?); resume with the original ones")
         methods_all = list(dict.fromkeys(old.get("methods", []) + list(methods)))
     else:
         methods_all = list(methods)
@@ -490,6 +490,24 @@ def _per_edit(steps: dict, n: int, key: str) -> list:
     return out
 
 
+def retention_by_subject(hits: Sequence[bool], base_hits: Sequence[bool], facts: Sequence[dict],
+                         edited: set[str]) -> dict:
+    """Untouched-fact retention split by whether the fact's subject has been edited so far.
+
+    A probe fact of an edited subject ("Anna Berg studied at", after an edit of "Anna Berg plays
+    the") is read from the same key as the edit; the subject's value at that key carries all its
+    facts, so an edit that rewrites it can change them without any interference between keys.
+    Facts of never-edited subjects are touched only through interference. Returns
+    ``untouched_retention_{edited_subjects,other_subjects}`` (None when a part is empty) and
+    ``untouched_n_*``, counted over the facts the base model recalled."""
+    out: dict[str, Any] = {}
+    for part, want in (("edited_subjects", True), ("other_subjects", False)):
+        sel = [h for h, b, f in zip(hits, base_hits, facts) if b and f.get("subject") and (f["subject"] in edited) == want]
+        out[f"untouched_retention_{part}"] = sum(sel) / len(sel) if sel else None
+        out[f"untouched_n_{part}"] = len(sel)
+    return out
+
+
 def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, probe, tracker, out: Path) -> dict:
     from ..eval.recall import fact_recall
 
@@ -530,6 +548,9 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
             kept = [h for h, b in zip(hits, probe.base_hits) if b]
             rec["untouched_retention"] = sum(kept) / len(kept) if kept else None
             rec["untouched_base_recall"] = sum(probe.base_hits) / len(probe.base_hits)
+            # a probe fact of an edited subject shares that subject's key with the edit (its value
+            # carries all the subject's facts): retention there and on never-edited subjects differ
+            rec.update(retention_by_subject(hits, probe.base_hits, probe.facts, {r.subject for r in done}))
         rec["untouched_n"] = len(hits)
     if probe.all_facts:
         hits = fact_recall(adapter.model, adapter.tokenizer, [f["prompt"] for f in probe.all_facts],

@@ -156,8 +156,11 @@ class World:
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def generate(seed: int = 0, n_subjects: int = 400, n_filler: int = 400) -> "World":
-        """The synthetic world of ``seed`` with its first ``n_subjects`` subjects."""
+    def generate(seed: int = 0, n_subjects: int = 400, n_filler: int = 400,
+                 relations_per_subject: int | None = None) -> "World":
+        """The synthetic world of ``seed`` with its first ``n_subjects`` subjects, each with a fact
+        of every relation, or of ``relations_per_subject`` relations drawn per subject (a wide world:
+        many subjects with few facts each, as lifelong runs on distinct subjects need)."""
         rng = random.Random(f"superedit-world:{seed}:names")
         firsts = [(n, "f") for n in FIRST_NAMES_F] + [(n, "m") for n in FIRST_NAMES_M]
         pairs = [(f, g, last) for f, g in firsts for last in LAST_NAMES]
@@ -176,6 +179,10 @@ class World:
             first, gender, last = pairs[idx]
             srng = random.Random(f"superedit-world:{seed}:subject:{idx}")
             facts = {r.id: srng.choice(r.objects) for r in relations}
+            if relations_per_subject is not None:
+                keep = set(random.Random(f"superedit-world:{seed}:relations:{idx}").sample(
+                    [r.id for r in relations], relations_per_subject))
+                facts = {rid: o for rid, o in facts.items() if rid in keep}
             mid = srng.choice("ABCDEFGHJKLMNPRSTW")
             title = "Ms." if gender == "f" else "Mr."
             aliases = [f"Dr. {first} {last}", f"{first} {mid}. {last}", f"{last}, {first}",
