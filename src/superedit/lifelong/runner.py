@@ -598,7 +598,8 @@ def _fmt(x) -> str:
 
 
 COMPACT_KEYS = ("n_edits", "efficacy_all", "efficacy_last_block", "paraphrase_all", "neighborhood_all", "score_all",
-                "forgetting_mean", "untouched_recall", "untouched_retention", "all_facts_recall", "perplexity",
+                "forgetting_mean", "untouched_recall", "untouched_retention", "untouched_retention_other_subjects",
+                "untouched_retention_edited_subjects", "all_facts_recall", "perplexity",
                 "w_l1_rel_mean", "delta_fro_total", "v_target_norm_all", "edit_s")
 
 
