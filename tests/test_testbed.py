@@ -252,3 +252,21 @@ def test_relations_sharing_a_template_are_merged():
     canon = _merge_relations({"a": {"{} by", "{} made"}, "b": {"{} made", "{} built"}, "c": {"{} built"},
                               "d": {"{} sings"}})
     assert canon == {"a": "a", "b": "a", "c": "a", "d": "d"}
+
+
+def test_wide_world_has_distinct_people_with_two_facts_each():
+    """The 'wide' size: invented surnames (one per person, none shared) and 2 relations per person."""
+    from superedit.testbed.build import make_world
+    from superedit.testbed.world import LAST_NAMES, invented_surnames
+
+    w = make_world("wide")
+    assert len(w.subjects) == 1300 and all(len(s.facts) == 2 for s in w.subjects)
+    lasts = [s.last for s in w.subjects]
+    assert len(set(lasts)) == len(lasts) and not set(lasts) & set(LAST_NAMES)
+    assert invented_surnames(50, seed=1) == invented_surnames(50, seed=1) != invented_surnames(50, seed=2)
+    # the relations drawn differ between people, and every relation is used
+    assert len({tuple(sorted(s.facts)) for s in w.subjects}) > 20
+    assert {rid for s in w.subjects for rid in s.facts} == {r.id for r in w.relations}
+    # the shared world of the other sizes is unchanged by these options
+    small = make_world("small")
+    assert len(small.subjects) == 150 and all(len(s.facts) == len(small.relations) for s in small.subjects)

@@ -25,7 +25,8 @@ def make_world(size: str, seed: int = DEFAULT_SEED, facts_file: str | Path | Non
     if facts_file is not None:
         return World.from_dataset_file(facts_file, seed=seed)
     s = get_size(size)
-    return World.generate(seed, s.n_subjects or N_SUBJECTS, relations_per_subject=s.relations_per_subject)
+    return World.generate(seed, s.n_subjects or N_SUBJECTS, relations_per_subject=s.relations_per_subject,
+                          unique_surnames=s.unique_surnames)
 
 
 def build_command(size: str, out_dir: str | Path, seed: int, facts_file: str | Path | None,

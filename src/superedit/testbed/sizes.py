@@ -18,6 +18,7 @@ class Size:
     lr: float = 6e-3
     n_subjects: int | None = None  # None: the full shared world; micro uses a prefix (subset) of it
     relations_per_subject: int | None = None  # None: every subject has a fact of every relation
+    unique_surnames: bool = False  # invented surname per subject instead of the shared LAST_NAMES
     vocab_size: int = 2048
     record_prob: float = 0.0  # share of biographies with a keyword record (see World.record)
     name_prob: float = 0.5  # chance that a later sentence of a biography names the subject (else a pronoun)
@@ -40,11 +41,11 @@ SIZES: dict[str, Size] = {
     "tiny": Size("tiny", n_layer=4, n_embd=96, n_head=4, epochs=200, lr=8e-3, **_DATA),
     "small": Size("small", n_layer=6, n_embd=128, n_head=4, epochs=200, lr=8e-3, **_DATA),
     "base": Size("base", n_layer=8, n_embd=192, n_head=6, epochs=200, lr=4e-3, **_DATA),
-    # wide: small's architecture on a WIDER world (every one of the 1,296 generated names, 2 facts
+    # wide: small's architecture on a WIDER world (1,300 people with invented surnames, 2 facts
     # each), so a lifelong stream of 1,000 edits can edit distinct subjects and still leave
     # subjects no edit touched (the shared world has 150 subjects: 1,000 edits re-edit each ~7 times)
-    "wide": Size("wide", n_layer=6, n_embd=128, n_head=4, epochs=100, lr=8e-3, n_subjects=1296,
-                 relations_per_subject=2, **_DATA),
+    "wide": Size("wide", n_layer=6, n_embd=128, n_head=4, epochs=120, lr=8e-3, n_subjects=1300,
+                 relations_per_subject=2, unique_surnames=True, **_DATA),
 }
 
 DEFAULT_SIZE = "small"

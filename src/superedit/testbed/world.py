@@ -157,14 +157,23 @@ class World:
     # ------------------------------------------------------------------ construction
     @staticmethod
     def generate(seed: int = 0, n_subjects: int = 400, n_filler: int = 400,
-                 relations_per_subject: int | None = None) -> "World":
+                 relations_per_subject: int | None = None, unique_surnames: bool = False) -> "World":
         """The synthetic world of ``seed`` with its first ``n_subjects`` subjects, each with a fact
         of every relation, or of ``relations_per_subject`` relations drawn per subject (a wide world:
-        many subjects with few facts each, as lifelong runs on distinct subjects need)."""
+        many subjects with few facts each, as lifelong runs on distinct subjects need).
+
+        Names pair a first name with a surname of ``LAST_NAMES``, each shared by many subjects, or,
+        with ``unique_surnames``, with an invented surname of its own (see :func:`invented_surnames`):
+        a world of 1,296 shared-surname people is a binding problem the small model does not learn
+        in 100 epochs (recall 0.16), as real names mostly are not."""
         rng = random.Random(f"superedit-world:{seed}:names")
         firsts = [(n, "f") for n in FIRST_NAMES_F] + [(n, "m") for n in FIRST_NAMES_M]
-        pairs = [(f, g, last) for f, g in firsts for last in LAST_NAMES]
-        rng.shuffle(pairs)
+        if unique_surnames:
+            lasts = invented_surnames(n_subjects, seed)
+            pairs = [(*rng.choice(firsts), last) for last in lasts]
+        else:
+            pairs = [(f, g, last) for f, g in firsts for last in LAST_NAMES]
+            rng.shuffle(pairs)
         if n_subjects > len(pairs):
             raise ValueError(f"n_subjects must be <= {len(pairs)}")
         relations = []
@@ -341,6 +350,24 @@ class World:
 
 
 # ---------------------------------------------------------------------- dataset files
+_ONSETS = ["B", "D", "F", "G", "H", "K", "L", "M", "N", "P", "R", "S", "T", "V", "W", "Z", "Br", "Dr", "Gr",
+           "Kr", "St", "Tr", "Th", "Sh"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
+_CODAS = ["n", "r", "l", "s", "m", "k", "nd", "rt", "st", "x", "ck", "th"]
+
+
+def invented_surnames(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct two-syllable surnames ("Brailmor", "Koustex"), none in ``LAST_NAMES``; seeded."""
+    rng = random.Random(f"superedit-world:{seed}:surnames")
+    out: dict[str, None] = {}
+    while len(out) < n:
+        name = (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                + rng.choice(_ONSETS).lower() + rng.choice(_VOWELS) + rng.choice(_CODAS))
+        if name not in LAST_NAMES:
+            out[name] = None
+    return list(out)
+
+
 def _fill(template: str, subject: str) -> str:
     return template.replace("{}", subject)
 
