@@ -277,3 +277,45 @@ def test_rep_profile_for_testbeds_and_missing_c_inv_is_clear():
     keys = TrainingKeys(torch.ones(4), torch.ones(4) / 2, torch.ones(4), torch.randn(2, 4), torch.randn(3, 4))
     with pytest.raises(Exception, match="needs C"):
         fit_layer(keys, AdaptorHParams(num_steps=1, rank=2))
+
+
+def test_hard_negatives_are_the_nearest_keys_outside_the_subject():
+    """mine_hard_negatives: the n keys closest to k* among positions whose prefix lacks the subject;
+    the positions from the subject's first mention on are never taken."""
+    from superedit.models import Trace
+    from superedit.robust.adaptor import mine_hard_negatives, whitening_cosine
+
+    adapter = tiny_adapter("gpt2")
+    stats = corpus_cov(adapter, [1])
+    c_inv = torch.linalg.inv(stats.mom2(1)).float()
+    texts = ["Toko Yasuda is from Japan and Anna Berg was born in Oslo", "The Eiffel Tower is located in Paris"]
+    enc = adapter.tokenizer([texts[0]], return_tensors="pt", return_offsets_mapping=True)
+    offsets = enc.pop("offset_mapping")[0]
+    with Trace(adapter, reads=[("key", 1)], stop_after=True) as tr:
+        adapter.model(**enc)
+    K0 = tr["key", 1][0].float()
+    berg_end = [i for i, (a, b) in enumerate(offsets.tolist()) if b == texts[0].index("Anna Berg") + len("Anna Berg")][0]
+    k_star = K0[berg_end]  # the subject's own key: it must not come back
+    hard = mine_hard_negatives(adapter, texts, 1, k_star, 3, ["Anna Berg"], c_inv)
+    assert hard.shape == (3, adapter.d_mlp)
+    first = texts[0].index("Anna Berg")
+    allowed = [K0[i] for i, (a, b) in enumerate(offsets.tolist()) if b <= first]
+    enc1 = adapter.tokenizer([texts[1]], return_tensors="pt")
+    with Trace(adapter, reads=[("key", 1)], stop_after=True) as tr:
+        adapter.model(**enc1)
+    allowed = torch.stack(allowed + list(tr["key", 1][0].float()))
+    sims = whitening_cosine(allowed, k_star, c_inv)
+    best = allowed[torch.argsort(sims, descending=True)[:3]]
+    assert torch.allclose(hard, best, atol=1e-5)
+    assert not any(torch.allclose(h, k_star, atol=1e-6) for h in hard)
+    assert mine_hard_negatives(adapter, texts, 1, k_star, 0, ["Anna Berg"]).shape == (0, adapter.d_mlp)
+    # in train_adaptor they join the gate negatives, and the gate learns to reject them
+    pset = perturb.make_perturbations(adapter.tokenizer, REQ, words=perturb.corpus_words(CORPUS), long_words=30)
+    hp = AdaptorHParams(num_steps=40, lr=5e-3, rank=8, n_hard_negatives=8)
+    _, info = train_adaptor(adapter, REQ, pset.of(split="id"), [1], {1: k_star.double()},
+                            {1: torch.nn.functional.normalize(c_inv.double() @ k_star.double(), dim=0)}, hp,
+                            negative_texts=CORPUS[:2], c_inv={1: c_inv.double()}, corpus_texts=CORPUS)
+    lay = info["layers"]["1"]
+    assert lay["n_hard_negatives"] == 8 and lay["gate_hard_open_frac"] is not None
+    with pytest.raises(Exception, match="n_hard_negatives"):
+        AdaptorHParams(n_hard_negatives=-1).validate()

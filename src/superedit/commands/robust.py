@@ -118,7 +118,8 @@ def register(app) -> None:
                  method, model, profile, hp.layers, len(reqs), adaptor, tau, ahp.num_steps, ahp.lr, ahp.similarity)
         stats = make_stats(adapter, hp, stats_dir, corpus_obj)
         records = run_robust(adapter, reqs, psets, method, hp, stats, adaptor, ahp, taus, negative_words=words,
-                             out_path=rec_path, save_dir=str(out_dir / "edits") if save_edits else None)
+                             out_path=rec_path, save_dir=str(out_dir / "edits") if save_edits else None,
+                             corpus_texts=corpus_obj.texts if corpus_obj is not None else ())
         summary = summarize_records(records)
         summary["config"] = {"model": model, "profile": profile, "method": method, "layers": hp.layers, "tau": tau,
                              "tau_sweep": taus, "adaptor": adaptor, "n": len(reqs), "seed": seed,

@@ -23,9 +23,13 @@ cos(k*, u) ≈ 0.09, so driving cos(k̂, u) to 1 moves k̂ far from k* (the edit
 the rest of the layer has never seen), while the whitening cosine pulls k̂ onto k* itself. k_pos are
 the keys at the subject's last token of the original prompt and the in-domain variants; k_neg are
 keys of unrelated text — every other position of those contexts (the long-context corpus spans
-included), every position of the neighbourhood prompts and of a few corpus documents. The paper
+included), every position of a few corpus documents, and ``n_hard_negatives`` HARD negatives: the
+corpus positions nearest to k* in whitening cosine whose prefix does not contain the subject
+(:func:`mine_hard_negatives`; the "similar but unrelated keys" of the paper's analysis). The paper
 trains the gate on positives and negatives; the explicit BCE term is how we keep locality: on an
-unrelated key the gate stays below τ and the key is left bit-exact.
+unrelated key the gate stays below τ and the key is left bit-exact. Without hard negatives the gate
+learns "a subject's last token" rather than "this subject": on the EasyEdit testbed it opened on
+"iPhone 7" for an edit of "iPhone 5", and locality fell 8.8 points.
 
 For MEMIT (several layers) the layers are trained in increasing order, each on keys read with the
 adaptors of the earlier layers installed.
@@ -74,6 +78,9 @@ class AdaptorHParams(HParams):
     mse_weight: float = _f(1.0, "Weight of ‖k̂(k_orig) − k*‖²/‖k*‖².")
     gate_weight: float = _f(1.0, "Weight of the gate BCE (positives → 1, unrelated keys → 0).")
     n_corpus_negatives: int = _f(256, "Corpus token keys used as gate negatives (0: none).")
+    n_hard_negatives: int = _f(64, "Hard gate negatives: the corpus positions whose keys are closest to k* "
+                               "(whitening cosine) and whose prefix does not contain the subject (0: none).")
+    hard_negative_docs: int = _f(200, "Corpus documents scanned for hard negatives.")
     seed: int = _f(0, "Seed of A's initialisation, dropout and negative sampling.")
     similarity: str = _f("whitening", "Pull objective. 'whitening' (default): the cosine in whitening space, "
                          "k̂ᵀC⁻¹k* / √(k̂ᵀC⁻¹k̂ · k*ᵀC⁻¹k*), maximal when k̂ ∝ k*. 'u_cosine': cos(k̂, u) with "
@@ -88,6 +95,8 @@ class AdaptorHParams(HParams):
             raise AdaptorError(f"{source}: dropout must be in [0, 1) (got {self.dropout})")
         if not 0 <= self.tau <= 1:
             raise AdaptorError(f"{source}: tau must be in [0, 1] (got {self.tau})")
+        if self.n_hard_negatives < 0 or self.hard_negative_docs < 0:
+            raise AdaptorError(f"{source}: n_hard_negatives and hard_negative_docs must be ≥ 0")
         if self.similarity not in SIMILARITIES:
             raise AdaptorError(f"{source}: similarity must be one of {SIMILARITIES} (got {self.similarity!r})")
 
@@ -335,6 +344,47 @@ def _all_position_keys(adapter, texts: Sequence[str], layer: int, batch_size: in
     return torch.cat(out) if out else torch.zeros(0, adapter.d_mlp)
 
 
+@torch.no_grad()
+def mine_hard_negatives(adapter, texts: Sequence[str], layer: int, k_star: torch.Tensor, n: int,
+                        exclude: Sequence[str], c_inv: torch.Tensor | None = None,
+                        batch_size: int = 16) -> torch.Tensor:
+    """The ``n`` keys among every position of ``texts`` closest to ``k_star`` whose text prefix
+    contains none of ``exclude`` (the subject and its in-domain variants), as (n, d).
+
+    Closeness is the whitening cosine kᵀC⁻¹k* / √(kᵀC⁻¹k · k*ᵀC⁻¹k*) with ``c_inv``, else the plain
+    cosine. These are the keys an edit of k* is most likely to fire on by mistake."""
+    from ..models import Trace
+
+    if n <= 0 or not texts:
+        return torch.zeros(0, k_star.shape[-1])
+    tok = adapter.tokenizer
+    ks = k_star.detach().float().cpu()
+    ci = c_inv.detach().float().cpu() if c_inv is not None else None
+    excl = [e for e in exclude if e]
+    sims, keys = [], []
+    for s in range(0, len(texts), batch_size):
+        batch = list(texts[s:s + batch_size])
+        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=_max_positions(adapter),
+                  return_offsets_mapping=True)
+        offsets = enc.pop("offset_mapping")
+        enc = enc.to(adapter.device)
+        with Trace(adapter, reads=[("key", layer)], stop_after=True) as tr:
+            adapter.model(**enc)
+        K = tr["key", layer].float().cpu()
+        for r, doc in enumerate(batch):
+            first = min([i for e in excl for i in [doc.find(e)] if i >= 0], default=None)
+            for t in enc["attention_mask"][r].nonzero().flatten().tolist():
+                end = int(offsets[r, t][1])
+                if first is not None and end > first:
+                    break  # from the first mention of an excluded string on, the prefix contains it
+                keys.append(K[r, t])
+    if not keys:
+        return torch.zeros(0, k_star.shape[-1])
+    K = torch.stack(keys)
+    sim = whitening_cosine(K, ks, ci) if ci is not None else F.cosine_similarity(K, ks[None].expand_as(K), dim=-1)
+    return K[torch.argsort(sim, descending=True)[:n]]
+
+
 def _max_positions(adapter) -> int:
     cfg = adapter.config
     for name in ("n_positions", "max_position_embeddings", "n_ctx"):
@@ -368,7 +418,8 @@ def context_keys_all(adapter, templates: Sequence[str], subjects: Sequence[str],
 
 def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], k_star: dict[int, torch.Tensor],
                   directions: dict[int, torch.Tensor], hp: AdaptorHParams, negative_texts: Sequence[str] = (),
-                  meta: dict | None = None, c_inv: dict[int, torch.Tensor] | None = None) -> tuple[RobustAdaptor, dict]:
+                  meta: dict | None = None, c_inv: dict[int, torch.Tensor] | None = None,
+                  corpus_texts: Sequence[str] = ()) -> tuple[RobustAdaptor, dict]:
     """Train the adaptor of one edit (the edit's delta must already be applied to ``adapter``).
 
     Args:
@@ -379,6 +430,8 @@ def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], 
         negative_texts: unrelated texts whose keys (all positions) the gate must reject
             (neighbourhood prompts, corpus documents).
         c_inv: per layer C⁻¹ (needed for ``hp.similarity == "whitening"``).
+        corpus_texts: documents to mine ``hp.n_hard_negatives`` hard negatives from (the first
+            ``hp.hard_negative_docs``; see :func:`mine_hard_negatives`).
     Returns ``(adaptor, info)`` with the per-layer loss histories and gate statistics.
     """
     trained: dict[int, KeyAdaptor] = {}
@@ -399,6 +452,10 @@ def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], 
             if hp.n_corpus_negatives and len(negatives) > 4 * hp.n_corpus_negatives:
                 g = torch.Generator().manual_seed(hp.seed + layer)
                 negatives = negatives[torch.randperm(len(negatives), generator=g)[:4 * hp.n_corpus_negatives]]
+            hard = mine_hard_negatives(adapter, list(corpus_texts)[:hp.hard_negative_docs], layer, k_star[layer],
+                                       hp.n_hard_negatives, list(dict.fromkeys(subjects)),
+                                       c_inv.get(layer) if c_inv else None)
+            negatives = torch.cat([negatives, hard])
             keys = TrainingKeys(k_star[layer].detach().float().cpu(), directions[layer].detach().float().cpu(),
                                 subj_keys[0], subj_keys[1:], negatives,
                                 c_inv[layer].detach().float().cpu() if c_inv and layer in c_inv else None)
@@ -417,6 +474,8 @@ def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], 
                     wcos_before = wcos_after = torch.zeros(0)
             info["layers"][str(layer)] = {
                 "history": hist, "n_positives": int(len(keys.positives)), "n_negatives": int(len(negatives)),
+                "n_hard_negatives": int(len(hard)),
+                "gate_hard_open_frac": float((a.gate(hard) > hp.tau).float().mean()) if len(hard) else None,
                 "gate_orig": float(go[0]), "gate_pos_mean": _mean(gp), "gate_neg_mean": _mean(gn),
                 "gate_neg_open_frac": float((gn > hp.tau).float().mean()) if len(gn) else None,
                 "gate_pos_open_frac": float((gp > hp.tau).float().mean()) if len(gp) else None,

@@ -150,7 +150,8 @@ def negative_corpus_texts(words: Sequence[str], n_docs: int, words_per_doc: int,
 def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], method: str, hparams, stats,
                adaptor_mode: str = "both", adaptor_hp: AdaptorHParams | None = None,
                tau_sweep: Sequence[float] = (), negative_words: Sequence[str] = (), n_negative_docs: int = 8,
-               neighbourhood_negatives: bool = False, out_path=None, save_dir=None, batch_size: int = 16) -> list[dict]:
+               neighbourhood_negatives: bool = False, out_path=None, save_dir=None, batch_size: int = 16,
+               corpus_texts: Sequence[str] = ()) -> list[dict]:
     """Single-edit protocol over ``requests``; one record per request (appended to ``out_path``)."""
     from ..editing.methods import get_method
 
@@ -183,7 +184,7 @@ def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], me
                         negs += list(req.neighborhood_prompts)
                     adaptor, info = train_adaptor(adapter, req, pset.of(split="id"), layers, k_star, dirs, adaptor_hp,
                                                   negs, meta={"case_id": req.case_id, "method": method},
-                                                  c_inv=c_inv)
+                                                  c_inv=c_inv, corpus_texts=corpus_texts)
                     rec["adaptor"] = info
                     with adaptor.active(adapter):
                         rec["settings"][f"{method}+rep"], _ = evaluate_edit(adapter, req, pset, pre_loc, batch_size)
