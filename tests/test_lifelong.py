@@ -350,3 +350,40 @@ def test_ledger_killed_process_keeps_last_complete_edit(tmp_path):
     base = adapter.down_weight(1).detach().double().clone()
     led.apply_to(adapter)
     assert rel(adapter.down_weight(1).double(), base + 1.0) < 1e-6
+
+
+def test_mom2_ridge_bounds_the_solve_on_a_singular_covariance():
+    """A covariance with dead directions (as a layer with dead units has): λC gives them no weight, so
+    the solve fits the edit keys' tiny components there with huge entries; mom2_ridge bounds it, and
+    make_states / the MEMIT solve use exactly C + ridge · mean(diag C) · I."""
+    from superedit.editing.solve import with_ridge
+    from superedit.lifelong.d4s import make_states
+
+    g = torch.Generator().manual_seed(3)
+    d_model, d_mlp, live = 8, 30, 20
+    B = torch.randn(d_mlp, live, generator=g, dtype=F64)
+    B[live:] = 0.0
+    C = B @ B.T / live  # rank 20: 10 dead directions
+    K = torch.randn(d_mlp, 12, generator=g, dtype=F64)
+    K[live:] *= 1e-6  # edit keys barely touch the dead units
+    R = torch.randn(d_model, 12, generator=g, dtype=F64)
+    raw = memit_solve(R, K, C, 10.0)
+    ridged = memit_solve(R, K, with_ridge(C, 1e-3), 10.0)
+    assert (raw[0] @ raw[1].T).norm() > 1e3 * (ridged[0] @ ridged[1].T).norm()
+    assert torch.equal(with_ridge(C, 0.0), C)
+    assert torch.allclose(with_ridge(C, 0.1) - C, 0.1 * C.diagonal().mean() * torch.eye(d_mlp, dtype=F64))
+
+    class Stats:
+        def mom2(self, layer):
+            return C
+
+    class Adapter:
+        def check_layer(self, l):
+            pass
+
+        def down_weight(self, l):
+            return torch.zeros(d_model, d_mlp, dtype=F64)
+
+    hp = D4SHParams(layers=[0], mom2_update_weight=10.0, mom2_ridge=1e-3)
+    st = make_states(Adapter(), hp, Stats())[0]
+    assert torch.allclose(st.A0, 10.0 * with_ridge(C, 1e-3))

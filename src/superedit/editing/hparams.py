@@ -135,6 +135,8 @@ class MEMITHParams(ValueHParams):
     mom2_n_tokens: int = _f(100000, "Corpus tokens for the key covariance C.")
     mom2_corpus: str = _f("", "Corpus for C (path; empty: the testbed's own corpus).")
     mom2_max_length: int = _f(128, "Max tokens per corpus document for C.")
+    mom2_ridge: float = _f(0.0, "Ridge added to C as a fraction of its mean diagonal (0: none); needed where "
+                           "C is singular (dead units), or the solve puts huge weights there.")
 
 
 @dataclass

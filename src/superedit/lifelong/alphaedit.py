@@ -26,6 +26,7 @@ from ..editing.covariance import CovarianceSource
 from ..editing.delta import LayerDelta, WeightDelta
 from ..editing.keys import compute_keys, keys_at
 from ..editing.methods.memit import memit_targets
+from ..editing.solve import with_ridge
 from ..models import ModelAdapter
 from .hparams import AlphaEditHParams
 
@@ -130,7 +131,7 @@ def alphaedit_step(adapter: ModelAdapter, requests: list, hparams: AlphaEditHPar
             K = compute_keys(adapter, prompts, subjects, [layer], prefixes, hparams.fact_token)[layer].T.to(F64)
             cur = keys_at(adapter, prompts, subjects, [layers[-1]], hparams.fact_token, site="resid")[layers[-1]]
             R = (zs - cur).T.to(F64) / (len(layers) - i)
-            C = stats.mom2(layer).to(adapter.device, F64)
+            C = with_ridge(stats.mom2(layer).to(adapter.device, F64), hparams.mom2_ridge)
             P = nullspace_projector(C, hparams.nullspace_threshold, hparams.nullspace_relative, key=cache_key, layer=layer)
             state[layer].projector = P
             left, right = alphaedit_solve(R, K, P, state[layer].KpKp, hparams.L2)

@@ -35,7 +35,7 @@ from ..editing.covariance import CovarianceSource
 from ..editing.delta import LayerDelta, WeightDelta
 from ..editing.keys import compute_keys, keys_at
 from ..editing.methods.memit import memit_targets
-from ..editing.solve import spd_solve
+from ..editing.solve import spd_solve, with_ridge
 from ..models import ModelAdapter
 from ..utils.logs import get_logger
 from .hparams import D4SHParams
@@ -309,7 +309,7 @@ def make_states(adapter: ModelAdapter, hparams: D4SHParams, stats: CovarianceSou
     for l in sorted(hparams.layers):
         adapter.check_layer(l)
         W0 = (base[l] if base is not None else adapter.down_weight(l)).detach().clone()
-        C = stats.mom2(l).to(W0.device, F64)
+        C = with_ridge(stats.mom2(l).to(W0.device, F64), hparams.mom2_ridge)
         if hparams.project_nullspace:
             from .alphaedit import nullspace_projector
 

@@ -56,12 +56,10 @@ def interference_supported(method: str, hparams, batch_size: int) -> bool:
 
 
 def method_covariance(method: str, hparams, C: torch.Tensor) -> torch.Tensor:
-    """The C the method's solve used (ROME adds ``mom2_ridge`` × mean diagonal)."""
-    C = C.detach().to(F64)
-    ridge = float(getattr(hparams, "mom2_ridge", 0.0) or 0.0) if method == "rome" else 0.0
-    if ridge > 0:
-        C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=F64, device=C.device)
-    return C
+    """The C the method's solve used (with its ``mom2_ridge`` × mean diagonal, if any)."""
+    from ..editing.solve import with_ridge
+
+    return with_ridge(C.detach().to(F64), float(getattr(hparams, "mom2_ridge", 0.0) or 0.0))
 
 
 class InterferenceTracker:

@@ -21,7 +21,7 @@ from ..covariance import CovarianceSource
 from ..delta import LayerDelta, WeightDelta
 from ..hparams import MEMITHParams
 from ..keys import compute_keys, keys_at
-from ..solve import memit_solve
+from ..solve import memit_solve, with_ridge
 from ..values import optimize_values, requests_per_pass
 
 VALUE_ROWS_PER_PASS = 512  # prompt rows per forward pass when optimising several requests' z at once
@@ -65,7 +65,7 @@ def memit_delta(adapter: ModelAdapter, requests: list, hparams: MEMITHParams, st
             t2 = time.perf_counter()
             timings["keys"] += t2 - t1
             R = (zs - cur).T / (len(layers) - i)  # (d_model, n)
-            C = stats.mom2(layer).to(adapter.device)
+            C = with_ridge(stats.mom2(layer).to(adapter.device), hparams.mom2_ridge)
             left, right = memit_solve(R, K.T, C, hparams.mom2_update_weight)
             d = LayerDelta(left.to(adapter.dtype), right.to(adapter.dtype))
             adapter.add_to_down_weight(layer, d.dense(torch.float64))

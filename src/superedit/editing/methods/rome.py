@@ -18,16 +18,14 @@ from ..covariance import CovarianceSource
 from ..delta import LayerDelta, WeightDelta
 from ..hparams import ROMEHParams
 from ..keys import compute_keys
-from ..solve import rome_solve
+from ..solve import rome_solve, with_ridge
 from ..values import optimize_value
 
 
 def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stats: CovarianceSource) -> WeightDelta:
     layer = hparams.layers[0]
     adapter.check_layer(layer)
-    C = stats.mom2(layer).to(adapter.device, torch.float64)
-    if hparams.mom2_ridge > 0:
-        C = C + hparams.mom2_ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    C = with_ridge(stats.mom2(layer).to(adapter.device, torch.float64), hparams.mom2_ridge)
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
     timings = {"keys": 0.0, "values": 0.0, "solve": 0.0}
     total: LayerDelta | None = None
