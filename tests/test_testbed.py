@@ -270,3 +270,15 @@ def test_wide_world_has_distinct_people_with_two_facts_each():
     # the shared world of the other sizes is unchanged by these options
     small = make_world("small")
     assert len(small.subjects) == 150 and all(len(s.facts) == len(small.relations) for s in small.subjects)
+
+
+def test_wide_testbed_uses_the_small_hparams_profile(tmp_path):
+    """wide shares small's architecture, so its packaged hparams profile is testbed-small (not the
+    dataclass defaults, which are GPT-2 XL's)."""
+    from superedit.commands.common import hparams_profile
+
+    for size, want in (("wide", "testbed-small"), ("base", "testbed-base"), ("small", "testbed-small")):
+        d = tmp_path / size
+        d.mkdir()
+        (d / "testbed.json").write_text(json.dumps({"format": "superedit-testbed/1", "size": size}))
+        assert hparams_profile(None, d) == want

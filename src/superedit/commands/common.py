@@ -112,7 +112,12 @@ def hparams_profile(adapter, model_dir) -> str:
     meta = testbed_meta(model_dir)
     if meta is not None:
         size = meta.get("size")
-        return f"testbed-{size}" if size else "testbed"
+        if not size:
+            return "testbed"
+        from ..testbed.sizes import SIZES
+
+        spec = SIZES.get(size)
+        return f"testbed-{(spec.hparams_size if spec and spec.hparams_size else size)}"
     return adapter.family
 
 

@@ -19,6 +19,7 @@ class Size:
     n_subjects: int | None = None  # None: the full shared world; micro uses a prefix (subset) of it
     relations_per_subject: int | None = None  # None: every subject has a fact of every relation
     unique_surnames: bool = False  # invented surname per subject instead of the shared LAST_NAMES
+    hparams_size: str | None = None  # packaged hparams profile testbed-<this> (None: the size's own name)
     vocab_size: int = 2048
     record_prob: float = 0.0  # share of biographies with a keyword record (see World.record)
     name_prob: float = 0.5  # chance that a later sentence of a biography names the subject (else a pronoun)
@@ -45,7 +46,7 @@ SIZES: dict[str, Size] = {
     # each), so a lifelong stream of 1,000 edits can edit distinct subjects and still leave
     # subjects no edit touched (the shared world has 150 subjects: 1,000 edits re-edit each ~7 times)
     "wide": Size("wide", n_layer=6, n_embd=128, n_head=4, epochs=120, lr=8e-3, n_subjects=1300,
-                 relations_per_subject=2, unique_surnames=True, **_DATA),
+                 relations_per_subject=2, unique_surnames=True, hparams_size="small", **_DATA),
 }
 
 DEFAULT_SIZE = "small"
