@@ -361,7 +361,7 @@ def mine_hard_negatives(adapter, texts: Sequence[str], layer: int, k_star: torch
     ks = k_star.detach().float().cpu()
     ci = c_inv.detach().float().cpu() if c_inv is not None else None
     excl = [e for e in exclude if e]
-    sims, keys = [], []
+    keys = []
     for s in range(0, len(texts), batch_size):
         batch = list(texts[s:s + batch_size])
         enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=_max_positions(adapter),

@@ -455,8 +455,9 @@ class _Builder:
             for _ in range(per_object):
                 name = next(free, None)
                 if name is None:
-                    raise ValueError(f"not enough synthetic names for {len(missing)} anchor objects "
-                                     f"x {per_object}; lower ANCHORS_PER_OBJECT")
+                    raise RequestFormatError(
+                        f"{len(missing)} (relation, target_new) pairs need {per_object} anchor subjects each, more "
+                        "than the synthetic names available; split the file or lower ANCHORS_PER_OBJECT")
                 first, last = name.split(" ", 1)
                 self.fact(name, rid, template, obj)
                 self.subj[name].first, self.subj[name].last = first, last
