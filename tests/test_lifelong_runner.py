@@ -126,6 +126,19 @@ def test_subject_rounds_stream_order():
     assert [r.case_id for r in out] == [0, 2, 3, 1, 4, 5]  # stable within a round
 
 
+def test_stream_order_is_validated(tmp_path):
+    from superedit.commands.lifelong import load_stream
+    from superedit.errors import SupereditError
+
+    f = tmp_path / "reqs.jsonl"
+    f.write_text("\n".join(json.dumps(r.to_dict()) for r in REQS) + "\n")
+    with pytest.raises(SupereditError, match="--stream-order"):
+        load_stream(str(f), "superedit", None, 0, tmp_path / "out", False, "random")
+    a = load_stream(str(f), "superedit", None, 0, tmp_path / "out", False, "shuffled")
+    b = load_stream(str(f), "superedit", None, 0, tmp_path / "out", False, "subject-rounds")
+    assert sorted(r.case_id for r in a) == sorted(r.case_id for r in b) == list(range(len(REQS)))
+
+
 def test_interference_identity_rome(full_run):
     out, _ = full_run
     inter = [r["interference"] for r in read_jsonl(out / "metrics.jsonl") if r["method"] == "rome" and r["n_edits"]]
