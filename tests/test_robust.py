@@ -319,3 +319,16 @@ def test_hard_negatives_are_the_nearest_keys_outside_the_subject():
     assert lay["n_hard_negatives"] == 8 and lay["gate_hard_open_frac"] is not None
     with pytest.raises(Exception, match="n_hard_negatives"):
         AdaptorHParams(n_hard_negatives=-1).validate()
+
+
+def test_text_keys_prefix_free_count():
+    """Tokens count as 'prefix free' while they end before the first mention of any excluded string."""
+    from superedit.robust.corpus_keys import TextKeys, iter_text_keys
+
+    tk = TextKeys(0, "xx Anna Berg yy", [0, 1, 2, 3], [(0, 2), (2, 7), (7, 12), (12, 15)], torch.zeros(4, 2))
+    assert tk.prefix_free_count(["Anna Berg"]) == 1  # "Anna" is part of the mention, not before it
+    assert tk.prefix_free_count(["zz", ""]) == 4 and tk.prefix_free_count(["yy", "Berg"]) == 2
+    adapter = tiny_adapter("gpt2")
+    got = list(iter_text_keys(adapter, CORPUS[:3], 1, batch_size=2))
+    assert [g.index for g in got] == [0, 1, 2]
+    assert all(len(g.spans) == len(g.token_index) == g.keys.shape[0] and g.keys.shape[1] == adapter.d_mlp for g in got)

@@ -331,20 +331,12 @@ def fit_layer(keys: TrainingKeys, hp: AdaptorHParams, layer_seed: int = 0) -> tu
 
 def _all_position_keys(adapter, texts: Sequence[str], layer: int, batch_size: int = 16) -> torch.Tensor:
     """Keys at every non-pad position of ``texts`` (n_tokens, d)."""
-    from ..models import Trace
+    from .corpus_keys import iter_text_keys
 
-    tok = adapter.tokenizer
-    out = []
-    for s in range(0, len(texts), batch_size):
-        enc = tok(list(texts[s:s + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                  max_length=_max_positions(adapter)).to(adapter.device)
-        with Trace(adapter, reads=[("key", layer)], stop_after=True) as tr:
-            adapter.model(**enc)
-        out.append(tr["key", layer][enc["attention_mask"].bool()].cpu())
-    return torch.cat(out) if out else torch.zeros(0, adapter.d_mlp)
+    keys = [tk.keys for tk in iter_text_keys(adapter, list(texts), layer, batch_size, with_spans=False)]
+    return torch.cat(keys) if keys else torch.zeros(0, adapter.d_mlp)
 
 
-@torch.no_grad()
 def mine_hard_negatives(adapter, texts: Sequence[str], layer: int, k_star: torch.Tensor, n: int,
                         exclude: Sequence[str], c_inv: torch.Tensor | None = None,
                         batch_size: int = 16) -> torch.Tensor:
@@ -353,35 +345,17 @@ def mine_hard_negatives(adapter, texts: Sequence[str], layer: int, k_star: torch
 
     Closeness is the whitening cosine kᵀC⁻¹k* / √(kᵀC⁻¹k · k*ᵀC⁻¹k*) with ``c_inv``, else the plain
     cosine. These are the keys an edit of k* is most likely to fire on by mistake."""
-    from ..models import Trace
+    from .corpus_keys import iter_text_keys
 
     if n <= 0 or not texts:
         return torch.zeros(0, k_star.shape[-1])
-    tok = adapter.tokenizer
+    keys = [tk.keys[:tk.prefix_free_count(exclude)] for tk in iter_text_keys(adapter, texts, layer, batch_size)]
+    K = torch.cat(keys) if keys else torch.zeros(0, k_star.shape[-1])
+    if not len(K):
+        return K
     ks = k_star.detach().float().cpu()
-    ci = c_inv.detach().float().cpu() if c_inv is not None else None
-    excl = [e for e in exclude if e]
-    keys = []
-    for s in range(0, len(texts), batch_size):
-        batch = list(texts[s:s + batch_size])
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=_max_positions(adapter),
-                  return_offsets_mapping=True)
-        offsets = enc.pop("offset_mapping")
-        enc = enc.to(adapter.device)
-        with Trace(adapter, reads=[("key", layer)], stop_after=True) as tr:
-            adapter.model(**enc)
-        K = tr["key", layer].float().cpu()
-        for r, doc in enumerate(batch):
-            first = min([i for e in excl for i in [doc.find(e)] if i >= 0], default=None)
-            for t in enc["attention_mask"][r].nonzero().flatten().tolist():
-                end = int(offsets[r, t][1])
-                if first is not None and end > first:
-                    break  # from the first mention of an excluded string on, the prefix contains it
-                keys.append(K[r, t])
-    if not keys:
-        return torch.zeros(0, k_star.shape[-1])
-    K = torch.stack(keys)
-    sim = whitening_cosine(K, ks, ci) if ci is not None else F.cosine_similarity(K, ks[None].expand_as(K), dim=-1)
+    sim = (whitening_cosine(K, ks, c_inv.detach().float().cpu()) if c_inv is not None
+           else F.cosine_similarity(K, ks[None].expand_as(K), dim=-1))
     return K[torch.argsort(sim, descending=True)[:n]]
 
 

@@ -88,47 +88,26 @@ def similar_unrelated_keys(adapter, corpus_texts: Sequence[str], layer: int, whi
                            subject_keys: torch.Tensor, top: int = 10, n_docs: int = 200, max_length: int = 128,
                            batch_size: int = 16, context_chars: int = 80) -> list[list[dict]]:
     """Per subject, the ``top`` corpus positions closest in whitening cosine whose prefix lacks the subject."""
-    from ..models import Trace
+    from .corpus_keys import iter_text_keys
 
-    tok = adapter.tokenizer
     S = whitener.whiten(subject_keys)
     Sn = S / S.norm(dim=1, keepdim=True).clamp_min(1e-30)
     best: list[list[tuple]] = [[] for _ in subjects]
     docs = list(corpus_texts)[:n_docs]
-    for s in progress(range(0, len(docs), batch_size), total=(len(docs) + batch_size - 1) // batch_size,
-                      desc="scan corpus"):
-        batch = docs[s:s + batch_size]
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                  return_offsets_mapping=True)
-        offsets = enc.pop("offset_mapping")
-        enc = enc.to(adapter.device)
-        with Trace(adapter, reads=[("key", layer)], stop_after=True) as tr:
-            adapter.model(**enc)
-        K = tr["key", layer]
-        mask = enc["attention_mask"].bool()
-        for r, doc in enumerate(batch):
-            pos = mask[r].nonzero().flatten()
-            if not len(pos):
-                continue
-            Y = whitener.whiten(K[r, pos])
-            Yn = Y / Y.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            cos = (Yn @ Sn.T).cpu()  # (n_pos, n_subjects)
-            raw = (Y @ S.T).cpu()
-            ends = [int(offsets[r, int(p)][1]) for p in pos]
-            for j, subj in enumerate(subjects):
-                order = torch.argsort(cos[:, j], descending=True)
-                taken = 0
-                for t in order.tolist():
-                    if taken >= top:
-                        break
-                    prefix = doc[:ends[t]]
-                    if subj in prefix:
-                        continue
-                    taken += 1
-                    start = int(offsets[r, int(pos[t])][0])
-                    best[j].append((float(cos[t, j]), float(raw[t, j]), s + r, int(pos[t]), doc[start:ends[t]],
-                                    prefix[-context_chars:]))
-                best[j] = sorted(best[j], key=lambda x: -x[0])[:top]
+    for tk in iter_text_keys(adapter, docs, layer, batch_size, max_length, progress_desc="scan corpus"):
+        if not tk.token_index:
+            continue
+        Y = whitener.whiten(tk.keys)
+        Yn = Y / Y.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        cos = (Yn @ Sn.T).cpu()  # (n_pos, n_subjects)
+        raw = (Y @ S.T).cpu()
+        for j, subj in enumerate(subjects):
+            n_free = tk.prefix_free_count([subj])  # positions whose prefix lacks the subject
+            for t in torch.argsort(cos[:n_free, j], descending=True)[:top].tolist():
+                start, end = tk.spans[t]
+                best[j].append((float(cos[t, j]), float(raw[t, j]), tk.index, tk.token_index[t],
+                                tk.text[start:end], tk.text[:end][-context_chars:]))
+            best[j] = sorted(best[j], key=lambda x: -x[0])[:top]
     return [[{"whitening_cos": c, "whitening_sim": w, "doc": d, "token_index": p, "token": t, "context": ctx}
              for c, w, d, p, t, ctx in b] for b in best]
 
