@@ -174,3 +174,19 @@ def test_batched_values_early_stop_freezes_finished_rows(adapter):
     vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in REQS], 1, "value", hp, prefixes)
     for v in vals:
         assert v.steps == 1 and torch.equal(v.delta, torch.zeros_like(v.delta))
+
+
+def test_kl_directions_match_their_formulas():
+    """kl_direction 'edited_orig' is ROME eq. 4's KL(P_edited ‖ P_orig); 'orig_edited' the reverse."""
+    from superedit.editing.values import kl_rows_divergence
+
+    g = torch.Generator().manual_seed(0)
+    edited = torch.log_softmax(torch.randn(3, 11, generator=g, dtype=torch.float64), -1)
+    orig = torch.log_softmax(torch.randn(3, 11, generator=g, dtype=torch.float64), -1)
+    want_eo = (edited.exp() * (edited - orig)).sum(-1)
+    want_oe = (orig.exp() * (orig - edited)).sum(-1)
+    assert torch.allclose(kl_rows_divergence(edited, orig, "edited_orig"), want_eo, atol=1e-12)
+    assert torch.allclose(kl_rows_divergence(edited, orig, "orig_edited"), want_oe, atol=1e-12)
+    assert not torch.allclose(want_eo, want_oe)
+    with pytest.raises(ValueError):
+        kl_rows_divergence(edited, orig, "sideways")

@@ -4,10 +4,10 @@ A delta δ (d_model,) is added to ``site`` at ``layer`` at the subject's last to
 context-prefixed prompt and optimised with Adam on (ROME eq. 4 / MEMIT eq. 16):
 
     L(δ) = mean_p NLL(target | p + prompt, site += δ)
-           + kl_factor · KL(P_orig(· | "{} is a") ‖ P_δ(· | "{} is a"))     at the subject's last token
+           + kl_factor · KL(P_δ(· | "{} is a") ‖ P_orig(· | "{} is a"))     at the subject's last token
            + v_weight_decay · ‖δ‖ / ‖v₀‖²           (exactly as ROME's compute_v and MEMIT's compute_z)
 
-with ‖δ‖ clamped to ``clamp_norm_factor · ‖v₀‖`` after each step. v₀ is the site's output at the
+(``kl_direction: orig_edited`` swaps the KL's arguments) with ‖δ‖ clamped to ``clamp_norm_factor · ‖v₀‖`` after each step. v₀ is the site's output at the
 subject's last token of the unprefixed prompt and v* = v₀ + δ.
 ROME optimises the MLP output ("value"); MEMIT the residual stream after its last layer ("resid").
 """
@@ -62,6 +62,18 @@ def _logits_at_layer(adapter: ModelAdapter, inputs: dict, edits: dict, loss_laye
     if positions is not None:
         h = h[positions[0], positions[1]]
     return adapter.lm_head()(adapter.final_norm()(h))
+
+
+def kl_rows_divergence(edited: torch.Tensor, orig: torch.Tensor, direction: str = "edited_orig") -> torch.Tensor:
+    """Row-wise KL between log-distributions (rows, vocab) → (rows,).
+
+    ``edited_orig``: KL(P_edited ‖ P_orig) = Σ P_edited (log P_edited − log P_orig), ROME eq. 4 and
+    ROME's compute_v (``kl_div(init, current, log_target=True)``); ``orig_edited``: KL(P_orig ‖ P_edited)."""
+    if direction == "edited_orig":
+        return F.kl_div(orig, edited, log_target=True, reduction="none").sum(-1)
+    if direction == "orig_edited":
+        return F.kl_div(edited, orig, log_target=True, reduction="none").sum(-1)
+    raise ValueError(f"kl_direction must be 'edited_orig' or 'orig_edited', got {direction!r}")
 
 
 def optimize_value(adapter: ModelAdapter, prompt: str, subject: str, target: str, layer: int, site: str,
@@ -136,7 +148,7 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
         if hp.kl_factor > 0:
             kl_edits = {(site, layer): add_at_positions(kl.subject_last, delta[kl_owner])}
             cur = F.log_softmax(_logits_at_layer(adapter, kl.model_inputs(), kl_edits, -1)[kl_rows, kl_idx], dim=-1)
-            kl_rowwise = F.kl_div(cur, kl_ref, log_target=True, reduction="none").sum(-1)
+            kl_rowwise = kl_rows_divergence(cur, kl_ref, hp.kl_direction)
             kl_req = torch.zeros(n, device=device, dtype=kl_rowwise.dtype).index_add(0, kl_owner, kl_rowwise)
             loss = loss + hp.kl_factor * kl_req / len(KL_TEMPLATES)
         nll_now = nll.detach()
