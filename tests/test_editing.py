@@ -190,3 +190,32 @@ def test_kl_directions_match_their_formulas():
     assert not torch.allclose(want_eo, want_oe)
     with pytest.raises(ValueError):
         kl_rows_divergence(edited, orig, "sideways")
+
+
+def randomize_biases(adapter, seed: int = 0, scale: float = 0.5) -> None:
+    """Every bias of the model (down-projection included, where the family has one) set to random non-zero values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+
+
+def test_rome_module_output_at_k_star_is_v_star_with_biases(adapter):
+    """ROME's v* is what the down-projection must OUTPUT: with a bias b the residual is v* − (W k* + b),
+    so after the edit the module maps k* to v* (not v* + b)."""
+    randomize_biases(adapter)
+    b = adapter.down_bias(1)
+    hp = ROMEHParams(layers=[1], **FAST)
+    stats = corpus_cov(adapter, [1])
+    prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
+    req = REQS[0]
+    k = compute_keys(adapter, [req.prompt], [req.subject], [1], prefixes)[1][0]
+    v_star = optimize_value(adapter, req.prompt, req.subject, req.target_new, 1, "value", hp, prefixes).target.double()
+    delta = get_method("rome").fn(adapter, [req], hp, stats)
+    with delta.applied(adapter):
+        out = adapter.down_proj(1)(k[None].to(adapter.dtype))[0].double()
+    assert float((out - v_star).norm() / v_star.norm()) < 1e-5
+    if b is not None:  # the families with a bias: the test would see the slip (the edit landing at v* + b)
+        assert float(b.norm()) > 0
+        assert float((out - b.double() - v_star).norm() / v_star.norm()) > 1e-3

@@ -1,7 +1,8 @@
 """Closed-form solves, in float64, cast back by the caller.
 
-ROME (rank one, eq. 2 of Meng et al. 2022):
-    u = C⁻¹ k*,   Λ = (v* − W k*) / (uᵀ k*),   W' = W + Λ uᵀ      ⇒  W' k* = v*
+ROME (rank one, eq. 2 of Meng et al. 2022), for a down-projection with output W k + b:
+    u = C⁻¹ k*,   Λ = (v* − (W k* + b)) / (uᵀ k*),   W' = W + Λ uᵀ      ⇒  W' k* + b = v*
+(v* is what the module must OUTPUT; without b the edit would land at v* + b.)
 
 MEMIT (eq. 14 of Meng et al. 2023), for keys K (d_in, n) and residuals R (d_out, n):
     Δ = R Kᵀ (λ C + K Kᵀ)⁻¹  =  R (A⁻¹ K)ᵀ   with A = λC + KKᵀ symmetric,
@@ -37,17 +38,21 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(A, B)
 
 
-def rome_solve(W: torch.Tensor, C: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-one ROME update factors (left Λ (d_out,), right u (d_in,)) with ΔW = Λ uᵀ.
+def rome_solve(W: torch.Tensor, C: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-one ROME update factors (left Λ (d_out,), right u (d_in,)) with ΔW = Λ uᵀ, so that the
+    module's output at k becomes v: (W + Λ uᵀ) k + b = v.
 
-    Shapes: W (d_out, d_in) with v = W k; C (d_in, d_in) = E[k kᵀ]; k (d_in,); v (d_out,).
+    Shapes: W (d_out, d_in) with output W k + b; C (d_in, d_in) = E[k kᵀ]; k (d_in,); v (d_out,);
+    b (d_out,) the module's bias (None: no bias).
     """
     W, k, v = _f64(W), _f64(k), _f64(v)
     u = spd_solve(C, k)
     denom = torch.dot(u, k)
     if not torch.isfinite(denom) or denom.abs() < 1e-30:
         raise FloatingPointError(f"ROME: kᵀC⁻¹k = {float(denom)}; C is singular along k (add mom2_ridge)")
-    left = (v - W @ k) / denom
+    out = W @ k if b is None else W @ k + _f64(b).to(W.device)
+    left = (v - out) / denom
     return left, u
 
 

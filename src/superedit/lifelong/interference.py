@@ -2,13 +2,15 @@
 
 A rank-one edit of the form ROME makes at one layer,
 
-    ΔWᵢ = δᵢ (C⁻¹kᵢ)ᵀ / (kᵢᵀC⁻¹kᵢ),      δᵢ = vᵢ − W_{i−1} kᵢ,
+    ΔWᵢ = δᵢ (C⁻¹kᵢ)ᵀ / (kᵢᵀC⁻¹kᵢ),      δᵢ = vᵢ − (W_{i−1} kᵢ + b),
 
 moves the value of ANY key kⱼ by ``ΔWᵢ kⱼ = p(kᵢ, kⱼ) δᵢ`` with
 
     p(kᵢ, kⱼ) = kᵢᵀ C⁻¹ kⱼ / kᵢᵀ C⁻¹ kᵢ,
 
-so after n edits ``(W_n − W₀) kⱼ = Σᵢ p(kᵢ, kⱼ) δᵢ`` exactly (edits are never reverted).
+so after n edits ``(W_n − W₀) kⱼ = Σᵢ p(kᵢ, kⱼ) δᵢ`` exactly (edits are never reverted). (b is the
+down-projection's bias, part of the module's output that vᵢ is; it cancels in every shift, and δᵢ is
+read back from the increment itself, so the identity holds with or without it.)
 
 :class:`InterferenceTracker` keeps, per edit, its key and δ — derived from the increment's rank-one
 factors (ROME: ``left = Λ = δ/(kᵀC⁻¹k)``, ``right = u = C⁻¹k`` ⇒ ``k = C u``, ``δ = Λ (uᵀCu)``; any

@@ -137,6 +137,10 @@ class ModelAdapter:
         w = self.down_weight_param(layer)
         return w.T if self.spec.down_orientation == "in_out" else w
 
+    def down_bias(self, layer: int) -> torch.Tensor | None:
+        """b (d_model,) of the down-projection (value = W @ key + b), or None when it has no bias."""
+        return getattr(self.down_proj(layer), "bias", None)
+
     @torch.no_grad()
     def add_to_down_weight(self, layer: int, delta: torch.Tensor) -> None:
         """W += delta, with delta in (d_model, d_mlp) orientation."""

@@ -2,7 +2,9 @@
 
 For each request in turn (later requests see earlier ones, as in ROME's sequential application):
 k* from ``editing.keys``, v* from ``editing.values`` at the MLP output, then
-``W' = W + Λ (C⁻¹k*)ᵀ`` with ``Λ = (v* − W k*) / (k*ᵀ C⁻¹ k*)`` (``editing.solve.rome_solve``).
+``W' = W + Λ (C⁻¹k*)ᵀ`` with ``Λ = (v* − (W k* + b)) / (k*ᵀ C⁻¹ k*)`` (``editing.solve.rome_solve``):
+v* is the module's output, so the residual is taken against its actual output W k* + b (GPT-2,
+GPT-J and GPT-NeoX have a down-projection bias b), as ROME's code does.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stat
             val = optimize_value(adapter, req.prompt, req.subject, req.target_new, layer, "value", hparams, prefixes)
             t2 = time.perf_counter()
             W = adapter.down_weight(layer)
-            left, right = rome_solve(W, C, k, val.target)
+            left, right = rome_solve(W, C, k, val.target, adapter.down_bias(layer))
             timings["keys"] += t1 - t0
             timings["values"] += t2 - t1
             timings["solve"] += time.perf_counter() - t2
