@@ -24,6 +24,8 @@ FAMILY_CONFIGS = {
                   intermediate_size=80, max_position_embeddings=128),
     "mistral": dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
                     intermediate_size=72, max_position_embeddings=128),
+    "gemma3_text": dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                        intermediate_size=64, head_dim=16, max_position_embeddings=128, sliding_window=16),
     "qwen2": dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
                   intermediate_size=64, max_position_embeddings=128),
 }

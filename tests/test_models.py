@@ -21,7 +21,7 @@ def _n_hooks(model):
 
 
 def test_table_covers_required_families():
-    assert {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"} <= set(FAMILY_TABLE)
+    assert {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"} <= set(FAMILY_TABLE)
 
 
 def test_site_shapes(adapter):
@@ -144,7 +144,7 @@ def test_unknown_family_names_the_table():
         ModelAdapter(model=AutoModelForCausalLM.from_config(cfg), tokenizer=None)
 
 
-@pytest.mark.parametrize("fam", ["gpt2", "llama"])
+@pytest.mark.parametrize("fam", ["gpt2", "llama", "gemma3_text"])
 def test_load_model_from_directory(tmp_path, fam):
     model, tok = tiny_model(fam)
     model.save_pretrained(tmp_path)

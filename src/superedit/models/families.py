@@ -89,6 +89,11 @@ FAMILY_TABLE: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    # Gemma 3 (text): Llama's module paths. Its block normalises the MLP output
+    # (post_feedforward_layernorm) before adding it to the residual, so the "value" site, the
+    # down-projection's output, is the MLP's write *before* that norm; embeddings are scaled by
+    # √d_model inside ``embed_tokens``.
+    "gemma3_text": _LLAMA_LIKE,
 }
 
 

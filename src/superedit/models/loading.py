@@ -3,6 +3,8 @@
 ``spec`` is one of:
   * a local directory with an HF model (no download is attempted when it exists);
   * ``builtin`` or ``builtin:SIZE`` — the built-in testbed (built on first use);
+  * ``pretrained:NAME`` — a real model installed from the package registry and converted once
+    (``models/pretrained.py``: ``smollm2-135m``, ``gemma3-270m``);
   * a hub id such as ``gpt2-xl`` (downloaded by transformers when the network allows).
 """
 
@@ -31,6 +33,10 @@ def resolve_model_path(spec: str) -> tuple[str, bool]:
         from ..testbed.registry import resolve_builtin
 
         return str(resolve_builtin(spec or "builtin")), True
+    from .pretrained import ensure_pretrained, is_pretrained_spec
+
+    if is_pretrained_spec(spec):
+        return str(ensure_pretrained(spec)), True
     p = Path(spec).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").exists():
@@ -38,7 +44,8 @@ def resolve_model_path(spec: str) -> tuple[str, bool]:
         return str(p), True
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or spec.count("/") > 1
     if looks_like_path:
-        raise ModelNotFoundError(f"--model {spec!r}: no such directory. Pass an HF model directory, a hub id, or 'builtin[:SIZE]'.")
+        raise ModelNotFoundError(f"--model {spec!r}: no such directory. Pass an HF model directory, a hub id, "
+                                 "'pretrained:NAME' or 'builtin[:SIZE]'.")
     return spec, False
 
 
