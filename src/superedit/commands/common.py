@@ -152,7 +152,7 @@ def build_hparams(method: str, profile: str, path: str | None, n_layers: int, la
     from ..editing.methods import get_method
 
     cls = get_method(method).hparams_cls
-    names = set(cls.__dataclass_fields__)
+    names = set(cls.model_fields)
     overrides: dict[str, Any] = {}
     if layers:
         overrides["layers"] = parse_layers(layers, n_layers)

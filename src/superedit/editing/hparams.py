@@ -1,171 +1,291 @@
-"""Hyperparameters as validated dataclasses, loaded from YAML.
+"""Hyperparameters as validated pydantic models, loaded from YAML.
 
 Defaults live in ``superedit/configs/hparams/<method>/<family-or-testbed-size>.yaml``; a
-``--hparams FILE`` overrides them field by field. Every field carries help text in its metadata.
-Names follow the literature (ROME/MEMIT code): layers, v_num_grad_steps, v_lr, v_loss_layer,
-v_weight_decay, clamp_norm_factor, kl_factor, mom2_update_weight, mom2_n_tokens.
+``--hparams FILE`` overrides them field by field. Every field carries its help text (the field's
+description) and its bounds next to it; unknown fields are rejected. Names follow the literature
+(ROME/MEMIT code): layers, v_num_grad_steps, v_lr, v_loss_layer, v_weight_decay, clamp_norm_factor,
+kl_factor, mom2_update_weight, mom2_n_tokens.
+
+Types are strict where YAML is loose: an integer field takes ``30`` or ``30.0`` but not ``30.7``; a
+number field takes no ``true``; a boolean field takes only ``true``/``false``. Numbers written as
+strings are read as numbers (PyYAML reads ``1e-3`` without a dot as a string). Every invalid value
+raises :class:`HParamsError` naming the source (file), the field, the value and what is accepted.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import math
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import SupereditError
 
 
 class HParamsError(SupereditError):
-    pass
+    """An invalid hyperparameter; the message names the source, the field and what is accepted."""
+
+    validation_error: Any = None  #: pydantic's ValidationError behind it, if any
 
 
-KL_DIRECTIONS = ("edited_orig", "orig_edited")
+FactToken = Literal["subject_last", "subject_first", "last"]
+KLDirection = Literal["edited_orig", "orig_edited"]
+FactorKind = Literal["cholesky", "inverse"]
+FACT_TOKENS = get_args(FactToken)
+KL_DIRECTIONS = get_args(KLDirection)
+FACTOR_KINDS = get_args(FactorKind)
 
 
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+# ----- field types: YAML values checked strictly, with messages that say what is accepted ------------------
+_INT_LIMIT = 2**63 - 1  # torch seeds and sizes are int64
 
 
-@dataclass
-class HParams:
-    """Base: YAML loading, validation, help text."""
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "HParams":
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise HParamsError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; valid fields: {sorted(names)}")
-        kwargs = {}
-        for key, value in data.items():
-            default = names[key].default if names[key].default is not dataclasses.MISSING else names[key].default_factory()
-            kwargs[key] = _coerce(value, default, key, source)
-        obj = cls(**kwargs)
-        obj.validate(source)
-        return obj
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> "HParams":
-        obj = dataclasses.replace(self, **changes)
-        obj.validate("<replace>")
-        return obj
-
-    def validate(self, source: str = "<hparams>") -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name.endswith(("_steps", "_n_tokens", "num_steps", "batch_size", "n_prefixes")) and isinstance(v, int) and v < 0:
-                raise HParamsError(f"{source}: {f.name} must be ≥ 0 (got {v})")
-            if f.name in ("v_lr", "lr", "clamp_norm_factor") and v <= 0:
-                raise HParamsError(f"{source}: {f.name} must be > 0 (got {v})")
-        layers = getattr(self, "layers", None)
-        if layers is not None and (not layers or any(not isinstance(l, int) or l < 0 for l in layers)):
-            raise HParamsError(f"{source}: layers must be a non-empty list of layer indices ≥ 0 (got {layers})")
-
-
-def _coerce(value, default, key, source):
-    if default is None or value is None:
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not true/false")
+    if isinstance(value, int):
+        if abs(value) > _INT_LIMIT:
+            raise ValueError(f"is too large (at most {_INT_LIMIT})")
         return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise HParamsError(f"{source}: field {key!r} must be true/false (got {value!r})")
-        return value
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise HParamsError(f"{source}: field {key!r} must be a number (got {value!r})")
-        return type(default)(value) if isinstance(default, float) else (int(value) if float(value).is_integer() else value)
-    if isinstance(default, list):
-        if not isinstance(value, list):
-            raise HParamsError(f"{source}: field {key!r} must be a list (got {value!r})")
-        return value
-    if isinstance(default, str) and not isinstance(value, str):
-        raise HParamsError(f"{source}: field {key!r} must be a string (got {value!r})")
+    if isinstance(value, str):
+        try:
+            parsed: int | None = int(value.strip())
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            return _integer(parsed)
+        try:
+            value = _number(value)
+        except ValueError:
+            raise ValueError("must be an integer (e.g. 30)") from None
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return _integer(int(value))
+        raise ValueError("must be a whole number (an integer such as 30; 30.0 is accepted, 30.7 is not)")
+    raise ValueError(f"must be an integer, not a {type(value).__name__}")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError("must be a number (e.g. 0.5 or 1e-3)") from None
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, not a {type(value).__name__}")
+    try:
+        out = float(value)
+    except OverflowError:
+        raise ValueError("is too large for a number") from None
+    if not math.isfinite(out):
+        raise ValueError("must be a finite number (not nan or inf)")
+    return out
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
     return value
 
 
-@dataclass
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not a {type(value).__name__}")
+    return value
+
+
+def _path_or_empty(value: Any) -> str:
+    return "" if value is None else _string(value)
+
+
+Int = Annotated[int, BeforeValidator(_integer)]
+Float = Annotated[float, BeforeValidator(_number)]
+Bool = Annotated[bool, BeforeValidator(_boolean)]
+Str = Annotated[str, BeforeValidator(_string)]
+PathOrEmpty = Annotated[str, BeforeValidator(_path_or_empty)]
+LayerIndex = Annotated[int, BeforeValidator(_integer), Field(ge=0)]
+#: non-empty list of layer indices ≥ 0 (checked against the model by ``commands.common.build_hparams``)
+Layers = Annotated[list[LayerIndex], Field(min_length=1)]
+#: token lengths of context prefixes, each ≥ 1 (may be empty: no prefixes)
+Lengths = list[Annotated[int, BeforeValidator(_integer), Field(ge=1)]]
+
+
+def _f(default: Any, help: str, **bounds: Any) -> Any:
+    """A field with its help text and bounds (``ge``, ``gt``, ``le``, ``lt``)."""
+    if isinstance(default, list):
+        return Field(default_factory=lambda: list(default), description=help, **bounds)
+    return Field(default=default, description=help, **bounds)
+
+
+def _value_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def describe_validation_error(exc: ValidationError, cls: type, source: str,
+                              origin: dict[str, str] | None = None) -> str:
+    """One message for all of ``exc``'s errors: ``source: field = value: what is accepted; …``.
+
+    ``origin`` maps a field to where its value came from (a file); such problems name that instead."""
+    origin = origin or {}
+    unknown: list[str] = []
+    problems: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = err.get("loc", ())
+        name = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+        if err["type"] == "extra_forbidden":
+            unknown.append(name)
+            continue
+        ctx_error = (err.get("ctx") or {}).get("error")
+        msg = str(ctx_error) if err["type"] == "value_error" and ctx_error is not None else err["msg"]
+        msg = msg.replace("Input should be", "must be").replace("List should", "must").replace(" after validation", "")
+        if loc:
+            where = origin.get(str(loc[0]), source)
+            problems.append(f"{where}: field {name!r} = {_value_repr(err.get('input'))}: {msg}")
+        else:
+            problems.append(f"{source}: {msg}")
+    if unknown:
+        where = sorted({origin.get(u, source) for u in unknown})
+        problems.insert(0, f"{' + '.join(where)}: unknown field(s) {sorted(unknown)} for {cls.__name__}; "
+                           f"valid fields: {sorted(cls.model_fields)}")
+    return "; ".join(problems)
+
+
+class HParams(BaseModel):
+    """Base: YAML loading, validation, help text.
+
+    Construction, :meth:`from_dict`, :meth:`replace` and attribute assignment all validate and raise
+    :class:`HParamsError` (never pydantic's ValidationError).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            err = HParamsError(describe_validation_error(exc, type(self), f"{type(self).__name__}(…)"))
+            err.validation_error = exc  # from_dict re-describes it with the file it read
+            raise err from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise HParamsError(describe_validation_error(exc, type(self), f"{type(self).__name__}.{name}")) from None
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """``{field: help text}`` in declaration order."""
+        return {name: info.description or "" for name, info in cls.model_fields.items()}
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(cls.model_fields)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>", origin: dict[str, str] | None = None) -> "HParams":
+        """Validate ``data`` (field → value); errors name ``source`` (or the field's ``origin``) and the field."""
+        if not isinstance(data, dict):
+            raise HParamsError(f"{source}: expected a mapping of field: value, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)  # runs __init__, which turns a ValidationError into HParamsError
+        except HParamsError as exc:
+            inner = getattr(exc, "validation_error", None)
+            if inner is None:
+                raise
+            raise HParamsError(describe_validation_error(inner, cls, source, origin)) from None
+        except ValidationError as exc:
+            raise HParamsError(describe_validation_error(exc, cls, source, origin)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> "HParams":
+        """A validated copy with ``changes`` applied."""
+        return type(self).from_dict({**self.to_dict(), **changes}, source="<replace>")
+
+    def validate(self, source: str = "<hparams>") -> None:  # type: ignore[override]
+        """Re-check the current values (they are checked on construction and assignment already)."""
+        type(self).from_dict(self.to_dict(), source)
+
+
+def _distinct_layers(hp: HParams) -> HParams:
+    layers = getattr(hp, "layers", None)
+    if layers is not None and len(set(layers)) != len(layers):
+        raise ValueError(f"field 'layers' = {layers}: each layer may appear only once")
+    return hp
+
+
 class ContextHParams(HParams):
     """How keys and values are averaged over context prefixes (ROME's context templates)."""
 
-    context_lengths: list = _f([5, 10], "Token lengths of generated context prefixes (one group per length).")
-    n_prefixes: int = _f(5, "Prefixes generated per length (plus the empty prefix).")
-    fact_token: str = _f("subject_last", "Where the key is read: subject_last | subject_first | last.")
-    seed: int = _f(0, "Seed for generated prefixes.")
+    context_lengths: Lengths = _f([5, 10], "Token lengths of generated context prefixes (one group per length).")
+    n_prefixes: Int = _f(5, "Prefixes generated per length (plus the empty prefix).", ge=0)
+    fact_token: FactToken = _f("subject_last", "Where the key is read: subject_last | subject_first | last.")
+    seed: Int = _f(0, "Seed for generated prefixes.", ge=0)
 
 
-@dataclass
 class ValueHParams(ContextHParams):
     """Optimisation of the target value v* (ROME's compute_v / MEMIT's compute_z)."""
 
-    v_num_grad_steps: int = _f(20, "Gradient steps for the value delta.")
-    v_lr: float = _f(0.5, "Adam learning rate of the value delta.")
-    v_loss_layer: int = _f(-1, "Layer whose output feeds the loss (-1: the model's last layer; kept for the field's naming).")
-    v_weight_decay: float = _f(0.5, "Weight of ||delta|| / ||v0||² in the loss (ROME/MEMIT's form).")
-    clamp_norm_factor: float = _f(4.0, "Clamp ||delta|| to this multiple of the original value's norm.")
-    kl_factor: float = _f(0.0625, "Weight of the KL term on '{} is a' that keeps the subject's essence.")
-    v_early_stop_nll: float = _f(0.05, "Stop when the target NLL falls below this.")
-    kl_direction: str = _f("edited_orig", "Direction of the KL term: edited_orig = KL(P_edited ‖ P_orig) as in ROME "
-                                          "eq. 4 and its code (default); orig_edited = KL(P_orig ‖ P_edited), "
-                                          "what superedit used before 0.2.")
-
-    def validate(self, source="<hparams>"):
-        super().validate(source)
-        if self.kl_direction not in KL_DIRECTIONS:
-            raise HParamsError(f"{source}: kl_direction must be one of {KL_DIRECTIONS} (got {self.kl_direction!r})")
+    v_num_grad_steps: Int = _f(20, "Gradient steps for the value delta.", ge=0)
+    v_lr: Float = _f(0.5, "Adam learning rate of the value delta.", gt=0)
+    v_loss_layer: Int = _f(-1, "Layer whose output feeds the loss (-1: the model's last layer; kept for the "
+                               "field's naming).", ge=-1)
+    v_weight_decay: Float = _f(0.5, "Weight of ||delta|| / ||v0||² in the loss (ROME/MEMIT's form).", ge=0)
+    clamp_norm_factor: Float = _f(4.0, "Clamp ||delta|| to this multiple of the original value's norm.", gt=0)
+    kl_factor: Float = _f(0.0625, "Weight of the KL term on '{} is a' that keeps the subject's essence.", ge=0)
+    v_early_stop_nll: Float = _f(0.05, "Stop when the target NLL falls below this.", ge=0)
+    kl_direction: KLDirection = _f("edited_orig", "Direction of the KL term: edited_orig = KL(P_edited ‖ P_orig) as "
+                                                  "in ROME eq. 4 and its code (default); orig_edited = "
+                                                  "KL(P_orig ‖ P_edited), what superedit used before 0.2.")
 
 
-@dataclass
 class ROMEHParams(ValueHParams):
-    layers: list = _f([3], "The single layer ROME edits.")
-    mom2_n_tokens: int = _f(100000, "Corpus tokens for the key covariance C.")
-    mom2_corpus: str = _f("", "Corpus for C (path; empty: the testbed's own corpus).")
-    mom2_max_length: int = _f(128, "Max tokens per corpus document for C.")
-    mom2_ridge: float = _f(0.0, "Ridge added to C as a fraction of its mean diagonal (0: none).")
+    layers: Layers = _f([3], "The single layer ROME edits.")
+    mom2_n_tokens: Int = _f(100000, "Corpus tokens for the key covariance C.", ge=1)
+    mom2_corpus: PathOrEmpty = _f("", "Corpus for C (path; empty: the testbed's own corpus).")
+    mom2_max_length: Int = _f(128, "Max tokens per corpus document for C.", ge=1)
+    mom2_ridge: Float = _f(0.0, "Ridge added to C as a fraction of its mean diagonal (0: none).", ge=0)
 
-    def validate(self, source="<hparams>"):
-        super().validate(source)
+    @model_validator(mode="after")
+    def _one_layer(self) -> "ROMEHParams":
         if len(self.layers) != 1:
-            raise HParamsError(f"{source}: ROME edits exactly one layer; got layers={self.layers}")
+            raise ValueError(f"ROME edits exactly one layer; got layers={self.layers} (give one, e.g. layers: [3])")
+        return self
 
 
-@dataclass
 class MEMITHParams(ValueHParams):
-    layers: list = _f([2, 3, 4], "Layers MEMIT spreads the update over (the residual goes to the last).")
-    mom2_update_weight: float = _f(15000.0, "λ in Δ = R Kᵀ (λC + K Kᵀ)⁻¹.")
-    mom2_n_tokens: int = _f(100000, "Corpus tokens for the key covariance C.")
-    mom2_corpus: str = _f("", "Corpus for C (path; empty: the testbed's own corpus).")
-    mom2_max_length: int = _f(128, "Max tokens per corpus document for C.")
-    mom2_ridge: float = _f(0.0, "Ridge added to C as a fraction of its mean diagonal (0: none); needed where "
-                           "C is singular (dead units), or the solve puts huge weights there.")
+    layers: Layers = _f([2, 3, 4], "Layers MEMIT spreads the update over (the residual goes to the last).")
+    mom2_update_weight: Float = _f(15000.0, "λ in Δ = R Kᵀ (λC + K Kᵀ)⁻¹.", ge=0)
+    mom2_n_tokens: Int = _f(100000, "Corpus tokens for the key covariance C.", ge=1)
+    mom2_corpus: PathOrEmpty = _f("", "Corpus for C (path; empty: the testbed's own corpus).")
+    mom2_max_length: Int = _f(128, "Max tokens per corpus document for C.", ge=1)
+    mom2_ridge: Float = _f(0.0, "Ridge added to C as a fraction of its mean diagonal (0: none); needed where "
+                                "C is singular (dead units), or the solve puts huge weights there.", ge=0)
+
+    _check_layers = model_validator(mode="after")(_distinct_layers)
 
 
-@dataclass
 class FTHParams(HParams):
-    layers: list = _f([3], "Layer(s) whose MLP down-projection is fine-tuned.")
-    num_steps: int = _f(25, "Optimisation steps.")
-    lr: float = _f(5e-4, "Adam learning rate.")
-    weight_decay: float = _f(0.0, "Adam weight decay.")
-    norm_constraint: float = _f(5e-4, "L∞ bound on the change of each weight (the FT-L baseline); 0 disables.")
-    batch_size: int = _f(64, "Requests per optimisation batch.")
-    early_stop_nll: float = _f(0.01, "Stop when the mean target NLL falls below this.")
+    layers: Layers = _f([3], "Layer(s) whose MLP down-projection is fine-tuned.")
+    num_steps: Int = _f(25, "Optimisation steps.", ge=0)
+    lr: Float = _f(5e-4, "Adam learning rate.", gt=0)
+    weight_decay: Float = _f(0.0, "Adam weight decay.", ge=0)
+    norm_constraint: Float = _f(5e-4, "L∞ bound on the change of each weight (the FT-L baseline); 0 disables.", ge=0)
+    batch_size: Int = _f(64, "Requests per optimisation batch.", ge=1)
+    early_stop_nll: Float = _f(0.01, "Stop when the mean target NLL falls below this.", ge=0)
+
+    _check_layers = model_validator(mode="after")(_distinct_layers)
 
 
 # ----- lifelong methods (superedit.lifelong) -----
-FACTOR_KINDS = ("cholesky", "inverse")
-
-
-@dataclass
 class D4SHParams(MEMITHParams):
     """D4S (Huang et al. 2024): one MEMIT solve over every edit so far, kept as running sums.
 
@@ -174,41 +294,30 @@ class D4SHParams(MEMITHParams):
     ``W_l = W₀,l + S_rk P (P S_kk P + L2·I)⁻¹ P``.
     """
 
-    factor: str = _f("cholesky", "How A = λC + S_kk is kept between steps: cholesky (rank-k factor updates, "
-                                 "backward stable) | inverse (Woodbury updates of A⁻¹, fastest).")
-    refresh_every: int = _f(0, "Re-solve from the running sums every N steps to cancel rounding drift (0: never).")
-    project_nullspace: bool = _f(False, "Project keys on the null space of C (D4S sums + AlphaEdit projection).")
-    nullspace_threshold: float = _f(1e-2, "Eigenvalues of C below this span the null space (AlphaEdit).")
-    nullspace_relative: bool = _f(False, "Read nullspace_threshold relative to C's largest eigenvalue.")
-    L2: float = _f(10.0, "α, the ridge replacing λC when project_nullspace is on.")
+    factor: FactorKind = _f("cholesky", "How A = λC + S_kk is kept between steps: cholesky (rank-k factor updates, "
+                                        "backward stable) | inverse (Woodbury updates of A⁻¹, fastest).")
+    refresh_every: Int = _f(0, "Re-solve from the running sums every N steps to cancel rounding drift (0: never).", ge=0)
+    project_nullspace: Bool = _f(False, "Project keys on the null space of C (D4S sums + AlphaEdit projection).")
+    nullspace_threshold: Float = _f(1e-2, "Eigenvalues of C below this span the null space (AlphaEdit).", ge=0)
+    nullspace_relative: Bool = _f(False, "Read nullspace_threshold relative to C's largest eigenvalue.")
+    L2: Float = _f(10.0, "α, the ridge replacing λC when project_nullspace is on (must then be > 0).", ge=0)
 
-    def validate(self, source="<hparams>"):
-        super().validate(source)
-        if self.factor not in FACTOR_KINDS:
-            raise HParamsError(f"{source}: factor must be one of {FACTOR_KINDS} (got {self.factor!r})")
-        if self.refresh_every < 0:
-            raise HParamsError(f"{source}: refresh_every must be ≥ 0 (got {self.refresh_every})")
+    @model_validator(mode="after")
+    def _ridge_when_projecting(self) -> "D4SHParams":
         if self.project_nullspace and self.L2 <= 0:
-            raise HParamsError(f"{source}: L2 must be > 0 when project_nullspace is on (got {self.L2})")
+            raise ValueError(f"field 'L2' = {self.L2}: must be > 0 when project_nullspace is on")
+        return self
 
 
-@dataclass
 class AlphaEditHParams(MEMITHParams):
     """AlphaEdit (Fang et al. 2025): MEMIT-style updates projected on the null space of C.
 
     ``Δ = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹`` (``mom2_update_weight`` is not used).
     """
 
-    nullspace_threshold: float = _f(1e-2, "Eigenvalues of C below this span the null space (paper: 1e-2).")
-    nullspace_relative: bool = _f(False, "Read nullspace_threshold relative to C's largest eigenvalue.")
-    L2: float = _f(10.0, "α in (K_p K_pᵀ P + K₁ K₁ᵀ P + α I).")
-
-    def validate(self, source="<hparams>"):
-        super().validate(source)
-        if self.L2 <= 0:
-            raise HParamsError(f"{source}: L2 must be > 0 (got {self.L2})")
-        if self.nullspace_threshold < 0:
-            raise HParamsError(f"{source}: nullspace_threshold must be ≥ 0 (got {self.nullspace_threshold})")
+    nullspace_threshold: Float = _f(1e-2, "Eigenvalues of C below this span the null space (paper: 1e-2).", ge=0)
+    nullspace_relative: Bool = _f(False, "Read nullspace_threshold relative to C's largest eigenvalue.")
+    L2: Float = _f(10.0, "α in (K_p K_pᵀ P + K₁ K₁ᵀ P + α I).", gt=0)
 
 
 def load_hparams(cls: type[HParams], method: str, profile: str | None = None, path: str | Path | None = None,
@@ -216,27 +325,40 @@ def load_hparams(cls: type[HParams], method: str, profile: str | None = None, pa
     """Defaults for ``(method, profile)`` from the packaged YAML, then ``path``, then ``overrides``.
 
     ``profile`` is a family (``gpt2``, ``llama`` …) or a testbed size (``testbed-small``). A missing
-    packaged file falls back to the dataclass defaults.
+    packaged file falls back to the model's defaults. Errors name the file a bad value came from.
     """
     data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if profile:
         packaged = resources.files("superedit") / "configs" / "hparams" / method / f"{profile}.yaml"
         if packaged.is_file():
-            data.update(_read_yaml(packaged.read_text(), str(packaged)))
+            layer = _read_yaml(packaged.read_text(encoding="utf-8"), str(packaged))
+            data.update(layer)
+            origin.update(dict.fromkeys(layer, str(packaged)))
     if path:
         p = Path(path)
         if not p.is_file():
             raise HParamsError(f"--hparams {str(path)!r}: no such file")
-        data.update(_read_yaml(p.read_text(), str(p)))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HParamsError(f"--hparams {str(path)!r}: cannot read it as UTF-8 text ({exc})") from exc
+        layer = _read_yaml(text, str(p))
+        data.update(layer)
+        origin.update(dict.fromkeys(layer, str(p)))
     data.update(overrides or {})
-    return cls.from_dict(data, source=str(path or f"{method}/{profile}"))
+    origin.update(dict.fromkeys(overrides or {}, "command-line options"))
+    sources = list(dict.fromkeys(origin.values())) or [f"{method}/{profile or 'defaults'}"]
+    return cls.from_dict(data, source=" + ".join(sources), origin=origin)
 
 
 def _read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise HParamsError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise HParamsError(f"{source}: expected a mapping of field: value, got {type(data).__name__}")
     return data

@@ -48,18 +48,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..editing.hparams import HParams, _f
+from ..editing.hparams import Float, HParams, Int, _f
 from ..errors import SupereditError
 from ..utils.io import atomic_path, write_json_atomic
 
 FORMAT = "superedit-rep-adaptor/1"
-SIMILARITIES = ("u_cosine", "whitening")
+Similarity = Literal["u_cosine", "whitening"]
+SIMILARITIES = get_args(Similarity)
 FILES = ("rep_adaptor.safetensors", "rep_adaptor.json")
 
 
@@ -67,38 +68,24 @@ class AdaptorError(SupereditError):
     pass
 
 
-@dataclass
 class AdaptorHParams(HParams):
-    rank: int = _f(32, "Rank r of B A.")
-    dropout: float = _f(0.1, "Dropout on k inside B A dropout(k) during training.")
-    gate_hidden_frac: float = _f(0.1, "Gate MLP hidden width as a fraction of d (d → frac·d → 1, GELU).")
-    tau: float = _f(0.9, "Inference gate threshold τ: the adaptor acts where g(k) > τ.")
-    num_steps: int = _f(10, "Adam steps (the paper's 10; small testbeds may need more).")
-    lr: float = _f(5e-4, "Adam learning rate.")
-    mse_weight: float = _f(1.0, "Weight of ‖k̂(k_orig) − k*‖²/‖k*‖².")
-    gate_weight: float = _f(1.0, "Weight of the gate BCE (positives → 1, unrelated keys → 0).")
-    n_corpus_negatives: int = _f(256, "Corpus token keys used as gate negatives (0: none).")
-    n_hard_negatives: int = _f(64, "Hard gate negatives: the corpus positions whose keys are closest to k* "
-                               "(whitening cosine) and whose prefix does not contain the subject (0: none).")
-    hard_negative_docs: int = _f(200, "Corpus documents scanned for hard negatives.")
-    seed: int = _f(0, "Seed of A's initialisation, dropout and negative sampling.")
-    similarity: str = _f("whitening", "Pull objective. 'whitening' (default): the cosine in whitening space, "
-                         "k̂ᵀC⁻¹k* / √(k̂ᵀC⁻¹k̂ · k*ᵀC⁻¹k*), maximal when k̂ ∝ k*. 'u_cosine': cos(k̂, u) with "
-                         "u = C⁻¹k*/‖C⁻¹k*‖ (ROME; k*/‖k*‖ for MEMIT), the literal form of the issue's loss; on "
-                         "the testbed it moves keys away from k* and lowers rephrase success.")
-
-    def validate(self, source: str = "<hparams>") -> None:
-        super().validate(source)
-        if self.rank < 1:
-            raise AdaptorError(f"{source}: rank must be ≥ 1 (got {self.rank})")
-        if not 0 <= self.dropout < 1:
-            raise AdaptorError(f"{source}: dropout must be in [0, 1) (got {self.dropout})")
-        if not 0 <= self.tau <= 1:
-            raise AdaptorError(f"{source}: tau must be in [0, 1] (got {self.tau})")
-        if self.n_hard_negatives < 0 or self.hard_negative_docs < 0:
-            raise AdaptorError(f"{source}: n_hard_negatives and hard_negative_docs must be ≥ 0")
-        if self.similarity not in SIMILARITIES:
-            raise AdaptorError(f"{source}: similarity must be one of {SIMILARITIES} (got {self.similarity!r})")
+    rank: Int = _f(32, "Rank r of B A.", ge=1)
+    dropout: Float = _f(0.1, "Dropout on k inside B A dropout(k) during training.", ge=0, lt=1)
+    gate_hidden_frac: Float = _f(0.1, "Gate MLP hidden width as a fraction of d (d → frac·d → 1, GELU).", gt=0)
+    tau: Float = _f(0.9, "Inference gate threshold τ: the adaptor acts where g(k) > τ.", ge=0, le=1)
+    num_steps: Int = _f(10, "Adam steps (the paper's 10; small testbeds may need more).", ge=0)
+    lr: Float = _f(5e-4, "Adam learning rate.", gt=0)
+    mse_weight: Float = _f(1.0, "Weight of ‖k̂(k_orig) − k*‖²/‖k*‖².", ge=0)
+    gate_weight: Float = _f(1.0, "Weight of the gate BCE (positives → 1, unrelated keys → 0).", ge=0)
+    n_corpus_negatives: Int = _f(256, "Corpus token keys used as gate negatives (0: none).", ge=0)
+    n_hard_negatives: Int = _f(64, "Hard gate negatives: the corpus positions whose keys are closest to k* "
+                                   "(whitening cosine) and whose prefix does not contain the subject (0: none).", ge=0)
+    hard_negative_docs: Int = _f(200, "Corpus documents scanned for hard negatives.", ge=0)
+    seed: Int = _f(0, "Seed of A's initialisation, dropout and negative sampling.", ge=0)
+    similarity: Similarity = _f("whitening", "Pull objective. 'whitening' (default): the cosine in whitening space, "
+                                "k̂ᵀC⁻¹k* / √(k̂ᵀC⁻¹k̂ · k*ᵀC⁻¹k*), maximal when k̂ ∝ k*. 'u_cosine': cos(k̂, u) with "
+                                "u = C⁻¹k*/‖C⁻¹k*‖ (ROME; k*/‖k*‖ for MEMIT), the literal form of the issue's loss; "
+                                "on the testbed it moves keys away from k* and lowers rephrase success.")
 
 
 class KeyAdaptor(nn.Module):
