@@ -24,6 +24,8 @@ COMMAND_MODULES = [
     "keys",
     "lifelong",
     "ledger",
+    "data",
+    "models",
 ]
 
 app = typer.Typer(
@@ -34,6 +36,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: help texts are shown as written (no rich markup that eats "[rephrases]" and the like)
+    rich_markup_mode=None,
 )
 
 

@@ -31,3 +31,12 @@ class StatsError(SupereditError):
 
 class LedgerError(SupereditError):
     pass
+
+
+class UsageError(SupereditError, ValueError):
+    """A command-line option or argument has a value that cannot be used (also a ValueError for library
+    callers); the message names the option and what is accepted."""
+
+
+class FileFormatError(SupereditError, ValueError):
+    """A file superedit reads back (JSON, JSONL) is not in the expected form; the message names the file."""

@@ -4,18 +4,40 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from typing import Any, Callable
 
 import typer
 
-from ..errors import SupereditError
+from ..errors import SupereditError, UsageError
 from ..utils.logs import setup_logging
 
 MODEL_HELP = "HF model directory, hub id, or 'builtin[:SIZE]' (the built-in testbed; default)."
 ModelOpt = typer.Option("builtin", "--model", "-m", help=MODEL_HELP)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object with the results as the last line of stdout.")
 DeviceOpt = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu).")
+
+
+def method_choices() -> str:
+    """The registered editing methods, for help texts ("rome, memit, ft, d4s, alphaedit")."""
+    from ..editing.methods import REGISTRY
+
+    return ", ".join(REGISTRY)
+
+
+def format_choices() -> str:
+    """The dataset formats the loaders read, for help texts ("auto, counterfact, …")."""
+    from ..data.loaders import FORMATS
+
+    return ", ".join(("auto",) + tuple(FORMATS))
+
+
+def size_choices() -> str:
+    """The testbed sizes, for help texts ("micro, tiny, small, base, wide")."""
+    from ..testbed.sizes import SIZES
+
+    return ", ".join(SIZES)
 
 
 def default_device(device: str | None) -> str:
@@ -26,18 +48,36 @@ def default_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+LIST_PREVIEW_CHARS = 300
+
+
 def emit(result: dict[str, Any], as_json: bool) -> None:
-    """Print ``result``: as one JSON line on stdout with --json, else readable lines on stderr."""
+    """Print ``result``: as one JSON line on stdout with --json, else readable lines on stderr.
+
+    Human output shows scalars and mappings whole (a mapping one ``key: value`` line per entry); only a
+    list longer than ``LIST_PREVIEW_CHARS`` as JSON is shortened, saying how many items it has."""
     if as_json:
         sys.stdout.write(json.dumps(result, default=_default) + "\n")
         sys.stdout.flush()
-    else:
-        for key, value in result.items():
-            if isinstance(value, (dict, list)):
-                value = json.dumps(value, default=_default)
-                if len(value) > 300:
-                    value = value[:300] + " …"
-            typer.echo(f"{key}: {value}", err=True)
+        return
+    for line in human_lines(result):
+        typer.echo(line, err=True)
+
+
+def human_lines(result: dict[str, Any], indent: str = "") -> list[str]:
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines.extend(human_lines(value, indent + "  "))
+            continue
+        if isinstance(value, (dict, list, tuple)):
+            text = json.dumps(value, default=_default)
+            if len(text) > LIST_PREVIEW_CHARS:
+                text = f"{text[:LIST_PREVIEW_CHARS]} … ({len(value)} items; --json prints them all)"
+            value = text
+        lines.append(f"{indent}{key}: {value}")
+    return lines
 
 
 def _default(obj):
@@ -47,14 +87,15 @@ def _default(obj):
 
 
 def command(fn: Callable) -> Callable:
-    """Decorator: set up logging and turn SupereditError / bad-input errors into a clean exit 2."""
+    """Decorator: set up logging and turn a :class:`SupereditError` (bad input: the message says what to do)
+    into a clean exit 2. Any other exception is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         setup_logging(verbose=bool(kwargs.get("verbose", False)))
         try:
             return fn(*args, **kwargs)
-        except (SupereditError, FileNotFoundError, IndexError, ValueError) as exc:
+        except SupereditError as exc:
             typer.echo(f"error: {exc}", err=True)
             if kwargs.get("as_json"):
                 sys.stdout.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
@@ -63,23 +104,44 @@ def command(fn: Callable) -> Callable:
     return wrapper
 
 
+LAYERS_ACCEPTED = "a layer (3), a range (2-6), a list (1,3,5 or 1,3-5) or 'all'"
+_LAYER_PART = re.compile(r"^([0-9]+)(?:\s*-\s*([0-9]+))?$", re.ASCII)
+
+
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """'3,4,5' | '2-6' | 'all' → sorted layer list, each checked against the model."""
-    if spec is None or spec == "all":
+    """'3' | '2-6' | '1,3,5' | '1,3-5' | 'all' (or None) → sorted layer list, each checked against the model.
+
+    Raises :class:`UsageError` naming the part that is wrong and what is accepted."""
+    if spec is None or str(spec).strip().lower() == "all":
         return list(range(n_layers))
+    spec = str(spec)
+    where = f"this model has layers 0..{n_layers - 1}"
+
+    def bad(problem: str) -> UsageError:
+        return UsageError(f"--layers {spec!r}: {problem}; give {LAYERS_ACCEPTED}; {where}")
+
     layers: set[int] = set()
-    for part in str(spec).split(","):
-        part = part.strip()
+    parts = [part.strip() for part in spec.split(",")]
+    if not any(parts):
+        raise bad("no layer given")
+    for part in parts:
         if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            layers.update(range(int(a), int(b) + 1))
-        else:
-            layers.add(int(part))
-    bad = [l for l in sorted(layers) if not 0 <= l < n_layers]
-    if bad:
-        raise IndexError(f"--layers {spec!r}: layer(s) {bad} out of range; this model has layers 0..{n_layers - 1}")
+            raise bad("empty item between commas")
+        m = _LAYER_PART.match(part)
+        if m is None:
+            if re.fullmatch(r"-\s*[0-9]+(\s*-.*)?", part, re.ASCII):
+                raise bad(f"{part!r} is negative; layers count from 0 (no negative indices)")
+            if part.lower() == "all":
+                raise bad("'all' cannot be combined with other layers")
+            raise bad(f"{part!r} is not a layer index or a range a-b of them")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise bad(f"range {part!r} is reversed; write it low-high ({b}-{a})")
+        if b >= n_layers:
+            out = f"{a}" if a == b else f"{a}-{b}"
+            raise bad(f"layer(s) {out} out of range")
+        layers.update(range(a, b + 1))
     return sorted(layers)
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import typer
 
-from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, emit, hparams_profile, local_model_dir,
-                     make_stats, resolve_requests)
+from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, emit, format_choices, hparams_profile,
+                     local_model_dir, make_stats, method_choices, resolve_requests)
 
 RequestsOpt = typer.Option(None, "--requests", "-r", help="Dataset file (CounterFact, MQuAKE, EasyEdit, zsRE-MEND, "
                            "superedit JSONL). Optional for testbed models (their own counterfactual requests).")
-FormatOpt = typer.Option("auto", "--format", help="Dataset format: auto, counterfact, mquake, easyedit, zsre, superedit.")
+FormatOpt = typer.Option("auto", "--format", help=f"Dataset format: {format_choices()}.")
 LimitOpt = typer.Option(None, "--limit", "-n", help="Use only the first N requests.")
 GenTokensOpt = typer.Option(100, "--gen-tokens", help="Tokens sampled (top-k 5) per generation prompt for the n-gram "
                             "entropy fluency metric, pre and post (0: skip fluency).")
@@ -57,7 +57,7 @@ def register(app) -> None:
     @command
     def edit(
         model: str = ModelOpt,
-        method: str = typer.Option("rome", "--method", help="Editing method: rome, memit or ft."),
+        method: str = typer.Option("rome", "--method", help=f"Editing method: {method_choices()}."),
         requests: str = RequestsOpt,
         fmt: str = FormatOpt,
         limit: int = LimitOpt,

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import UsageError
 from .common import DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, parse_layers
 
 
@@ -60,7 +61,7 @@ def register(app) -> None:
         cand = parse_layers(layers, adapter.n_layers)
         reqs = load_edit_requests(model, requests, max(request_index + 1 + n_protect, 64), seed)
         if not 0 <= request_index < len(reqs):
-            raise IndexError(f"--request-index {request_index} is out of range: the requests hold {len(reqs)} "
+            raise UsageError(f"--request-index {request_index} is out of range: the requests hold {len(reqs)} "
                              f"items (0..{len(reqs) - 1})")
         req = reqs[request_index]
         if protected:

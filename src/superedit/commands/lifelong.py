@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
+from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit, format_choices, method_choices
 
 DEFAULT_METHODS = "rome,memit,d4s,alphaedit"
 
@@ -85,8 +85,8 @@ def register(app) -> None:
         requests: str = typer.Option(None, "--requests", "-r", help="Dataset file (CounterFact, MQuAKE, EasyEdit, "
                                      "zsRE-MEND, superedit JSONL). Optional for testbed models (their own "
                                      "counterfactual requests)."),
-        fmt: str = typer.Option("auto", "--format", help="Dataset format: auto, counterfact, mquake, easyedit, zsre, superedit."),
-        methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="Comma-separated methods: rome, memit, ft, d4s, alphaedit."),
+        fmt: str = typer.Option("auto", "--format", help=f"Dataset format: {format_choices()}."),
+        methods: str = typer.Option(DEFAULT_METHODS, "--methods", help=f"Comma-separated methods: {method_choices()}."),
         edits: int = typer.Option(200, "--edits", "-n", help="Number of edits (requests) in the stream."),
         batch_size: int = typer.Option(1, "--batch-size", "-b", help="Requests per method call."),
         eval_every: int = typer.Option(50, "--eval-every", help="Checkpoint every this many edits (also at 0 and at the end)."),

@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import UsageError
 from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, default_device, emit, hparams_profile,
                      local_model_dir, make_stats, resolve_requests)
 
@@ -41,10 +42,10 @@ def parse_taus(spec: str | None) -> list[float]:
     try:
         taus = [float(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--tau-sweep {spec!r}: give comma-separated numbers in [0, 1], e.g. 0.5,0.7,0.9") from None
+        raise UsageError(f"--tau-sweep {spec!r}: give comma-separated numbers in [0, 1], e.g. 0.5,0.7,0.9") from None
     bad = [t for t in taus if not 0 <= t <= 1]
     if bad:
-        raise ValueError(f"--tau-sweep: values {bad} are outside [0, 1]")
+        raise UsageError(f"--tau-sweep: values {bad} are outside [0, 1]")
     return taus
 
 
@@ -89,9 +90,9 @@ def register(app) -> None:
 
         log = get_logger("superedit.robust")
         if method not in ("rome", "memit"):
-            raise ValueError(f"--method must be rome or memit (got {method!r})")
+            raise UsageError(f"--method must be rome or memit (got {method!r})")
         if adaptor not in ("on", "off", "both"):
-            raise ValueError(f"--adaptor must be on, off or both (got {adaptor!r})")
+            raise UsageError(f"--adaptor must be on, off or both (got {adaptor!r})")
         taus = parse_taus(tau_sweep)
         adapter = load_model(model, device=default_device(device))
         mdir = local_model_dir(model)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 
-from superedit.commands.common import command, emit as _emit
+from superedit.commands.common import command, emit as _emit, size_choices
 
 
 def _summary(d: Path) -> dict:
@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
     @sub.command("build")
     @command
-    def build(size: str = typer.Option("small", "--size", help="testbed size (micro, tiny, small, base)"),
+    def build(size: str = typer.Option("small", "--size", help=f"testbed size ({size_choices()})"),
               out: Path = typer.Option(..., "--out", help="output model directory"),
               facts: Optional[Path] = typer.Option(None, "--facts", help="learn the true facts of a CounterFact/EasyEdit file"),
               seed: int = typer.Option(0, "--seed"),
@@ -38,10 +38,11 @@ def register(app: typer.Typer) -> None:
                                                    "(recorded in testbed.json)"),
               as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line")):
         """Train a testbed and write a standard HF model dir plus testbed.json."""
+        from superedit.errors import UsageError
         from superedit.testbed.build import build_testbed
 
         if epochs is not None and epochs < 1:
-            raise ValueError(f"--epochs must be ≥ 1 (got {epochs})")
+            raise UsageError(f"--epochs must be ≥ 1 (got {epochs})")
         d = build_testbed(size, out, seed=seed, facts_file=facts, epochs=epochs)
         _emit(_summary(d), as_json)
 

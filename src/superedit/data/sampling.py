@@ -12,14 +12,14 @@ import random
 from typing import Any, Mapping, Sequence
 
 from superedit.data.requests import EditRequest, request_error
-from superedit.errors import RequestFormatError
+from superedit.errors import RequestFormatError, UsageError
 
 __all__ = ["sample_requests", "counterfactual_requests_from_facts"]
 
 
 def _check_n(n: Any) -> None:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
+        raise UsageError(f"n must be a non-negative integer or None, got {n!r}")
 
 
 def sample_requests(requests: Sequence[EditRequest], n: int | None, seed: int) -> list[EditRequest]:
@@ -141,7 +141,7 @@ def counterfactual_requests_from_facts(
         if cands:
             eligible.append((rec, cands))
     if not eligible:
-        raise ValueError(
+        raise UsageError(
             "no fact has another object of the same relation to use as target_new; "
             "give at least two distinct objects per relation"
         )
