@@ -5,7 +5,7 @@
 
 One D4S step adds an edit's (R, K) (rank k) to the running sums and produces W − W₀ = S_rk (λC + S_kk)⁻¹.
   dense:        S_kk += KKᵀ, Cholesky of λC + S_kk, X = S_rk A⁻¹ (cholesky_solve)   O(d_mlp³ + d_model·d_mlp²)
-  incremental:  D4SState.add — Woodbury on X plus a rank-k update of the factor     O(d_model·d_mlp·k + d_mlp²·k)
+  incremental:  D4SSums.add — Woodbury on X plus a rank-k update of the factor     O(d_model·d_mlp·k + d_mlp²·k)
                 (factor="cholesky": Givens-style rank-1 Cholesky updates; factor="inverse": Woodbury on A⁻¹)
 Random matrices; C = c·I + B Bᵀ (B with 64 columns) so building it stays cheap. Each size runs once.
 
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from superedit.lifelong.d4s import D4SState
+from superedit.editing.methods.d4s import D4SSums
 
 F64 = torch.float64
 
@@ -47,7 +47,7 @@ def bench(d_model: int, d_mlp: int, k: int, lam: float, repeats: int) -> dict:
     out = {"d_model": d_model, "d_mlp": d_mlp, "k": k}
     states = {}
     for kind in ("cholesky", "inverse"):
-        st = D4SState(0, W0, C, lam, factor=kind)
+        st = D4SSums(0, W0, C, lam, factor=kind)
         st.add(*new_terms(), journal=False)  # warm-up
         out[f"incremental_{kind}_s"] = timed(lambda: st.add(*new_terms(), journal=False), repeats)
         states[kind] = st

@@ -97,10 +97,10 @@ def main(argv=None) -> int:
           f"{args.edits} edits in batches of {args.batch_size}, v_num_grad_steps {hp.v_num_grad_steps}, "
           f"{1 + hp.n_prefixes * len(hp.context_lengths)} prompts per request", flush=True)
 
-    import superedit.editing.methods.memit as memit_mod
+    import superedit.editing.methods.spread as spread_mod
 
     value_s = [0.0]
-    orig_targets = memit_mod.memit_targets
+    orig_targets = spread_mod.memit_targets
 
     def timed_targets(*a, **kw):  # time the v* share without changing what runs
         t = time.perf_counter()
@@ -109,8 +109,7 @@ def main(argv=None) -> int:
         finally:
             value_s[0] += time.perf_counter() - t
 
-    import superedit.lifelong.d4s as d4s_mod
-    d4s_mod.memit_targets = timed_targets
+    spread_mod.memit_targets = timed_targets
 
     records = []
     t0 = time.perf_counter()
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
     finally:
-        d4s_mod.memit_targets = orig_targets
+        spread_mod.memit_targets = orig_targets
     total = time.perf_counter() - t0
     result = {"model": args.model, "edits": args.edits, "batch_size": args.batch_size, "layers": hp.layers,
               "v_num_grad_steps": hp.v_num_grad_steps, "threads": args.threads, "total_s": round(total, 1),

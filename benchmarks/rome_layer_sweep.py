@@ -48,7 +48,7 @@ def main() -> None:
         eff, para, nb, nll = [], [], [], []
         t0 = time.time()
         for r, pre in zip(reqs, pres):
-            delta = rome(adapter, [r], hp, stats)
+            delta = rome(adapter, [r], hp, stats).delta
             with delta.applied(adapter):
                 post = evaluate_request(adapter, r, pre=pre)
             eff.append(post["efficacy_score"])

@@ -33,7 +33,7 @@ def test_rome_inserts_v_star_exactly_rank_one(adapter):
     hp = ROMEHParams(layers=[1], **FAST)
     stats = corpus_cov(adapter, [1])
     before = weights(adapter)
-    delta = get_method("rome").fn(adapter, REQS[:1], hp, stats)
+    delta = get_method("rome").fn(adapter, REQS[:1], hp, stats).delta
     assert_untouched(adapter, before)  # pure function
     d = delta.layers[1]
     assert d.low_rank and d.rank_bound == 1
@@ -76,7 +76,7 @@ def test_memit_solve_equals_normal_equations():
 def test_memit_delta_is_pure_and_low_rank(adapter):
     hp = MEMITHParams(layers=[1, 2], mom2_update_weight=10.0, **FAST)
     before = weights(adapter)
-    delta = get_method("memit").fn(adapter, REQS, hp, corpus_cov(adapter, [1, 2]))
+    delta = get_method("memit").fn(adapter, REQS, hp, corpus_cov(adapter, [1, 2])).delta
     assert_untouched(adapter, before)
     assert sorted(delta.layers) == [1, 2]
     for d in delta.layers.values():
@@ -94,7 +94,7 @@ def test_ft_respects_linf_bound(fam):
     adapter = tiny_adapter(fam)
     hp = FTHParams(layers=[1], num_steps=3, lr=1e-2, norm_constraint=1e-3)
     before = weights(adapter)
-    delta = get_method("ft").fn(adapter, REQS, hp, None)
+    delta = get_method("ft").fn(adapter, REQS, hp, None).delta
     assert_untouched(adapter, before)
     dense = delta.layers[1].dense()
     assert dense.abs().max() <= 1e-3 + 1e-6
@@ -212,7 +212,7 @@ def test_rome_module_output_at_k_star_is_v_star_with_biases(adapter):
     req = REQS[0]
     k = compute_keys(adapter, [req.prompt], [req.subject], [1], prefixes)[1][0]
     v_star = optimize_value(adapter, req.prompt, req.subject, req.target_new, 1, "value", hp, prefixes).target.double()
-    delta = get_method("rome").fn(adapter, [req], hp, stats)
+    delta = get_method("rome").fn(adapter, [req], hp, stats).delta
     with delta.applied(adapter):
         out = adapter.down_proj(1)(k[None].to(adapter.dtype))[0].double()
     assert float((out - v_star).norm() / v_star.norm()) < 1e-5

@@ -13,13 +13,14 @@ from helpers import tiny_adapter
 from superedit.data import EditRequest
 from superedit.editing.covariance import FixedCovariance
 from superedit.editing.delta import LayerDelta, WeightDelta
+from superedit.editing.hparams import AlphaEditHParams, D4SHParams
 from superedit.editing.methods import get_method
+from superedit.editing.methods.alphaedit import alphaedit_solve, nullspace_projector
+from superedit.editing.methods.d4s import D4SSums
+from superedit.editing.methods.protocol import StepResult
 from superedit.editing.solve import memit_solve
 from superedit.errors import LedgerError
 from superedit.lifelong import ledger as ledger_mod
-from superedit.lifelong.alphaedit import alphaedit_solve, nullspace_projector
-from superedit.lifelong.d4s import D4SState
-from superedit.lifelong.hparams import AlphaEditHParams, D4SHParams
 from superedit.lifelong.ledger import Ledger
 from helpers import corpus_cov
 
@@ -47,7 +48,7 @@ def spd(n, seed, scale=1.0):
 def test_d4s_incremental_equals_dense(factor):
     d_model, d_mlp, lam = 12, 40, 2.0
     g = torch.Generator().manual_seed(1)
-    st = D4SState(0, torch.randn(d_model, d_mlp, generator=g), spd(d_mlp, 2), lam, factor=factor)
+    st = D4SSums(0, torch.randn(d_model, d_mlp, generator=g), spd(d_mlp, 2), lam, factor=factor)
     terms = []
     for step in range(50):
         k = 1 if step % 2 == 0 else 4
@@ -77,7 +78,7 @@ def test_d4s_single_steps_equal_one_memit_solve_against_w0():
     g = torch.Generator().manual_seed(3)
     W0, C = torch.randn(d_model, d_mlp, generator=g, dtype=F64), spd(d_mlp, 4)
     V, K = torch.randn(d_model, n, generator=g, dtype=F64), torch.randn(d_mlp, n, generator=g, dtype=F64)
-    st = D4SState(0, W0, C, lam)
+    st = D4SSums(0, W0, C, lam)
     for i in range(n):
         st.add(V[:, i] - W0 @ K[:, i], K[:, i])  # residual of edit i against the ORIGINAL weights
     left, right = memit_solve(V - W0 @ K, K, C, lam)
@@ -86,7 +87,7 @@ def test_d4s_single_steps_equal_one_memit_solve_against_w0():
 
 def test_d4s_ill_conditioned_downdate_falls_back_to_resolve():
     d_model, d_mlp = 4, 10
-    st = D4SState(0, torch.zeros(d_model, d_mlp, dtype=F64), torch.eye(d_mlp, dtype=F64), 1e-3)
+    st = D4SSums(0, torch.zeros(d_model, d_mlp, dtype=F64), torch.eye(d_mlp, dtype=F64), 1e-3)
     K = torch.zeros(d_mlp, 1, dtype=F64)
     K[0] = 1e3  # A = 1e-3·I + K Kᵀ: removing K leaves almost nothing along e₀
     R = torch.ones(d_model, 1, dtype=F64)
@@ -104,14 +105,14 @@ def test_d4s_state_dict_round_trip_safetensors(tmp_path):
 
     g = torch.Generator().manual_seed(5)
     W0, C = torch.randn(6, 16, generator=g), spd(16, 6)
-    st = D4SState(3, W0, C, 1.5)
+    st = D4SSums(3, W0, C, 1.5)
     for _ in range(4):
         st.add(torch.randn(6, 2, generator=g, dtype=F64), torch.randn(16, 2, generator=g, dtype=F64))
     for with_factor in (True, False):
         save_file(st.state_dict(with_factor), str(tmp_path / "s.safetensors"))
-        st2 = D4SState(3, W0, C, 1.5).load_state_dict(load_file(str(tmp_path / "s.safetensors")))
+        st2 = D4SSums(3, W0, C, 1.5).load_state_dict(load_file(str(tmp_path / "s.safetensors")))
         R, K = torch.randn(6, 1, generator=g, dtype=F64), torch.randn(16, 1, generator=g, dtype=F64)
-        a, b = D4SState(3, W0, C, 1.5).load_state_dict(st.state_dict()), st2
+        a, b = D4SSums(3, W0, C, 1.5).load_state_dict(st.state_dict()), st2
         a.add(R, K)
         b.add(R, K)
         assert rel(a.delta(), b.delta()) < 1e-12 and a.n_terms == b.n_terms == 9
@@ -123,7 +124,7 @@ def test_d4s_projected_equals_alphaedit_form():
     g = torch.Generator().manual_seed(7)
     span = torch.randn(d_mlp, 8, generator=g, dtype=F64)
     P = nullspace_projector(span @ span.T / 8, 1e-2)
-    st = D4SState(0, torch.zeros(d_model, d_mlp, dtype=F64), torch.eye(d_mlp, dtype=F64), alpha)
+    st = D4SSums(0, torch.zeros(d_model, d_mlp, dtype=F64), torch.eye(d_mlp, dtype=F64), alpha)
     Rs, Ks = torch.randn(d_model, 5, generator=g, dtype=F64), torch.randn(d_mlp, 5, generator=g, dtype=F64)
     for i in range(5):
         st.add(Rs[:, i], P @ Ks[:, i])
@@ -139,11 +140,10 @@ def test_alphaedit_nullspace_properties():
     g = torch.Generator().manual_seed(11)
     span = torch.randn(d_mlp, m, generator=g, dtype=F64)
     C = span @ span.T / m
-    P = nullspace_projector(C, 1e-2, key="stats-key-A", layer=0)
+    P = nullspace_projector(C, 1e-2)
     assert torch.allclose(P @ P, P, atol=1e-10) and round(float(P.trace())) == d_mlp - m
     kp = span @ torch.randn(m, 5, generator=g, dtype=F64)  # preserved keys
     assert float((P @ kp).norm()) < 1e-9 * float(kp.norm())
-    assert nullspace_projector(C * 0, 1e-2, key="stats-key-A", layer=0) is P  # cached by (key, layer, threshold)
     assert round(float(nullspace_projector(C, 1e-3, relative=True).trace())) == d_mlp - m
     R, K1 = torch.randn(d_model, 3, generator=g, dtype=F64), torch.randn(d_mlp, 3, generator=g, dtype=F64)
     KpKp = kp @ kp.T
@@ -163,18 +163,25 @@ def test_alphaedit_step_on_model_preserves_span():
     stats = FixedCovariance({l: s @ s.T / 40 for l, s in spans.items()})
     hp = AlphaEditHParams(layers=[1, 2], L2=1.0, **FAST)
     before = {l: adapter.down_weight_param(l).clone() for l in (1, 2)}
-    state = {}
-    delta = get_method("alphaedit").fn(adapter, REQS[:2], hp, stats, state, cache_key="fixed")
+    entry = get_method("alphaedit")
+    state = entry.make_state(adapter, hp, stats)
+    res = entry.fn(adapter, REQS[:2], hp, stats, state=state)
     for l in (1, 2):
         assert torch.equal(adapter.down_weight_param(l), before[l])
-        d = delta.layers[l].dense(F64)
+        d = res.delta.layers[l].dense(F64)
         assert float(d.norm()) > 0
         assert float((d @ spans[l]).norm()) < 1e-8 * float(d.norm()) * float(spans[l].norm())
-        assert state[l].n_keys == 2
+        assert state.n_keys[l] == 2 and res.journal[f"layer.{l}.K"].shape == (d_mlp, 2)
+        assert state.projector(l) is state.projector(l)  # computed once, kept on the state (no module cache)
+    # the journal takes the step out of the state again, exactly
+    KpKp = {l: state.KpKp[l].clone() for l in (1, 2)}
+    state.remove(res.journal)
+    for l in (1, 2):
+        assert float(state.KpKp[l].abs().max()) < 1e-9 * float(KpKp[l].abs().max()) and state.n_keys[l] == 0
     # D4S ledger sums + the same projection (project_nullspace): the total delta spares the span too
     hp2 = D4SHParams(layers=[1, 2], project_nullspace=True, L2=1.0, **FAST)
-    d4s_state = {}
-    total = get_method("d4s").fn(adapter, REQS[:2], hp2, stats, d4s_state, cache_key="fixed")
+    d4s_state = get_method("d4s").make_state(adapter, hp2, stats)
+    total = get_method("d4s").fn(adapter, REQS[:2], hp2, stats, state=d4s_state).delta
     for l in (1, 2):
         d = total.layers[l].dense(F64)
         assert float(d.norm()) > 0
@@ -193,15 +200,15 @@ def test_d4s_first_step_is_memit(d4s_world):
     stats, hp = d4s_world
     adapter = tiny_adapter("gpt2")
     before = {l: adapter.down_weight_param(l).clone() for l in (1, 2)}
-    state = {}
-    d4s = get_method("d4s").fn(adapter, REQS[:2], hp, stats, state)
+    state = get_method("d4s").make_state(adapter, hp, stats)
+    d4s = get_method("d4s").fn(adapter, REQS[:2], hp, stats, state=state)
     for l in (1, 2):
         assert torch.equal(adapter.down_weight_param(l), before[l])
-    memit = get_method("memit").fn(adapter, REQS[:2], hp, stats)
+    memit = get_method("memit").fn(adapter, REQS[:2], hp, stats).delta
     for l in (1, 2):
-        assert rel(d4s.layers[l].dense(F64), memit.layers[l].dense(F64)) < 1e-4
+        assert rel(d4s.delta.layers[l].dense(F64), memit.layers[l].dense(F64)) < 1e-4
         assert rel(state[l].delta(), state[l].dense_delta()) < 1e-9
-    assert d4s.meta["delta_kind"] == "total"
+        assert torch.equal(d4s.delta.layers[l].dense(F64), state.total_delta(l))  # increment of a fresh state = total
 
 
 def _weights(adapter):
@@ -251,7 +258,7 @@ def test_ledger_crash_resume_undo_redo(tmp_path, monkeypatch, d4s_world):
     la.apply_to(a)
     undone = _weights(a)
     for l in (1, 2):
-        st = la.states[l]
+        st = la.state[l]
         assert rel(st.delta(), st.dense_delta()) < 1e-9
         assert rel(undone[l], snaps[2][l]) > 1e-4
     c = tiny_adapter("gpt2")
@@ -288,7 +295,7 @@ def test_increment_ledger_undo_only_last(tmp_path):
         d = WeightDelta({1: LayerDelta(torch.randn(adapter.d_model, 1, generator=g),
                                        torch.randn(adapter.d_mlp, 1, generator=g))}, "memit")
         incs.append(d.layers[1].dense(F64))
-        led.record([REQS[i]], d)
+        led.record([REQS[i]], StepResult(d))
     with pytest.raises(LedgerError, match="only the last applied edit"):
         led.undo(0)
     led.undo()  # the last one
@@ -333,6 +340,7 @@ def test_ledger_killed_process_keeps_last_complete_edit(tmp_path):
         from helpers import tiny_adapter
         from superedit.editing.delta import LayerDelta, WeightDelta
         from superedit.editing.hparams import MEMITHParams
+        from superedit.editing.methods.protocol import StepResult
         from superedit.lifelong import ledger as L
         a = tiny_adapter("gpt2")
         led = L.Ledger.create({str(tmp_path / 'k')!r}, a, "memit", MEMITHParams(layers=[1]))
@@ -340,7 +348,7 @@ def test_ledger_killed_process_keeps_last_complete_edit(tmp_path):
             if i == 1:
                 L._before_commit = lambda: os._exit(9)
             d = WeightDelta({{1: LayerDelta(dense_=torch.full((a.d_model, a.d_mlp), float(i + 1)))}}, "memit")
-            led.record([dict(prompt="{{}} is", subject="X", target_new="Y")], d)
+            led.record([dict(prompt="{{}} is", subject="X", target_new="Y")], StepResult(d))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=80)
     assert proc.returncode == 9, proc.stderr
@@ -355,9 +363,9 @@ def test_ledger_killed_process_keeps_last_complete_edit(tmp_path):
 def test_mom2_ridge_bounds_the_solve_on_a_singular_covariance():
     """A covariance with dead directions (as a layer with dead units has): λC gives them no weight, so
     the solve fits the edit keys' tiny components there with huge entries; mom2_ridge bounds it, and
-    make_states / the MEMIT solve use exactly C + ridge · mean(diag C) · I."""
+    make_d4s_state / the MEMIT solve use exactly C + ridge · mean(diag C) · I."""
+    from superedit.editing.methods.d4s import make_d4s_state
     from superedit.editing.solve import with_ridge
-    from superedit.lifelong.d4s import make_states
 
     g = torch.Generator().manual_seed(3)
     d_model, d_mlp, live = 8, 30, 20
@@ -385,5 +393,5 @@ def test_mom2_ridge_bounds_the_solve_on_a_singular_covariance():
             return torch.zeros(d_model, d_mlp, dtype=F64)
 
     hp = D4SHParams(layers=[0], mom2_update_weight=10.0, mom2_ridge=1e-3)
-    st = make_states(Adapter(), hp, Stats())[0]
+    st = make_d4s_state(Adapter(), hp, Stats())[0]
     assert torch.allclose(st.A0, 10.0 * with_ridge(C, 1e-3))

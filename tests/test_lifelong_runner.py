@@ -7,9 +7,8 @@ import torch
 
 from helpers import CORPUS, tiny_adapter
 from superedit.data import EditRequest
-from superedit.editing.hparams import ROMEHParams
+from superedit.editing.hparams import D4SHParams, ROMEHParams
 from superedit.lifelong import runner as runner_mod
-from superedit.lifelong.hparams import D4SHParams
 from superedit.lifelong.runner import Probe, run_lifelong
 from superedit.utils.io import read_jsonl
 from helpers import corpus_cov
@@ -169,7 +168,7 @@ def test_interference_tracker_keys_and_deltas(world):
     for req in REQS[:4]:
         k = compute_keys(a, [req.prompt], [req.subject], [1], prefixes)[1][0].double()
         W_prev = a.down_weight(1).detach().double().clone()
-        d = get_method("rome").fn(a, [req], hp, stats).layers[1]
+        d = get_method("rome").fn(a, [req], hp, stats).delta.layers[1]
         a.add_to_down_weight(1, d.dense(F64))
         tr.add_increment(d.left, d.right, a.down_weight(1))
         k_hat = tr.keys[-1]

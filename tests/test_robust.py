@@ -148,7 +148,7 @@ def test_save_load_round_trip(tmp_path):
     stats = corpus_cov(adapter, [1])
     from superedit.editing.methods import get_method
 
-    delta = get_method("rome").fn(adapter, [REQ], ROMEHParams(layers=[1], **FAST), stats)
+    delta = get_method("rome").fn(adapter, [REQ], ROMEHParams(layers=[1], **FAST), stats).delta
     ad, _ = trained_adaptor(adapter.d_mlp)
     rep = RobustAdaptor({1: ad}, tau=0.3, meta={"case_id": "a"})
     save_edit(tmp_path / "e", delta, rep)

@@ -184,7 +184,7 @@ def check_forecast(adapter, request, protected: Sequence, cov, layer: int, hpara
     fc = forecast.layers[layer]
     if len(fc.predicted) != len(protected):
         raise SupereditError(f"the forecast covers {len(fc.predicted)} protected facts, not {len(protected)}")
-    delta = get_method("rome").fn(adapter, [request], hp.replace(layers=[layer]), cov)
+    delta = get_method("rome").fn(adapter, [request], hp.replace(layers=[layer]), cov).delta
     dW = delta.layers[layer].dense(torch.float64)
     K = keys_at(adapter, [p.prompt for p in protected], [p.subject for p in protected], [layer], hp.fact_token)[layer]
     dv = (K.to(device=dW.device, dtype=torch.float64) @ dW.T).norm(dim=1).cpu().numpy()

@@ -1,7 +1,10 @@
-"""``superedit edit``: apply ROME / MEMIT / FT edits and evaluate them (CounterFact + zsRE metrics).
+"""``superedit edit``: apply edits with any registered method and evaluate them (CounterFact + zsRE metrics).
 
 Writes ``OUT/records.jsonl`` (one record per request, appended as it goes), ``OUT/summary.json``
 and, with ``--save-delta DIR``, the merged delta of all edits (``superedit eval --delta DIR`` reads it).
+With ``--sequential`` the edits go through an edit ledger in ``OUT/ledger`` (``Ledger.step``, the same
+sequential loop as ``superedit lifelong``): the method's state (D4S sums, AlphaEdit's earlier keys)
+carries over from batch to batch, and ``superedit ledger show|undo|export`` work on it.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def register(app) -> None:
         fmt: str = FormatOpt,
         limit: int = LimitOpt,
         batch_size: int = typer.Option(1, "--batch-size", "-b", help="Requests per method call (MEMIT batch editing)."),
-        sequential: bool = typer.Option(False, "--sequential", help="Keep every edit (lifelong editing) instead of "
-                                        "reverting after each batch."),
+        sequential: bool = typer.Option(False, "--sequential", help="Keep every edit (lifelong editing, through an "
+                                        "edit ledger in OUT/ledger) instead of reverting after each batch."),
         hparams: str = typer.Option(None, "--hparams", help="YAML file overriding the packaged hyperparameters."),
         layers: str = typer.Option(None, "--layers", "-l", help="Edited layer(s), e.g. '3' or '3,4,5' (overrides hparams)."),
         corpus: str = typer.Option(None, "--corpus", help="Corpus for the key covariance (default: the testbed's own)."),
@@ -75,8 +78,8 @@ def register(app) -> None:
         device: str = DeviceOpt,
         as_json: bool = JsonOpt,
     ):
-        """Edit facts with ROME, MEMIT or FT; evaluate each edit before/after (efficacy, paraphrase,
-        neighbourhood, S, rewrite/rephrase accuracy, locality, fluency)."""
+        """Edit facts with ROME, MEMIT, FT, D4S or AlphaEdit; evaluate each edit before/after (efficacy,
+        paraphrase, neighbourhood, S, rewrite/rephrase accuracy, locality, fluency)."""
         from ..editing.methods import get_method
         from ..editing.run import run_edits
         from ..models import load_model
@@ -96,11 +99,21 @@ def register(app) -> None:
         reqs = resolve_requests(model_dir, requests, fmt, limit, seed=seed)
         stats = make_stats(adapter, hp, corpus=corpus) if entry.needs_stats else None
         out_dir = start_out_dir(out, f"edit-{method}")
+        ledger = None
+        if sequential:
+            import shutil
+
+            from ..lifelong.ledger import Ledger
+
+            if (out_dir / "ledger").exists():
+                log.warning("%s exists; replacing it", out_dir / "ledger")
+                shutil.rmtree(out_dir / "ledger")
+            ledger = Ledger.create(out_dir / "ledger", adapter, method, hp)
         log.info("%s: %d request(s), batch size %d, %s, hparams profile %s, layers %s → %s", method, len(reqs),
                  batch_size, "sequential" if sequential else "independent", profile, hp.layers, out_dir)
         records, summary, merged = run_edits(adapter, reqs, method, hp, stats, batch_size=batch_size,
                                              sequential=sequential, out_path=out_dir / "records.jsonl",
-                                             gen_tokens=gen_tokens, eval_seed=seed, return_delta=True)
+                                             gen_tokens=gen_tokens, eval_seed=seed, return_delta=True, ledger=ledger)
         delta_path = None
         if save_delta:
             if merged is None:
@@ -111,6 +124,7 @@ def register(app) -> None:
         summary.update({"model": model, "profile": profile, "hparams": hp.to_dict(),
                         "model_identity": adapter.identity(), "requests_file": requests, "limit": limit,
                         "gen_tokens": gen_tokens, "seed": seed, "out_dir": str(out_dir),
-                        "records": str(out_dir / "records.jsonl"), "delta": delta_path})
+                        "records": str(out_dir / "records.jsonl"), "delta": delta_path,
+                        "ledger": str(ledger.dir) if ledger is not None else None})
         write_json_atomic(out_dir / "summary.json", summary)
         print_summary(summary, as_json)

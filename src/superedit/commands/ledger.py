@@ -1,10 +1,11 @@
 """``superedit ledger show|undo|export``: inspect and manage an edit ledger (see superedit.lifelong.ledger).
 
 * ``show``   — method, layers, generation, the edits (status, requests) and the norms of the total delta;
-* ``undo``   — undo edit ``--index`` (default: the last applied one). D4S ledgers undo any edit exactly;
-  the other methods only the last applied one (the ledger says so otherwise). D4S and AlphaEdit
-  ledgers need the base model (``--model``, default: the model the ledger was made on) to rebuild
-  their live state; D4S also its key covariance (``--corpus``, default: the testbed's own);
+* ``undo``   — undo edit ``--index`` (default: the last applied one). Ledgers of methods whose state is
+  a sum over edits (D4S) undo any edit exactly; the others only the last applied one (the ledger says
+  so otherwise). Methods with a running state (D4S, AlphaEdit) need the base model (``--model``,
+  default: the model the ledger was made on) to rebuild it, and its key covariance (``--corpus``,
+  default: the testbed's own; computed only if the state needs it);
 * ``export`` — ``--mode deltas``: the total W − W₀ as a saved delta (``superedit eval --delta`` reads it);
   ``--mode model``: the edited model as an HF directory (needs the base model).
 """
@@ -79,16 +80,16 @@ def register(app) -> None:
         from ..lifelong.ledger import Ledger
 
         led = Ledger.open(ledger)
-        if led.method in ("d4s", "alphaedit"):
+        if led.entry.stateful:
             adapter = _load_base(led, model, device)
             stats = None
-            if led.method == "d4s":
+            if led.entry.needs_stats:  # lazy: computed (or read from the cache) on first use only
                 from ..editing.covariance import CorpusCovariance
 
                 hp = led.hparams()
                 stats = CorpusCovariance(adapter, corpus or hp.mom2_corpus or None, n_tokens=hp.mom2_n_tokens,
                                          max_length=hp.mom2_max_length, layers=led.layers)
-            led.load_states(adapter, stats)
+            led.load_state(adapter, stats)
         target = index if index is not None else (led.active()[-1] if led.active() else None)
         led.undo(index)
         res = _summary(led)

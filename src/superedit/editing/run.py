@@ -4,12 +4,14 @@ For each batch of requests:
 
 1. check each request (template, subject tokens) and evaluate it *before* the edit (``pre``);
    a request that fails here is recorded with its error and left out of the batch;
-2. ``delta = method.fn(adapter, batch, hparams, stats)`` — one call per batch, so ``batch_size > 1``
-   is MEMIT-style batch editing (ROME applies the batch's requests one after another inside the call);
-3. apply the delta, evaluate each request again (``post``, with locality against ``pre``);
-4. write one JSONL record per request (``out_path``, appended and fsynced as it goes);
-5. revert the delta (independent edits, the default) or keep it (``sequential=True``: later batches
-   are edited on top, and their ``pre`` is the state right before their own edit).
+2. independent edits (the default): ``method.fn(adapter, batch, hparams, stats).delta`` — one call per
+   batch, so ``batch_size > 1`` is MEMIT-style batch editing (ROME applies the batch's requests one
+   after another inside the call) — applied, then reverted after step 3;
+   sequential edits (``sequential=True``): ``Ledger.step`` (the one sequential loop, the same as
+   ``superedit lifelong``'s), which carries the method's state (D4S sums, AlphaEdit's earlier keys)
+   from batch to batch and keeps every edit; later batches' ``pre`` is the state right before their edit;
+3. evaluate each request again (``post``, with locality against ``pre``);
+4. write one JSONL record per request (``out_path``, appended and fsynced as it goes).
 
 Methods are pure (they restore the weights they touch) and ``WeightDelta.apply`` checks everything
 before writing, so a batch whose method call fails leaves the model as it was: its requests are
@@ -57,14 +59,6 @@ def delta_norms(delta: WeightDelta) -> dict[int, dict[str, float]]:
     return out
 
 
-def merge_deltas(deltas: Sequence[WeightDelta], method: str, meta: dict | None = None) -> WeightDelta | None:
-    """Sum of ``deltas`` layer by layer (low-rank factors are concatenated); None when empty."""
-    acc = None
-    for d in deltas:
-        acc = _accumulate(acc, d)
-    return _finish_merge(acc, method, meta)
-
-
 def _accumulate(acc: dict | None, delta: WeightDelta) -> dict:
     """Running sum ``{"layers", "meta", "n"}`` of deltas (no copies of the model's weights kept)."""
     if acc is None:
@@ -97,22 +91,25 @@ def _error_record(base: dict, exc: BaseException, stage: str, pre: dict | None =
 
 def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, batch_size: int = 1,
               sequential: bool = False, out_path: str | Path | None = None, *, gen_tokens: int = 0,
-              eval_seed: int = 0, eval_batch_size: int = 32, return_delta: bool = False):
+              eval_seed: int = 0, eval_batch_size: int = 32, return_delta: bool = False, ledger=None):
     """Edit and evaluate ``requests``; see the module docstring.
 
     Args:
         adapter: the model (left as found when ``sequential=False``; with all edits applied otherwise).
         requests: :class:`~superedit.data.EditRequest` list.
-        method: a registry name (``rome``, ``memit``, ``ft``).
+        method: a registry name (``rome``, ``memit``, ``ft``, ``d4s``, ``alphaedit``).
         hparams: the method's hyperparameters.
         stats: covariance source (``FixedCovariance``/``CorpusCovariance``; None for ``ft``).
         batch_size: requests per method call.
-        sequential: keep each batch's edit (lifelong editing) instead of reverting it.
+        sequential: keep each batch's edit (lifelong editing) instead of reverting it, through ``ledger``.
         out_path: JSONL file that receives one record per request as soon as it is done.
         gen_tokens: tokens sampled per generation prompt for ``ngram_entropy`` (0: no fluency).
         eval_seed: seed of those samples (the same pre and post).
         eval_batch_size: rows per teacher-forced forward pass.
-        return_delta: also return the merged delta of all successful batches (or None).
+        return_delta: also return the merged delta of all successful batches (or None); sequential: the
+            ledger's total W − W₀.
+        ledger: (sequential) the :class:`~superedit.lifelong.ledger.Ledger` the edits go through, created
+            on this adapter's weights (default: one in a temporary directory, deleted at the end).
 
     Returns:
         ``(records, summary)`` or, with ``return_delta``, ``(records, summary, merged_delta)``.
@@ -123,6 +120,18 @@ def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, bat
         raise ValueError(f"batch_size must be ≥ 1 (got {batch_size})")
     entry = get_method(method)
     fn = entry.fn
+    tmp_ledger = None
+    if sequential and ledger is None:
+        import tempfile
+
+        from ..lifelong.ledger import Ledger
+
+        tmp_ledger = tempfile.TemporaryDirectory(prefix="superedit-ledger-")
+        ledger = Ledger.create(Path(tmp_ledger.name) / "ledger", adapter, method, hparams)
+    if sequential:
+        if ledger.method != method:
+            raise ValueError(f"the ledger is a {ledger.method!r} ledger, not {method!r}")
+        ledger.apply_to(adapter)
     mode = "sequential" if sequential else "independent"
     records: list[dict] = []
     acc = None  # running merged delta (return_delta)
@@ -155,7 +164,10 @@ def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, bat
         batch = [r for _, r, _, _ in ok]
         t0 = time.perf_counter()
         try:
-            delta = fn(adapter, batch, hparams, stats)
+            if sequential:  # the edit is committed and applied to the model by the ledger
+                delta = ledger.step(adapter, batch, stats)[1].delta
+            else:
+                delta = fn(adapter, batch, hparams, stats).delta
         except REQUEST_ERRORS as exc:
             log.warning("batch %d (%d requests) failed in %s: %s", b_idx, len(batch), method, exc)
             for i, req, pre, _ in ok:
@@ -167,7 +179,8 @@ def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, bat
         norms = delta_norms(delta)
         summaries = delta.meta.get("requests") or []
         info = {k: v for k, v in delta.meta.items() if k not in _META_SKIP}
-        delta.apply(adapter)
+        if not sequential:
+            delta.apply(adapter)
         try:
             for j, (i, req, pre, t_pre) in enumerate(ok):
                 base = {"case_id": req.case_id, "index": i, "method": method, "mode": mode, "batch": b_idx,
@@ -188,16 +201,25 @@ def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, bat
         finally:
             if not sequential:
                 delta.revert(adapter)
-        if sequential:
-            delta._originals = {}  # stays applied; the adapter's weights are the new baseline
-        if return_delta:
+        if return_delta and not sequential:
             acc = _accumulate(acc, delta)
 
     summary = summarize_records(records, method=method, batch_size=batch_size, sequential=sequential)
     summary["time_total_s"] = time.perf_counter() - t_start
     if return_delta:
-        merged = _finish_merge(acc, method, {"mode": mode, "batch_size": batch_size,
-                                             "case_ids": [r["case_id"] for r in records if not r.get("error")]})
+        meta = {"mode": mode, "batch_size": batch_size,
+                "case_ids": [r["case_id"] for r in records if not r.get("error")]}
+        if sequential:
+            merged = ledger.delta() if ledger.edits else None
+            if merged is not None:
+                merged.meta.update(meta, hparams=ledger.info["hparams"])
+                if tmp_ledger is not None:
+                    merged.meta.pop("ledger", None)
+        else:
+            merged = _finish_merge(acc, method, meta)
+    if tmp_ledger is not None:
+        tmp_ledger.cleanup()
+    if return_delta:
         return records, summary, merged
     return records, summary
 

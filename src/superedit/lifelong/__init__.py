@@ -1,5 +1,6 @@
-"""Lifelong (sequential) editing: D4S running sums, AlphaEdit null-space projection, the edit ledger.
+"""Lifelong (sequential) editing: the edit ledger (the one sequential loop, crash-safe, with undo), the
+lifelong runner (many methods over one edit stream, checkpoints, resume), measured interference.
 
-Modules import torch lazily from the caller's point of view: ``hparams`` is torch-free so the method
-registry can import it cheaply; ``d4s``, ``alphaedit`` and ``ledger`` are imported on use.
+The methods themselves, D4S and AlphaEdit included, live in :mod:`superedit.editing.methods`.
+Modules are imported on use.
 """

@@ -47,17 +47,7 @@ F64 = torch.float64
 TOP_TERMS = 5
 
 
-def interference_supported(method: str, hparams, batch_size: int) -> bool:
-    """True for edits whose increments are rank-one per request with right factor ∝ C⁻¹k at one layer."""
-    layers = list(getattr(hparams, "layers", []) or [])
-    if len(layers) != 1:
-        return False
-    if method == "rome":
-        return True
-    return method == "memit" and batch_size == 1
-
-
-def method_covariance(method: str, hparams, C: torch.Tensor) -> torch.Tensor:
+def method_covariance(hparams, C: torch.Tensor) -> torch.Tensor:
     """The C the method's solve used (with its ``mom2_ridge`` × mean diagonal, if any)."""
     from ..editing.solve import with_ridge
 

@@ -6,13 +6,15 @@ Layout of a ledger directory::
                                 weights of the edited layers, method, hparams, and the edits in order
                                 (requests, layers, method, timestamp, status applied|undone, file)
     state.<g>.safetensors       the live state, O(1) in the number of edits: per edited layer the
-                                current total delta ``layer.L.delta`` (W − W₀, float64), and for D4S the
-                                running sums ``layer.L.S_rk``/``layer.L.S_kk``, for AlphaEdit ``layer.L.KpKp``
-    edits/<i>.safetensors       append-only, one per edit: what undo needs. D4S: the edit's columns
-                                ``layer.L.R``/``layer.L.K`` (residuals against W₀, keys); other methods:
-                                the edit's increment (``layer.L.left``/``right`` or ``dense``) and, for
-                                AlphaEdit, ``layer.L.K``. Keeping these out of the live state keeps it O(1)
-                                while any edit stays undoable; the directory grows by O(d·k) per edit.
+                                current total delta ``layer.L.delta`` (W − W₀, float64), plus the method
+                                state's ``state_dict`` (D4S: running sums, X and the factor; AlphaEdit:
+                                Σ K_p K_pᵀ), so a resumed run continues with bit-identical numbers
+    edits/<i>.safetensors       append-only, one per edit: what undo needs — the step's journal (the
+                                terms its state must take out: D4S ``layer.L.R``/``layer.L.K``, AlphaEdit
+                                ``layer.L.K``) and, for methods undone by subtraction (registry
+                                ``undo="last"``), the increment (``layer.L.left``/``right`` or ``dense``).
+                                Keeping these out of the live state keeps it O(1) while any edit stays
+                                undoable; the directory grows by O(d·k) per edit for low-rank methods.
 
 The base weights W₀ are never stored: they are re-read from the base model (checked against the
 SHA-256 fingerprints in ledger.json).
@@ -23,10 +25,14 @@ commit point — and only then delete older state files. A crash before the json
 generation g (whose state file still exists) as the ledger; stray newer state files are ignored and
 cleaned up by the next commit.
 
-Undo: D4S ledgers can undo/redo ANY edit exactly (its terms are removed from the sums and the layer
-re-solved; the result equals never having made the edit, up to float64 rounding). Ledgers of methods
-that edit on top of each other (rome, memit, ft, alphaedit) can only undo the last applied edit
-exactly (subtract its stored increment) and redo the edit undone last.
+Undo: methods whose state determines W − W₀ (registry ``undo="any"``: D4S) can undo/redo ANY edit
+exactly (its terms are removed from the sums and the layer re-solved; the result equals never having
+made the edit, up to float64 rounding). Methods that edit on top of each other (``undo="last"``: rome,
+memit, ft, alphaedit) can only undo the last applied edit exactly (subtract its stored increment; take
+its journal out of the state) and redo the edit undone last.
+
+``Ledger.step`` is the one sequential editing loop (``superedit lifelong`` and ``superedit edit
+--sequential`` both go through it).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ..editing.methods.protocol import total_key
 from ..errors import LedgerError
 from ..models import ModelAdapter
 from ..utils.io import atomic_path, write_json_atomic
@@ -50,7 +57,7 @@ from ..utils.logs import get_logger
 log = get_logger(__name__)
 F64 = torch.float64
 FORMAT = "superedit-ledger/1"
-SUM_METHODS = ("d4s",)  #: ledgers whose state is running sums: any edit can be undone
+INCREMENT_SUFFIXES = (".left", ".right", ".dense")  #: names of an edit file's increment (the rest is journal)
 
 
 def _before_commit() -> None:
@@ -93,7 +100,7 @@ class Ledger:
         self.dir = Path(directory)
         self.info = info
         self.tensors = tensors
-        self.states: dict | None = None  #: live D4SState/AlphaEditState objects, once attached
+        self.state = None  #: the method's live state (see editing.methods.protocol), once attached
         self._base: dict[int, torch.Tensor] | None = None
         self._base_owner: int | None = None
 
@@ -160,16 +167,23 @@ class Ledger:
     def active(self) -> list[int]:
         return [e["index"] for e in self.edits if e["status"] == "applied"]
 
-    def hparams(self):
+    @property
+    def entry(self):
+        """The method's registry entry (its capabilities)."""
         from ..editing.methods import get_method
 
-        return get_method(self.method).hparams_cls.from_dict(self.info["hparams"], source=str(self.dir / "ledger.json"))
+        return get_method(self.method)
+
+    def hparams(self):
+        return self.entry.hparams_cls.from_dict(self.info["hparams"], source=str(self.dir / "ledger.json"))
 
     def total_delta(self, layer: int) -> torch.Tensor:
         """W − W₀ at ``layer`` (float64; zeros before the first edit)."""
-        if self.states is not None and self.method in SUM_METHODS:
-            return self.states[layer].delta()
-        t = self.tensors.get(f"layer.{layer}.delta")
+        if self.state is not None:
+            t = self.state.total_delta(layer)
+            if t is not None:
+                return t
+        t = self.tensors.get(total_key(layer))
         if t is None:
             shape = self._shape(layer)
             return torch.zeros(shape, dtype=F64)
@@ -234,47 +248,19 @@ class Ledger:
             adapter.set_down_weight(l, base[l].to(F64) + self.total_delta(l).to(base[l].device))
         return adapter
 
-    def load_states(self, adapter: ModelAdapter, stats=None, cache_key: str | None = None) -> dict:
-        """Rebuild and attach the live method state (D4S: D4SState per layer, factor re-computed once;
-        AlphaEdit: AlphaEditState per layer). ``stats`` is needed for D4S."""
+    def load_state(self, adapter: ModelAdapter, stats=None):
+        """Rebuild and attach the method's live state from the committed state file (None for stateless
+        methods). ``stats`` (the covariance the ledger was made with) is needed by methods that solve with it."""
         base = self.base_weights(adapter)
-        hp = self.hparams()
-        if self.method == "d4s":
-            from .d4s import make_states
-
-            if stats is None:
-                raise LedgerError("resuming a D4S ledger needs the covariance source (stats) it was made with")
-            states = make_states(adapter, hp, stats, base=base, cache_key=cache_key)
-            for l, st in states.items():
-                if f"layer.{l}.S_rk" in self.tensors:
-                    st.load_state_dict({"S_rk": self.tensors[f"layer.{l}.S_rk"], "S_kk": self.tensors[f"layer.{l}.S_kk"],
-                                        "X": self.tensors[f"layer.{l}.delta"],
-                                        "counts": self.tensors.get(f"layer.{l}.counts", torch.tensor([0, 0]))})
-        elif self.method == "alphaedit":
-            from .alphaedit import AlphaEditState
-
-            states = {}
-            for l in self.layers:
-                st = AlphaEditState(l, base[l].shape[1], base[l].device)
-                if f"layer.{l}.KpKp" in self.tensors:
-                    st.load_state_dict({"KpKp": self.tensors[f"layer.{l}.KpKp"]})
-                states[l] = st
-        else:
-            states = {}
-        self.states = states
-        return states
+        state = self.entry.make_state(adapter, self.hparams(), stats, base)
+        if state is not None:
+            state.load_state_dict(self.tensors)
+        self.state = state
+        return state
 
     # ----- commits --------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for l, st in (self.states or {}).items():
-            if self.method == "d4s":
-                sd = st.state_dict(with_factor=False)
-                out[f"layer.{l}.S_rk"], out[f"layer.{l}.S_kk"] = sd["S_rk"], sd["S_kk"]
-                out[f"layer.{l}.delta"], out[f"layer.{l}.counts"] = sd["X"], sd["counts"]
-            elif self.method == "alphaedit":
-                out[f"layer.{l}.KpKp"] = st.state_dict()["KpKp"]
-        return out
+        return self.state.state_dict() if self.state is not None else {}
 
     def _commit(self, info: dict, tensors: dict[str, torch.Tensor], edit_file: tuple[str, dict] | None = None) -> None:
         if edit_file is not None:
@@ -293,53 +279,37 @@ class Ledger:
                 except OSError:  # pragma: no cover
                     pass
 
-    def record(self, requests: list, delta_or_state, *, state: dict | None = None) -> int:
-        """Commit one completed edit; returns its index.
-
-        ``delta_or_state``: for D4S the dict layer → D4SState that ``d4s_step`` updated (the edit's (R, K)
-        columns come from their journals); otherwise the increment WeightDelta the method returned
-        (pass AlphaEdit's states as ``state=`` to persist Σ K_p K_pᵀ).
-        """
+    def record(self, requests: list, result) -> int:
+        """Commit one completed step (the :class:`~superedit.editing.methods.protocol.StepResult` the method
+        returned, with ``self.state`` already updated by it); returns the edit's index."""
         index = len(self.edits)
         rel = f"edits/{index:05d}.safetensors"
-        edit_tensors: dict[str, torch.Tensor] = {}
-        if self.method in SUM_METHODS:
-            if not isinstance(delta_or_state, dict):
-                raise LedgerError(f"a {self.method} ledger records the dict of D4S states that d4s_step updated")
-            self.states = delta_or_state
-            for l, st in delta_or_state.items():
-                if st.journal:
-                    edit_tensors[f"layer.{l}.R"] = torch.cat([r for r, _ in st.journal], 1)
-                    edit_tensors[f"layer.{l}.K"] = torch.cat([k for _, k in st.journal], 1)
-            tensors = self._state_tensors()
-        else:
-            delta = delta_or_state
-            if delta.meta.get("delta_kind") == "total":
-                raise LedgerError("record() of an increment ledger needs the edit's increment, not a total delta")
-            if state is not None:
-                self.states = state
-            tensors = dict(self._state_tensors())
-            for l, d in delta.layers.items():
-                if l not in self.layers:
-                    raise LedgerError(f"the delta edits layer {l}, but this ledger covers layers {self.layers}")
+        delta = result.delta
+        edit_tensors: dict[str, torch.Tensor] = dict(result.journal)
+        tensors: dict[str, torch.Tensor] = {}
+        for l in self.layers:
+            old = self.tensors.get(total_key(l))
+            if old is not None:
+                tensors[total_key(l)] = old
+        for l, d in delta.layers.items():
+            if l not in self.layers:
+                raise LedgerError(f"the delta edits layer {l}, but this ledger covers layers {self.layers}")
+            own = self.state.total_delta(l) if self.state is not None else None
+            if own is not None:
+                tensors[total_key(l)] = own.detach().to("cpu", copy=True)
+            else:
+                old = tensors.get(total_key(l), torch.zeros(d.shape, dtype=F64))
+                tensors[total_key(l)] = old.to(F64) + d.dense(F64).cpu()
+            if self.entry.undo == "last":  # undone by subtracting the increment
                 if d.low_rank:
                     edit_tensors[f"layer.{l}.left"], edit_tensors[f"layer.{l}.right"] = d.left, d.right
                 else:
                     edit_tensors[f"layer.{l}.dense"] = d.dense_
-                tensors[f"layer.{l}.delta"] = self.tensors.get(f"layer.{l}.delta", torch.zeros(d.shape, dtype=F64)).to(F64) \
-                    + d.dense(F64).cpu()
-            for l in self.layers:
-                tensors.setdefault(f"layer.{l}.delta", self.tensors.get(f"layer.{l}.delta", torch.zeros(0)))
-            tensors = {k: v for k, v in tensors.items() if v.numel()}
-            for l, st in (state or {}).items():
-                if st.journal:
-                    edit_tensors[f"layer.{l}.K"] = torch.cat(st.journal, 1)
+        tensors.update(self._state_tensors())
         entry = {"index": index, "requests": [_request_dict(r) for r in requests], "layers": self.layers,
                  "method": self.method, "timestamp": _now(), "status": "applied", "file": rel}
         info = {**self.info, "edits": self.edits + [entry]}
         self._commit(info, tensors, (rel, edit_tensors))
-        for st in (self.states or {}).values():  # committed: the journals are on disk now
-            st.journal = []
         return index
 
     def _edit(self, index: int) -> dict:
@@ -372,22 +342,21 @@ class Ledger:
         if e["status"] != want:
             raise LedgerError(f"edit #{index} is {e['status']}; only {want} edits can be {'undone' if undo else 'redone'}")
         data = _load_tensors(self.dir / e["file"], f"edit #{index}")
-        if self.method in SUM_METHODS:
-            if self.states is None:
-                raise LedgerError("undo/redo of a D4S ledger needs its live state: call ledger.load_states(adapter, stats) first")
-            for l, st in self.states.items():
-                if f"layer.{l}.R" in data:
-                    R, K = data[f"layer.{l}.R"], data[f"layer.{l}.K"]
-                    if undo:
-                        st.remove(R, K)
-                    else:
-                        st.add(R, K, journal=False)
-            tensors = self._state_tensors()
+        journal = {k: v for k, v in data.items() if not k.endswith(INCREMENT_SUFFIXES)}
+        if self.state is None and (journal or self.entry.undo == "any"):
+            raise LedgerError(f"undo/redo of a {self.method} ledger needs its live state: call "
+                              "ledger.load_state(adapter, stats) first")
+        if self.entry.undo == "any":
+            self.state.remove(journal) if undo else self.state.add(journal)
+            tensors = {**self.tensors, **self._state_tensors()}
+            for l in self.layers:
+                if self.state.total_delta(l) is not None:
+                    tensors[total_key(l)] = self.state.total_delta(l).detach().to("cpu", copy=True)
         else:
             if undo and index != active[-1]:
                 raise LedgerError(f"method {self.method!r} applies edits on top of each other, so only the last applied "
                                   f"edit (#{active[-1]}) can be undone exactly; undo #{active[-1]} first "
-                                  "(the 'd4s' method's ledger can undo any edit)")
+                                  "(a method whose state is a sum over edits, such as 'd4s', can undo any edit)")
             if not undo:
                 undone_after = [x["index"] for x in self.edits if x["status"] == "undone"
                                 and x["index"] > (active[-1] if active else -1)]
@@ -403,10 +372,9 @@ class Ledger:
                     inc = data[f"layer.{l}.left"].to(F64) @ data[f"layer.{l}.right"].to(F64).T
                 else:
                     continue
-                tensors[f"layer.{l}.delta"] = tensors[f"layer.{l}.delta"].to(F64) + sign * inc
-                if f"layer.{l}.K" in data and self.states and l in self.states:
-                    K = data[f"layer.{l}.K"]
-                    self.states[l].remove_keys(K) if undo else self.states[l].add_keys(K, journal=False)
+                tensors[total_key(l)] = tensors[total_key(l)].to(F64) + sign * inc
+            if self.state is not None and journal:
+                self.state.remove(journal) if undo else self.state.add(journal)
             tensors.update(self._state_tensors())
         self._commit(self._set_status(index, "undone" if undo else "applied"), tensors)
 
@@ -437,26 +405,31 @@ class Ledger:
             return directory
         raise LedgerError(f"export mode must be 'deltas' or 'model' (got {mode!r})")
 
-    def step(self, adapter: ModelAdapter, requests: list, stats=None, cache_key: str | None = None) -> int:
+    def step(self, adapter: ModelAdapter, requests: list, stats=None, before_commit=None):
         """Run the ledger's method on ``requests`` against the edited model, commit, and update ``adapter``.
 
-        The adapter must be the model this ledger is applied to (call ``apply_to`` first); the states are
-        loaded on first use.
+        The one sequential editing loop. The adapter must be the model this ledger is applied to (call
+        ``apply_to`` first); the state is loaded on first use. ``before_commit(result)`` (optional) runs
+        between the method and the commit. Returns ``(index, StepResult)``. When the
+        method or the commit fails, nothing is committed and the in-memory state is dropped (the next
+        step reloads it from the last commit, so a failed step leaves no trace in the numbers).
         """
-        from ..editing.methods import get_method
-
-        hp = self.hparams()
-        if self.states is None and self.method in ("d4s", "alphaedit"):
-            self.load_states(adapter, stats, cache_key)
-        fn = get_method(self.method).fn
-        if self.method in ("d4s", "alphaedit"):
-            delta = fn(adapter, requests, hp, stats, self.states, cache_key=cache_key)
-        else:
-            delta = fn(adapter, requests, hp, stats)
-        index = self.record(requests, self.states if self.method in SUM_METHODS else delta,
-                            state=self.states if self.method == "alphaedit" else None)
+        entry = self.entry
+        stats = stats if entry.needs_stats else None
+        if self.state is None and entry.stateful:
+            self.load_state(adapter, stats)
+        args = (adapter, requests, self.hparams(), stats)
+        try:
+            result = entry.fn(*args) if self.state is None else entry.fn(*args, state=self.state)
+            if before_commit is not None:
+                before_commit(result)
+            index = self.record(requests, result)
+        except BaseException:
+            if entry.stateful:
+                self.state = None
+            raise
         self.apply_to(adapter)
-        return index
+        return index, result
 
 
 def _gen_of(p: Path) -> int:

@@ -328,8 +328,8 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
                 probe: Probe, probe_file: Path, resume: bool) -> dict:
     from ..editing.methods import get_method
     from ..utils.seed import seed_everything
-    from .interference import InterferenceTracker, interference_supported, method_covariance
-    from .ledger import SUM_METHODS, Ledger
+    from .interference import InterferenceTracker, method_covariance
+    from .ledger import Ledger
 
     mdir = out / method
     ldir = mdir / "ledger"
@@ -375,12 +375,11 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
     done_reqs = [r for e in led.edits for r in e["requests"]]
     if [_req_key(r) for r in done_reqs] != [_req_key(r) for r in stream[:n_done]]:
         raise SupereditError(f"{ldir}: the ledger's edits are not a prefix of this run's edit stream")
-    cache_key = f"lifelong:{id(stats)}"
     entry = get_method(method)
 
     # ----- measured interference (single-layer rank-one methods)
     tracker = None
-    if stats is not None and interference_supported(method, hp, batch_size):
+    if stats is not None and entry.rank_one_edits(hp, batch_size):  # the identity's premise (registry capability)
         layer = hp.layers[0]
         pk = None
         facts = [f for f in probe.facts if f.get("template") and f.get("subject")][: probe.interference_keys]
@@ -389,7 +388,7 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
 
             pk = keys_at(adapter, [f["template"] for f in facts], [f["subject"] for f in facts], [layer],
                          getattr(hp, "fact_token", "subject_last"))[layer]
-        tracker = InterferenceTracker(layer, method_covariance(method, hp, stats.mom2(layer)), base[layer], pk,
+        tracker = InterferenceTracker(layer, method_covariance(hp, stats.mom2(layer)), base[layer], pk,
                                       probe.interference_keys)
         _replay_tracker(tracker, led, base[layer], adapter.down_weight(layer).dtype)
 
@@ -413,27 +412,20 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
             batch = stream[n_done:n_done + batch_size]
             start = n_done
             t0 = time.perf_counter()
-            hpl = led.hparams()
-            if led.states is None and method in ("d4s", "alphaedit"):
-                led.load_states(adapter, stats, cache_key)
-            fn = entry.fn
-            if method in ("d4s", "alphaedit"):
-                delta = fn(adapter, batch, hpl, stats, led.states, cache_key=cache_key)
-            else:
-                delta = fn(adapter, batch, hpl, stats if entry.needs_stats else None)
-            values = delta.meta.get("requests") or []
-            rec = {"start": start, "end": start + len(batch), "edit_s": time.perf_counter() - t0,
-                   "v_target_norm": [v.get("v_target_norm") for v in values],
-                   "v_delta_norm": [v.get("v_delta_norm") for v in values],
-                   "v_init_norm": [v.get("v_init_norm") for v in values]}
-            append_jsonl(steps_path, rec)  # before the commit: a redone batch overwrites it
-            steps.setdefault(start, {}).update(rec)
-            index = led.record(batch, led.states if method in SUM_METHODS else delta,
-                               state=led.states if method == "alphaedit" else None)
-            led.apply_to(adapter)
+
+            def log_values(result, start=start, batch=batch, t0=t0):
+                values = result.meta.get("requests") or []
+                rec = {"start": start, "end": start + len(batch), "edit_s": time.perf_counter() - t0,
+                       "v_target_norm": [v.get("v_target_norm") for v in values],
+                       "v_delta_norm": [v.get("v_delta_norm") for v in values],
+                       "v_init_norm": [v.get("v_init_norm") for v in values]}
+                append_jsonl(steps_path, rec)  # before the commit: a redone batch overwrites it
+                steps.setdefault(start, {}).update(rec)
+
+            index, result = led.step(adapter, batch, stats, before_commit=log_values)
             n_done += len(batch)
             if tracker is not None:
-                ld = delta.layers[tracker.layer]
+                ld = result.delta.layers[tracker.layer]
                 tracker.add_increment(ld.left, ld.right, adapter.down_weight(tracker.layer))
             _after_commit(method, n_done)
             probs = _record_probs(adapter, batch, start, index, steps_path, steps, probe)

@@ -103,33 +103,35 @@ def evaluate_edit(adapter, request, pset: PerturbationSet | None, pre_locality: 
 
 # ------------------------------------------------------------------------------------------ edit plumbing
 def edit_directions(adapter, request, method: str, hp, stats, layers: Sequence[int],
-                    with_c_inv: bool = False) -> tuple[dict, dict, dict]:
+                    with_whitener: bool = False) -> tuple[dict, dict, dict]:
     """k* per edited layer (read on the model in its current, edited state) and the unit direction u.
 
-    ROME: u = C⁻¹k*/‖C⁻¹k*‖ (with ROME's ridge); MEMIT: u = k*/‖k*‖. Returns (k*, u, C⁻¹) per layer;
-    C⁻¹ (float64, same ridge; for the whitening-space similarity) only with ``with_c_inv``, else {}.
+    Methods whose edits are rank one per request with right factor C⁻¹k* (registry ``rank_one ==
+    "per_request"``: ROME): u = C⁻¹k*/‖C⁻¹k*‖ (with the method's ridge); others (MEMIT): u = k*/‖k*‖.
+    Returns (k*, u, whitener) per layer; the whitener (C with the same ridge, Cholesky-factorised; for
+    the whitening-space similarity) only with ``with_whitener``, else {}.
     """
     from ..editing.contexts import context_prefixes
     from ..editing.keys import compute_keys
+    from ..editing.methods import get_method
     from ..editing.solve import spd_solve
+    from ..stats.whitening import Whitener, with_ridge
 
+    c_inv_direction = get_method(method).rank_one == "per_request"
     prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
     ks = compute_keys(adapter, [request.prompt], [request.subject], list(layers), prefixes, hp.fact_token)
-    k_star, dirs, c_inv = {}, {}, {}
+    k_star, dirs, whiteners = {}, {}, {}
     for l in layers:
         k = ks[l][0].to(torch.float64)
         C = None
-        if method == "rome" or with_c_inv:
-            C = stats.mom2(l).to(k.device, torch.float64)
-            ridge = getattr(hp, "mom2_ridge", 0.0) or 0.0
-            if ridge > 0:
-                C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-        u = spd_solve(C, k) if method == "rome" else k
-        if with_c_inv:
-            c_inv[l] = spd_solve(C, torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
+        if c_inv_direction or with_whitener:
+            C = with_ridge(stats.mom2(l).to(k.device, torch.float64), getattr(hp, "mom2_ridge", 0.0) or 0.0)
+        u = spd_solve(C, k) if c_inv_direction else k
+        if with_whitener:
+            whiteners[l] = Whitener(C, layer=l, max_condition=float("inf"))
         k_star[l] = k
         dirs[l] = u / u.norm().clamp_min(1e-30)
-    return k_star, dirs, c_inv
+    return k_star, dirs, whiteners
 
 
 def negative_corpus_texts(words: Sequence[str], n_docs: int, words_per_doc: int, seed) -> list[str]:
@@ -170,7 +172,7 @@ def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], me
             pre, pre_loc = evaluate_edit(adapter, req, pset, None, batch_size)
             pre.pop("locality", None)
             rec["settings"]["pre"] = pre
-            delta = entry.fn(adapter, [req], hparams, stats)
+            delta = entry.fn(adapter, [req], hparams, stats).delta
             delta.apply(adapter)
             try:
                 if adaptor_mode in ("off", "both"):

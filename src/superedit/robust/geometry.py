@@ -123,7 +123,7 @@ def value_norms(adapter, requests: Sequence, key_sets: Sequence[dict], layer: in
         K = torch.cat([ks["orig"][None], ks["variants"]]).to(adapter.device, adapter.dtype)
         before = (adapter.down_weight(layer) @ K.T).T.norm(dim=1).cpu()
         try:
-            delta = rome.fn(adapter, [req], hp, stats)
+            delta = rome.fn(adapter, [req], hp, stats).delta
         except (ValueError, torch.linalg.LinAlgError) as exc:
             out.append({"case_id": req.case_id, "error": str(exc)})
             continue

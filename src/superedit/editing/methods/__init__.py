@@ -1,16 +1,35 @@
-"""Method registry: name → (hparams class, function).
+"""Method registry: name → what the method needs and can do, and where its function lives.
 
-Every method is ``fn(adapter, requests, hparams, stats) -> WeightDelta`` and leaves the model's
-weights exactly as it found them.
+Every method follows one protocol (:mod:`.protocol`)::
+
+    fn(adapter, requests, hparams, stats, state=None) -> StepResult
+
+Code elsewhere never branches on a method's name: it reads the entry's capabilities.
+
+* ``needs_stats``: the method solves with C = E[k kᵀ] (a covariance source must be passed);
+* ``state``: "module:factory" of the method's running state (``factory(adapter, hparams, stats, base)``),
+  None for methods that edit the model as it is with nothing carried between calls;
+* ``undo``: which edits a ledger can take out exactly — "any" (the state is a sum over edits and
+  determines W − W₀: remove one edit's terms) or "last" (subtract the last applied increment);
+* ``rank_one``: "per_request" (each request's increment is rank one at one layer with right factor
+  C⁻¹k*, whatever the batch: ROME), "per_call" (so is a call with ONE request: MEMIT, since
+  (λC + kkᵀ)⁻¹k ∝ C⁻¹k), or None.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from ...errors import SupereditError
-from ..hparams import FTHParams, HParams, MEMITHParams, ROMEHParams
+from ..hparams import AlphaEditHParams, D4SHParams, FTHParams, HParams, MEMITHParams, ROMEHParams
+
+
+def _load(path: str) -> Callable:
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -20,13 +39,33 @@ class MethodEntry:
     fn_path: str  #: "module:function", imported on use
     needs_stats: bool
     description: str
+    state: str | None = None  #: "module:factory" of the running state, None: stateless
+    undo: Literal["any", "last"] = "last"
+    rank_one: Literal["per_request", "per_call"] | None = None
 
     @property
     def fn(self) -> Callable:
-        import importlib
+        return _load(self.fn_path)
 
-        module, name = self.fn_path.split(":")
-        return getattr(importlib.import_module(module), name)
+    @property
+    def stateful(self) -> bool:
+        return self.state is not None
+
+    def make_state(self, adapter, hparams, stats=None, base=None):
+        """A fresh state for a run whose base weights are ``base`` (layer → W₀; default: the adapter's);
+        None for a stateless method."""
+        if self.state is None:
+            return None
+        if self.needs_stats and stats is None:
+            raise SupereditError(f"method {self.name!r} keeps a state built from the key covariance: pass stats")
+        return _load(self.state)(adapter, hparams, stats, base)
+
+    def rank_one_edits(self, hparams, batch_size: int) -> bool:
+        """True when every request's increment is rank one at a single layer with right factor ∝ C⁻¹k*
+        (what the interference identity of ``superedit.lifelong.interference`` needs)."""
+        if len(list(getattr(hparams, "layers", []) or [])) != 1:
+            return False
+        return self.rank_one == "per_request" or (self.rank_one == "per_call" and batch_size == 1)
 
 
 REGISTRY: dict[str, MethodEntry] = {}
@@ -36,24 +75,22 @@ def register(entry: MethodEntry) -> None:
     REGISTRY[entry.name] = entry
 
 
-register(MethodEntry("rome", ROMEHParams, "superedit.editing.methods.rome:rome_delta", True,
-                     "Rank-one model editing at one layer (Meng et al. 2022)."))
-register(MethodEntry("memit", MEMITHParams, "superedit.editing.methods.memit:memit_delta", True,
-                     "Mass-editing over several layers (Meng et al. 2023)."))
-register(MethodEntry("ft", FTHParams, "superedit.editing.methods.ft:ft_delta", False,
-                     "Fine-tuning one layer's down-projection with an L∞ constraint (FT-L baseline)."))
-
-
 def get_method(name: str) -> MethodEntry:
     if name not in REGISTRY:
         raise SupereditError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
 
-# lifelong methods (superedit.lifelong); hparams module is torch-free
-from ...lifelong.hparams import AlphaEditHParams, D4SHParams  # noqa: E402
-
-register(MethodEntry("d4s", D4SHParams, "superedit.lifelong.d4s:d4s_step", True,
-                     "D4S lifelong editing: one MEMIT solve over all edits via running sums (Huang et al. 2024)."))
-register(MethodEntry("alphaedit", AlphaEditHParams, "superedit.lifelong.alphaedit:alphaedit_step", True,
-                     "AlphaEdit: null-space-projected MEMIT updates for sequential editing (Fang et al. 2025)."))
+_M = "superedit.editing.methods"
+register(MethodEntry("rome", ROMEHParams, f"{_M}.rome:rome_delta", True,
+                     "Rank-one model editing at one layer (Meng et al. 2022).", rank_one="per_request"))
+register(MethodEntry("memit", MEMITHParams, f"{_M}.memit:memit_delta", True,
+                     "Mass-editing over several layers (Meng et al. 2023).", rank_one="per_call"))
+register(MethodEntry("ft", FTHParams, f"{_M}.ft:ft_delta", False,
+                     "Fine-tuning one layer's down-projection with an L∞ constraint (FT-L baseline)."))
+register(MethodEntry("d4s", D4SHParams, f"{_M}.d4s:d4s_step", True,
+                     "D4S lifelong editing: one MEMIT solve over all edits via running sums (Huang et al. 2024).",
+                     state=f"{_M}.d4s:make_d4s_state", undo="any"))
+register(MethodEntry("alphaedit", AlphaEditHParams, f"{_M}.alphaedit:alphaedit_step", True,
+                     "AlphaEdit: null-space-projected MEMIT updates for sequential editing (Fang et al. 2025).",
+                     state=f"{_M}.alphaedit:make_alphaedit_state"))

@@ -1,7 +1,8 @@
 """FT-L: fine-tune the MLP down-projection of chosen layers on the new targets (ROME's baseline).
 
 Minimises the target NLL given each filled prompt with Adam; after each step every weight change is
-clipped to ``[-norm_constraint, +norm_constraint]`` (the L∞ constraint). Returns a dense delta.
+clipped to ``[-norm_constraint, +norm_constraint]`` (the L∞ constraint). Returns a dense increment
+(StepResult, no state).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import torch.nn.functional as F
 from ...models import ModelAdapter, encode_prompt_target
 from ..delta import LayerDelta, WeightDelta
 from ..hparams import FTHParams
+from .protocol import StepResult
 
 
-def ft_delta(adapter: ModelAdapter, requests: list, hparams: FTHParams, stats=None) -> WeightDelta:
+def ft_delta(adapter: ModelAdapter, requests: list, hparams: FTHParams, stats=None, state=None) -> StepResult:
     layers = sorted(hparams.layers)
     for l in layers:
         adapter.check_layer(l)
@@ -57,5 +59,5 @@ def ft_delta(adapter: ModelAdapter, requests: list, hparams: FTHParams, stats=No
             for l, p in params.items():
                 p.copy_(originals[l])
                 p.requires_grad_(False)
-    return WeightDelta(deltas, "ft", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                      "loss_history": history})
+    return StepResult(WeightDelta(deltas, "ft", {"model": adapter.identity(), "hparams": hparams.to_dict(),
+                                                 "loss_history": history}))

@@ -1,4 +1,4 @@
-"""ROME: rank-one model editing (Meng et al. 2022) as a pure function → WeightDelta.
+"""ROME: rank-one model editing (Meng et al. 2022) → StepResult (no state).
 
 For each request in turn (later requests see earlier ones, as in ROME's sequential application):
 k* from ``editing.keys``, v* from ``editing.values`` at the MLP output, then
@@ -22,9 +22,11 @@ from ..hparams import ROMEHParams
 from ..keys import compute_keys
 from ..solve import rome_solve, with_ridge
 from ..values import optimize_value
+from .protocol import StepResult
 
 
-def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stats: CovarianceSource) -> WeightDelta:
+def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stats: CovarianceSource,
+               state=None) -> StepResult:
     layer = hparams.layers[0]
     adapter.check_layer(layer)
     C = with_ridge(stats.mom2(layer).to(adapter.device, torch.float64), hparams.mom2_ridge)
@@ -52,5 +54,5 @@ def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stat
                                 **val.summary()})
     finally:
         adapter.set_down_weight(layer, w_orig)
-    return WeightDelta({layer: total}, "rome", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                                 "requests": per_request, "timings": timings})
+    return StepResult(WeightDelta({layer: total}, "rome", {"model": adapter.identity(), "hparams": hparams.to_dict(),
+                                                            "requests": per_request, "timings": timings}))

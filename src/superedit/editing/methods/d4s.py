@@ -24,21 +24,29 @@ Undo (``remove``) is an exact downdate of the sums. The factor downdate is only 
 well conditioned: if λ_min(I − KᵀA⁻¹K) < ``DOWNDATE_TOL`` (the removed keys carry almost all of A in
 some direction) or a Cholesky pivot would go non-positive, the factor and X are recomputed densely
 from the (already downdated) sums instead — slower, always correct.
+
+Persistence: ``D4SState.state_dict`` holds the sums, X and the factor itself, so a run resumed from
+it continues with bit-identical numbers. (Re-factoring A from the sums on resume gives a factor
+that differs from the rank-1-updated one in the last bits; the next edits' z* are optimised on
+weights that carry that difference, and 30 edits later the weights had drifted by 1e-5 relative.)
+
+The method (``d4s_step``) is the MEMIT layer loop (``spread.spread_update``) with a per-layer solve
+that adds the layer's terms to the sums: R₀ = R + (W_cur − W₀) K is the residual against W₀ and the
+increment is X_new − X_old.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..editing.contexts import context_prefixes
-from ..editing.covariance import CovarianceSource
-from ..editing.delta import LayerDelta, WeightDelta
-from ..editing.keys import compute_keys, keys_at
-from ..editing.methods.memit import memit_targets
-from ..editing.solve import spd_solve, with_ridge
-from ..models import ModelAdapter
-from ..utils.logs import get_logger
-from .hparams import D4SHParams
+from ...models import ModelAdapter
+from ...utils.logs import get_logger
+from ..covariance import CovarianceSource
+from ..delta import LayerDelta, WeightDelta
+from ..hparams import D4SHParams
+from ..solve import spd_solve, with_ridge
+from .protocol import StepResult, total_key
+from .spread import spread_update
 
 log = get_logger(__name__)
 F64 = torch.float64
@@ -102,7 +110,7 @@ def _as_cols(t: torch.Tensor) -> torch.Tensor:
     return t[:, None] if t.dim() == 1 else t
 
 
-class D4SState:
+class D4SSums:
     """Running D4S sums, a factor of A = λC + S_kk and X = S_rk A⁻¹ for one layer.
 
     Args:
@@ -131,8 +139,7 @@ class D4SState:
         self.X = torch.zeros(d_model, d_mlp, dtype=F64, device=dev)
         self.n_terms = 0
         self.steps = 0
-        self.projector: torch.Tensor | None = None  #: set by d4s_step when keys are projected (not saved)
-        self.journal: list[tuple[torch.Tensor, torch.Tensor]] = []  #: (R, K) added since the last ledger commit
+        self.projector: torch.Tensor | None = None  #: P when keys are projected on C's null space (from C; not saved)
         self.F = torch.empty(0)
         self._refactor()
 
@@ -178,7 +185,7 @@ class D4SState:
 
     # ----- updates ------------------------------------------------------------------------
     @torch.no_grad()
-    def add(self, R: torch.Tensor, K: torch.Tensor, journal: bool = True) -> None:
+    def add(self, R: torch.Tensor, K: torch.Tensor) -> None:
         """Add edits: R (d_model, k) residuals against W₀, K (d_mlp, k) keys. O(d_model·d_mlp·k + d_mlp²·k)."""
         R, K = _as_cols(R.to(self.X.device, F64)), _as_cols(K.to(self.X.device, F64))
         self._check(R, K)
@@ -197,8 +204,6 @@ class D4SState:
             _ = self.S_kk
         self.n_terms += K.shape[1]
         self.steps += 1
-        if journal:
-            self.journal.append((R.clone(), K.clone()))
         if self.refresh_every and self.steps % self.refresh_every == 0:
             self.refresh()
 
@@ -245,15 +250,6 @@ class D4SState:
         self._refactor()
         self.X = self.solve_delta()
 
-    def take_journal(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(R, K) columns added since the last call (for the ledger's per-edit file); clears it."""
-        if not self.journal:
-            return None
-        R = torch.cat([r for r, _ in self.journal], 1)
-        K = torch.cat([k for _, k in self.journal], 1)
-        self.journal = []
-        return R, K
-
     # ----- results ------------------------------------------------------------------------
     def delta(self) -> torch.Tensor:
         """X = W − W₀ (float64), maintained incrementally."""
@@ -278,9 +274,9 @@ class D4SState:
               "counts": torch.tensor([self.n_terms, self.steps], dtype=torch.int64)}
         if with_factor:
             sd[f"factor_{self.factor_kind}"] = self.F
-        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}  # copies: the live tensors change in place
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> "D4SState":
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> "D4SSums":
         dev = self.X.device
         for name in ("S_rk", "S_kk"):
             if name not in sd:
@@ -297,80 +293,115 @@ class D4SState:
         else:
             self._refactor()
         self.X = sd["X"].to(dev, F64).clone() if "X" in sd else self.solve_delta()
-        self.journal = []
         return self
 
 
-# ------------------------------------------------------------------ the method
-def make_states(adapter: ModelAdapter, hparams: D4SHParams, stats: CovarianceSource, base: dict | None = None,
-                cache_key: str | None = None) -> dict[int, D4SState]:
-    """Fresh D4S states for ``hparams.layers``; W₀ from ``base`` or the adapter's current weights."""
-    states = {}
+# ------------------------------------------------------------------ the method state
+class D4SState:
+    """The D4S state of every edited layer (layer → :class:`D4SSums`); see the method protocol.
+
+    Journal of a step: ``layer.<l>.R`` (d_model, k) residuals against W₀ and ``layer.<l>.K`` (d_mlp, k)
+    keys as added to the sums (projected when ``project_nullspace``).
+    """
+
+    SUM_NAMES = ("S_rk", "S_kk")
+
+    def __init__(self, layers: dict[int, D4SSums]):
+        self.layers = dict(layers)
+
+    def __getitem__(self, layer: int) -> D4SSums:
+        return self.layers[layer]
+
+    def _terms(self, journal: dict[str, torch.Tensor]):
+        for l, sums in self.layers.items():
+            if f"layer.{l}.R" in journal:
+                yield sums, journal[f"layer.{l}.R"], journal[f"layer.{l}.K"]
+
+    def add(self, journal: dict[str, torch.Tensor]) -> None:
+        for sums, R, K in self._terms(journal):
+            sums.add(R, K)
+
+    def remove(self, journal: dict[str, torch.Tensor]) -> None:
+        for sums, R, K in self._terms(journal):
+            sums.remove(R, K)
+
+    def total_delta(self, layer: int) -> torch.Tensor:
+        return self.layers[layer].delta()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for l, sums in self.layers.items():
+            sd = sums.state_dict(with_factor=True)
+            out[total_key(l)] = sd.pop("X")
+            out.update({f"layer.{l}.{name}": t for name, t in sd.items()})
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> "D4SState":
+        """Layers without saved sums stay empty (no edit yet). A state file without the factor (ledgers
+        written before it was saved) is re-factored once: correct, but not bit-identical to going on."""
+        for l, sums in self.layers.items():
+            if f"layer.{l}.S_rk" not in sd:
+                continue
+            own = {name: sd[f"layer.{l}.{name}"] for name in ("S_rk", "S_kk", "counts", f"factor_{sums.factor_kind}")
+                   if f"layer.{l}.{name}" in sd}
+            if total_key(l) in sd:
+                own["X"] = sd[total_key(l)]
+            sums.load_state_dict(own)
+        return self
+
+
+def make_d4s_state(adapter: ModelAdapter, hparams: D4SHParams, stats: CovarianceSource,
+                   base: dict[int, torch.Tensor] | None = None) -> D4SState:
+    """Fresh (empty) sums for ``hparams.layers``; W₀ from ``base`` or the adapter's current weights.
+
+    C is ``stats.mom2(l)`` with ``mom2_ridge``; with ``project_nullspace`` the keys are projected on C's
+    null space (the projector is computed here, once, and lives on the state) and λC becomes α·I."""
+    from .alphaedit import nullspace_projector
+
+    layers = {}
     for l in sorted(hparams.layers):
         adapter.check_layer(l)
         W0 = (base[l] if base is not None else adapter.down_weight(l)).detach().clone()
         C = with_ridge(stats.mom2(l).to(W0.device, F64), hparams.mom2_ridge)
         if hparams.project_nullspace:
-            from .alphaedit import nullspace_projector
-
-            st = D4SState(l, W0, torch.eye(C.shape[0], dtype=F64, device=W0.device), hparams.L2,
-                          hparams.factor, hparams.refresh_every)
-            st.projector = nullspace_projector(C, hparams.nullspace_threshold, hparams.nullspace_relative,
-                                               key=cache_key, layer=l)
+            sums = D4SSums(l, W0, torch.eye(C.shape[0], dtype=F64, device=W0.device), hparams.L2,
+                           hparams.factor, hparams.refresh_every)
+            sums.projector = nullspace_projector(C, hparams.nullspace_threshold, hparams.nullspace_relative)
         else:
-            st = D4SState(l, W0, C, hparams.mom2_update_weight, hparams.factor, hparams.refresh_every)
-        states[l] = st
-    return states
+            sums = D4SSums(l, W0, C, hparams.mom2_update_weight, hparams.factor, hparams.refresh_every)
+        layers[l] = sums
+    return D4SState(layers)
 
 
+# ------------------------------------------------------------------ the method
 def d4s_step(adapter: ModelAdapter, requests: list, hparams: D4SHParams, stats: CovarianceSource,
-             state: dict[int, D4SState] | None = None, cache_key: str | None = None) -> WeightDelta:
-    """One D4S step: add ``requests`` to the running sums and return the new TOTAL delta W − W₀.
+             state: D4SState | None = None) -> StepResult:
+    """One D4S step: add ``requests`` to the running sums; returns the increment X_new − X_old.
 
-    ``state`` (layer → D4SState) is updated in place; layers without a state get one whose W₀ is the
-    adapter's current weight (so the first step must see the base model). Values z are optimised on
-    the model as it is (carrying earlier edits). For each layer l in order, keys K_l are read with the
-    earlier layers already carrying this step's update, R_l = (z − h_L)/(layers left) as in MEMIT,
-    and the residual against W₀ is R_l + (W_cur,l − W₀,l) K_l. The adapter is restored on return;
-    the delta's ``meta["delta_kind"] == "total"``: apply it to the BASE model (or use a Ledger).
-    On an exception the terms already added to ``state`` are removed again.
+    ``state`` is updated in place (None: fresh sums whose W₀ is the adapter's current weights, i.e. the
+    step is one MEMIT solve). The model must carry W₀ + X (a ledger applied to it). Values z are
+    optimised on the model as it is; per layer (the MEMIT loop, ``spread_update``) the residual against
+    W₀ is R₀ = R + (W_cur,l − W₀,l) K_l. On an exception the terms already added are removed again.
     """
-    layers = sorted(hparams.layers)
-    for l in layers:
-        adapter.check_layer(l)
-    state = {} if state is None else state
-    fresh = make_states(adapter, hparams.replace(layers=[l for l in layers if l not in state]), stats,
-                        cache_key=cache_key) if any(l not in state for l in layers) else {}
-    state.update(fresh)
-    prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
-    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-    zs, summaries = memit_targets(adapter, requests, hparams, prefixes)
-    originals = {l: adapter.down_weight(l).detach().clone() for l in layers}
-    added: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    info = []
+    state = make_d4s_state(adapter, hparams, stats) if state is None else state
+    journal: dict[str, torch.Tensor] = {}
+
+    def solve(layer: int, K: torch.Tensor, R: torch.Tensor):
+        sums = state[layer]
+        W_cur = adapter.down_weight(layer).detach().to(F64)
+        R0 = R + (W_cur - sums.W0.to(W_cur.device, F64)) @ K
+        Kin = sums.projector.to(K.device) @ K if sums.projector is not None else K
+        X_old = sums.delta().clone()
+        sums.add(R0, Kin)
+        journal[f"layer.{layer}.R"], journal[f"layer.{layer}.K"] = R0, Kin
+        inc = LayerDelta(dense_=sums.delta() - X_old)
+        return inc, {"residual_w0_norm": float(R0.norm(dim=0).mean()), "n_terms": sums.n_terms}
+
     try:
-        for i, layer in enumerate(layers):
-            st = state[layer]
-            K = compute_keys(adapter, prompts, subjects, [layer], prefixes, hparams.fact_token)[layer].T.to(F64)
-            cur = keys_at(adapter, prompts, subjects, [layers[-1]], hparams.fact_token, site="resid")[layers[-1]]
-            R = (zs - cur).T.to(F64) / (len(layers) - i)
-            W_cur = adapter.down_weight(layer).detach().to(F64)
-            R0 = R + (W_cur - st.W0.to(W_cur.device, F64)) @ K
-            Kin = st.projector.to(K.device) @ K if st.projector is not None else K
-            st.add(R0, Kin)
-            added.append((layer, R0, Kin))
-            adapter.set_down_weight(layer, st.weights())
-            info.append({"layer": layer, "residual_norm": float(R.norm(dim=0).mean()),
-                         "residual_w0_norm": float(R0.norm(dim=0).mean()), "key_norm": float(K.norm(dim=0).mean()),
-                         "n_terms": st.n_terms})
+        sp = spread_update(adapter, requests, hparams, solve)
     except BaseException:
-        for layer, R0, Kin in reversed(added):
-            state[layer].remove(R0, Kin)
-            state[layer].journal = state[layer].journal[:-1]
+        state.remove(journal)
         raise
-    finally:
-        for l, w in originals.items():
-            adapter.set_down_weight(l, w)
-    deltas = {l: LayerDelta(dense_=state[l].delta().clone()) for l in layers}
-    return WeightDelta(deltas, "d4s", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                       "delta_kind": "total", "requests": summaries, "layers": info})
+    return StepResult(WeightDelta(sp.deltas, "d4s", {"model": adapter.identity(), "hparams": hparams.to_dict(),
+                                                     "requests": sp.requests, "layers": sp.layers,
+                                                     "timings": sp.timings}), journal)

@@ -1,0 +1,99 @@
+"""The MEMIT layer loop (Meng et al. 2023, Alg. 1), written once for MEMIT, D4S and AlphaEdit.
+
+1. z_i: the residual stream after the last edited layer L at the subject's last token that makes the
+   model say target_new (``editing.values`` at site "resid"), one per request, on the model as it is.
+2. For each edited layer l, in order (i = 0 … |layers| − 1):
+   K = k*(l) (d_mlp, n) read on the model carrying the increments of the earlier layers;
+   R = (z − h_L) / (|layers| − i) (d_model, n), h_L read on that same model (MEMIT eq. 19: the
+   residual is spread over the layers left); the method's own per-layer solver turns (K, R) into the
+   increment Δ_l, which is applied before moving on, so later layers only carry what earlier ones did not.
+3. Every weight is restored; the increments are returned.
+
+R is measured on the model's actual output (the resid site), so a down-projection bias b cancels
+out of every residual: no solver ever needs it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ...models import ModelAdapter
+from ...utils.progress import progress
+from ..contexts import context_prefixes
+from ..delta import LayerDelta
+from ..keys import compute_keys, keys_at
+from ..values import optimize_values, requests_per_pass
+
+F64 = torch.float64
+VALUE_ROWS_PER_PASS = 512  # prompt rows per forward pass when optimising several requests' z at once
+
+#: (layer, K (d_mlp, n) float64, R (d_model, n) float64) → (increment Δ_l, extra per-layer info)
+LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], "tuple[LayerDelta, dict]"]
+
+
+def memit_targets(adapter: ModelAdapter, requests: list, hparams, prefixes: list[str]):
+    """z_i (n, d_model) at the last edited layer's resid, plus per-request value summaries."""
+    z_layer = sorted(hparams.layers)[-1]
+    zs, summaries = [], []
+    per_pass = requests_per_pass(len(prefixes), VALUE_ROWS_PER_PASS)
+    with progress(total=len(requests), desc="MEMIT values") as bar:
+        for i in range(0, len(requests), per_pass):
+            chunk = requests[i:i + per_pass]
+            vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in chunk], z_layer, "resid",
+                                   hparams, prefixes, chunk_rows=VALUE_ROWS_PER_PASS)
+            for req, val in zip(chunk, vals):
+                zs.append(val.target)
+                summaries.append({"case_id": req.case_id, **val.summary()})
+            bar.update(len(chunk))
+    return torch.stack(zs), summaries
+
+
+@dataclass
+class Spread:
+    """What :func:`spread_update` computed: per-layer increments, value summaries, per-layer info, timings."""
+
+    deltas: dict[int, LayerDelta]
+    requests: list[dict]
+    layers: list[dict]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def spread_update(adapter: ModelAdapter, requests: list, hparams, solve_layer: LayerSolver) -> Spread:
+    """Run the MEMIT layer loop (module docstring) with ``solve_layer`` as the per-layer solve.
+
+    ``hparams`` needs MEMIT's fields (layers, context_lengths, n_prefixes, seed, fact_token and the
+    value settings). The model's weights are restored on return, also on an exception.
+    """
+    layers = sorted(hparams.layers)
+    for l in layers:
+        adapter.check_layer(l)
+    prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
+    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+    t0 = time.perf_counter()
+    zs, summaries = memit_targets(adapter, requests, hparams, prefixes)
+    timings = {"values": time.perf_counter() - t0, "keys": 0.0, "solve": 0.0}
+    originals = {l: adapter.down_weight(l).detach().clone() for l in layers}
+    deltas: dict[int, LayerDelta] = {}
+    info = []
+    try:
+        for i, layer in enumerate(layers):
+            t1 = time.perf_counter()
+            K = compute_keys(adapter, prompts, subjects, [layer], prefixes, hparams.fact_token)[layer].T.to(F64)
+            cur = keys_at(adapter, prompts, subjects, [layers[-1]], hparams.fact_token, site="resid")[layers[-1]]
+            t2 = time.perf_counter()
+            timings["keys"] += t2 - t1
+            R = (zs - cur).T.to(F64) / (len(layers) - i)  # (d_model, n)
+            d, extra = solve_layer(layer, K, R)
+            adapter.add_to_down_weight(layer, d.dense(F64))
+            deltas[layer] = d
+            timings["solve"] += time.perf_counter() - t2
+            info.append({"layer": layer, "residual_norm": float(R.norm(dim=0).mean()),
+                         "key_norm": float(K.norm(dim=0).mean()), **extra})
+    finally:
+        for l, w in originals.items():
+            adapter.set_down_weight(l, w)
+    return Spread(deltas, summaries, info, timings)
