@@ -12,6 +12,7 @@ from superedit.robust import perturb
 from superedit.robust.adaptor import (AdaptorHParams, KeyAdaptor, RobustAdaptor, TrainingKeys, fit_layer, load_edit,
                                       save_edit, train_adaptor)
 from superedit.robust.evaluate import METRICS, run_robust, summarize_records
+from superedit.stats.whitening import Whitener
 
 FAST = dict(v_num_grad_steps=3, n_prefixes=1, context_lengths=[3])
 REQ = EditRequest(prompt="{} was born in", subject="Anna Berg", target_new="Paris", case_id="a",
@@ -134,7 +135,7 @@ def test_loss_decreases_on_tiny_model_and_gate_separates():
     for similarity in ("u_cosine", "whitening"):
         hp = AdaptorHParams(num_steps=40, lr=5e-3, rank=8, similarity=similarity)
         rep, info = train_adaptor(adapter, REQ, pset.of(split="id"), [1], {1: k}, {1: u / u.norm()}, hp,
-                                  negative_texts=CORPUS[:4], c_inv={1: torch.linalg.inv(stats.mom2(1))})
+                                  negative_texts=CORPUS[:4], whiteners={1: Whitener(stats.mom2(1))})
         lay = info["layers"]["1"]
         assert lay["loss_end"] < lay["loss_start"]
         pulled = "cos_u" if similarity == "u_cosine" else "whitening_cos"
@@ -232,24 +233,8 @@ def test_cli_micro_end_to_end(tmp_path, monkeypatch):
     assert hits and all(h["subject"] not in h["context"] for h in hits)
 
 
-def test_whitening_similarity_is_one_at_k_star_and_scale_free():
-    from superedit.robust.adaptor import whitening_cosine
-
-    g = torch.Generator().manual_seed(3)
-    A = torch.randn(6, 6, generator=g)
-    C = A @ A.T + torch.eye(6)
-    c_inv = torch.linalg.inv(C)
-    k_star = torch.randn(6, generator=g)
-    other = torch.randn(6, generator=g)
-    got = whitening_cosine(torch.stack([k_star, 3 * k_star, other]), k_star, c_inv)
-    assert got[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
-    L = torch.linalg.cholesky(c_inv)  # C⁻¹ = L Lᵀ: whitened vectors are Lᵀk
-    ref = torch.nn.functional.cosine_similarity(L.T @ other, L.T @ k_star, dim=0)
-    assert float(got[2]) == pytest.approx(float(ref), abs=1e-5)
-
-
 def test_adaptor_whitening_pull_moves_variants_onto_k_star():
-    from superedit.robust.adaptor import TrainingKeys, fit_layer, whitening_cosine
+    from superedit.robust.adaptor import TrainingKeys, fit_layer
 
     g = torch.Generator().manual_seed(4)
     d = 16
@@ -258,16 +243,16 @@ def test_adaptor_whitening_pull_moves_variants_onto_k_star():
     k_star = torch.randn(d, generator=g)
     pos = 0.5 * k_star + 2.0 * torch.randn(5, d, generator=g)
     keys = TrainingKeys(k_star, k_star / k_star.norm(), k_star.clone(), pos, torch.randn(40, d, generator=g),
-                        torch.linalg.inv(C))
+                        Whitener(C))
     a, hist = fit_layer(keys, AdaptorHParams(num_steps=60, lr=1e-2, rank=4, similarity="whitening", dropout=0.0))
-    before = whitening_cosine(pos, k_star, keys.c_inv).mean()
-    after = whitening_cosine(a.infer(pos, tau=0.0, force_gate="on"), k_star, keys.c_inv).mean()
+    before = keys.whitener.cosine(pos, k_star).mean()
+    after = keys.whitener.cosine(a.infer(pos, tau=0.0, force_gate="on"), k_star).mean()
     assert after > before + 0.1 and hist[-1]["loss"] < hist[0]["loss"]
     with pytest.raises(Exception, match="similarity"):
         AdaptorHParams(similarity="dot").validate()
 
 
-def test_rep_profile_for_testbeds_and_missing_c_inv_is_clear():
+def test_rep_profile_for_testbeds_and_missing_whitener_is_clear():
     from superedit.editing.hparams import load_hparams
     from superedit.robust.adaptor import TrainingKeys, fit_layer
 
@@ -275,7 +260,7 @@ def test_rep_profile_for_testbeds_and_missing_c_inv_is_clear():
     assert (hp.num_steps, hp.lr, hp.similarity) == (100, 5e-3, "whitening")
     assert load_hparams(AdaptorHParams, "rep", "gpt2").num_steps == 10  # other models: the paper's settings
     keys = TrainingKeys(torch.ones(4), torch.ones(4) / 2, torch.ones(4), torch.randn(2, 4), torch.randn(3, 4))
-    with pytest.raises(Exception, match="needs C"):
+    with pytest.raises(Exception, match="needs the layer's covariance"):
         fit_layer(keys, AdaptorHParams(num_steps=1, rank=2))
 
 
@@ -283,11 +268,11 @@ def test_hard_negatives_are_the_nearest_keys_outside_the_subject():
     """mine_hard_negatives: the n keys closest to k* among positions whose prefix lacks the subject;
     the positions from the subject's first mention on are never taken."""
     from superedit.models import Trace
-    from superedit.robust.adaptor import mine_hard_negatives, whitening_cosine
+    from superedit.robust.adaptor import mine_hard_negatives
 
     adapter = tiny_adapter("gpt2")
     stats = corpus_cov(adapter, [1])
-    c_inv = torch.linalg.inv(stats.mom2(1)).float()
+    whitener = Whitener(stats.mom2(1))
     texts = ["Toko Yasuda is from Japan and Anna Berg was born in Oslo", "The Eiffel Tower is located in Paris"]
     enc = adapter.tokenizer([texts[0]], return_tensors="pt", return_offsets_mapping=True)
     offsets = enc.pop("offset_mapping")[0]
@@ -296,7 +281,7 @@ def test_hard_negatives_are_the_nearest_keys_outside_the_subject():
     K0 = tr["key", 1][0].float()
     berg_end = [i for i, (a, b) in enumerate(offsets.tolist()) if b == texts[0].index("Anna Berg") + len("Anna Berg")][0]
     k_star = K0[berg_end]  # the subject's own key: it must not come back
-    hard = mine_hard_negatives(adapter, texts, 1, k_star, 3, ["Anna Berg"], c_inv)
+    hard = mine_hard_negatives(adapter, texts, 1, k_star, 3, ["Anna Berg"], whitener)
     assert hard.shape == (3, adapter.d_mlp)
     first = texts[0].index("Anna Berg")
     allowed = [K0[i] for i, (a, b) in enumerate(offsets.tolist()) if b <= first]
@@ -304,7 +289,7 @@ def test_hard_negatives_are_the_nearest_keys_outside_the_subject():
     with Trace(adapter, reads=[("key", 1)], stop_after=True) as tr:
         adapter.model(**enc1)
     allowed = torch.stack(allowed + list(tr["key", 1][0].float()))
-    sims = whitening_cosine(allowed, k_star, c_inv)
+    sims = whitener.cosine(allowed, k_star)
     best = allowed[torch.argsort(sims, descending=True)[:3]]
     assert torch.allclose(hard, best, atol=1e-5)
     assert not any(torch.allclose(h, k_star, atol=1e-6) for h in hard)
@@ -313,8 +298,8 @@ def test_hard_negatives_are_the_nearest_keys_outside_the_subject():
     pset = perturb.make_perturbations(adapter.tokenizer, REQ, words=perturb.corpus_words(CORPUS), long_words=30)
     hp = AdaptorHParams(num_steps=40, lr=5e-3, rank=8, n_hard_negatives=8)
     _, info = train_adaptor(adapter, REQ, pset.of(split="id"), [1], {1: k_star.double()},
-                            {1: torch.nn.functional.normalize(c_inv.double() @ k_star.double(), dim=0)}, hp,
-                            negative_texts=CORPUS[:2], c_inv={1: c_inv.double()}, corpus_texts=CORPUS)
+                            {1: torch.nn.functional.normalize(whitener.solve(k_star), dim=0)}, hp,
+                            negative_texts=CORPUS[:2], whiteners={1: whitener}, corpus_texts=CORPUS)
     lay = info["layers"]["1"]
     assert lay["n_hard_negatives"] == 8 and lay["gate_hard_open_frac"] is not None
     with pytest.raises(Exception, match="n_hard_negatives"):

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from helpers import corpus_cov, tiny_adapter
-from superedit.analysis.superposition import (SuperpositionError, Whitener, analyze_keys, analyze_superposition,
+from superedit.analysis.superposition import (SuperpositionError, analyze_keys, analyze_superposition,
                                               angle_mode, excess_kurtosis, m_convergence, offdiag, save_scaling,
                                               scaling_records, select_items, superposition_matrices, top_pairs)
 from superedit.data import EditRequest
 from superedit.editing.covariance import FixedCovariance
 from superedit.errors import StatsError
+from superedit.stats.whitening import Whitener
 
 NAMES = ["Anna Berg", "Eiffel Tower", "Toko Yasuda", "Apple A5", "Google Trends", "Danielle Darrieux",
          "Oslo Bergen", "Paris France", "Japan Guitar", "Words Matter"]
@@ -114,7 +115,7 @@ def test_singular_covariance_needs_ridge():
         superposition_matrices(K, C, layer=2)
     mats = superposition_matrices(K, C, ridge=1e-2)
     assert np.isfinite(mats["P"]).all() and mats["condition_number"] < 1e12
-    with pytest.raises(SuperpositionError):
+    with pytest.raises(StatsError, match="ridge must be a finite number"):
         Whitener(C, ridge=-1)
 
 
@@ -216,7 +217,6 @@ def test_scaling_warns_on_unequal_training_budgets(caplog):
 def test_cli_superposition_on_saved_tiny_model(gpt2, gpt2_cov, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import superedit.commands.superposition as cmd
     from superedit.cli import app
     from superedit.data import save_requests_jsonl
 
@@ -224,7 +224,7 @@ def test_cli_superposition_on_saved_tiny_model(gpt2, gpt2_cov, tmp_path, monkeyp
     gpt2.model.save_pretrained(model_dir)
     gpt2.tokenizer.save_pretrained(model_dir)
     save_requests_jsonl(tmp_path / "reqs.jsonl", REQUESTS)
-    monkeypatch.setattr(cmd, "make_covariance", lambda adapter, corpus, n, layers, max_length=128: gpt2_cov)
+    monkeypatch.setattr("superedit.editing.covariance.CorpusCovariance", lambda adapter, corpus, **kw: gpt2_cov)
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["superposition", "--model", str(model_dir), "--requests", str(tmp_path / "reqs.jsonl"),
                                  "--m", "8", "--layers", "2", "--out", str(out), "--json"])

@@ -179,7 +179,8 @@ def test_unknown_size_error(monkeypatch, tmp_path):
 def test_micro_testbed_builds_and_recalls(monkeypatch, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from superedit.eval.recall import fact_recall
+    from superedit.eval.scoring import fact_recall
+    from superedit.models import ModelAdapter
     from superedit.testbed import load_world, read_testbed_meta, resolve_builtin
 
     monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path))
@@ -194,7 +195,7 @@ def test_micro_testbed_builds_and_recalls(monkeypatch, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(d)
     w = load_world(d)
     ps = w.prompts("train")
-    hits = fact_recall(model, tok, [p.prompt for p in ps], [p.target for p in ps])
+    hits = fact_recall(ModelAdapter(model, tok), [p.prompt for p in ps], [p.target for p in ps])
     rate = sum(hits) / len(hits)
     assert 0.0 <= rate <= 1.0
     # chance: always answering a relation's most frequent object
@@ -204,28 +205,6 @@ def test_micro_testbed_builds_and_recalls(monkeypatch, tmp_path):
                    for r in w.relations) / len(w.facts())
     assert rate > majority + 0.2, (rate, majority)
     assert abs(rate - meta["figures"]["recall"]) < 0.05
-
-
-def test_recall_padding_sides_agree():
-    from superedit.eval.recall import fact_recall, target_logprobs_batch
-    from superedit.testbed import resolve_builtin
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d = resolve_builtin("builtin")
-    tok = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d)
-    prompts = ["The weather", "Hello there my", "a"]
-    targets = ["was quiet", "friend", "b c"]
-    tok.padding_side = "right"
-    r = target_logprobs_batch(model, tok, prompts, targets, batch_size=3)
-    tok.padding_side = "left"
-    l = target_logprobs_batch(model, tok, prompts, targets, batch_size=3)
-    one = [target_logprobs_batch(model, tok, [p], [t])[0] for p, t in zip(prompts, targets)]
-    for a, b, c in zip(r, l, one):
-        assert a[1] == b[1] == c[1]
-        assert max(abs(x - y) for x, y in zip(a[0], c[0])) < 1e-4
-        assert max(abs(x - y) for x, y in zip(b[0], c[0])) < 1e-4
-    assert fact_recall(model, tok, prompts, targets) == [all(x[1]) for x in one]
 
 
 def test_builtin_default_is_shipped_and_loads():

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from ..errors import SupereditError
+from ..stats.whitening import Whitener
 from ..utils.logs import get_logger
-from .superposition import Whitener, _clean, check_layers, item_record
+from .superposition import _clean, check_layers, item_record
 
 log = get_logger(__name__)
 
-__all__ = ["LayerForecast", "ForecastResult", "forecast_interference", "check_forecast", "target_logprobs"]
+__all__ = ["LayerForecast", "ForecastResult", "forecast_interference", "check_forecast"]
 
 
 @dataclass
@@ -137,22 +138,6 @@ def forecast_interference(adapter, request, protected: Sequence, cov, layers: Se
                                   "n_protected": len(protected), "top_k": top_k, "hparams": hp.to_dict()})
 
 
-@torch.no_grad()
-def target_logprobs(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[float]:
-    """Sum of log-probabilities of each target (after a space) given its filled prompt (teacher forced)."""
-    from ..models import encode_prompt_target
-
-    out: list[float] = []
-    for s in range(0, len(prompts), batch_size):
-        b = encode_prompt_target(adapter.tokenizer, list(prompts[s:s + batch_size]), list(targets[s:s + batch_size]),
-                                 device=adapter.device)
-        mask, labels = b.loss_mask()
-        logits = adapter.model(**b.model_inputs()).logits.float()
-        lp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        out.extend((lp * mask).sum(1).tolist())
-    return out
-
-
 def _spearman(a, b) -> float | None:
     from scipy.stats import spearmanr
 
@@ -175,6 +160,7 @@ def check_forecast(adapter, request, protected: Sequence, cov, layer: int, hpara
     """
     from ..editing.keys import keys_at
     from ..editing.methods import get_method
+    from ..eval.scoring import score_targets
 
     hp = _hparams(hparams, ridge)
     adapter.check_layer(layer)
@@ -193,9 +179,9 @@ def check_forecast(adapter, request, protected: Sequence, cov, layer: int, hpara
     prompts = [p.filled_prompt() for p, t in zip(protected, has_true) if t]
     answers = [p.target_true for p, t in zip(protected, has_true) if t]
     edit_prompt, edit_target = [request.filled_prompt()], [request.target_new]
-    before = target_logprobs(adapter, prompts + edit_prompt, answers + edit_target)
+    before = [sc.logprob for sc in score_targets(adapter, prompts + edit_prompt, answers + edit_target)]
     with delta.applied(adapter):
-        after = target_logprobs(adapter, prompts + edit_prompt, answers + edit_target)
+        after = [sc.logprob for sc in score_targets(adapter, prompts + edit_prompt, answers + edit_target)]
     it = iter(a - b for a, b in zip(after[:-1], before[:-1]))
     dlogp = [next(it) if t else None for t in has_true]
     abs_dlogp = [abs(x) if x is not None else float("nan") for x in dlogp]

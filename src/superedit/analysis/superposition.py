@@ -16,9 +16,9 @@ and summarises the off-diagonal entries (mean, std, mean |p|, Fisher excess kurt
 |p| > 0.1, a Gaussian KDE, angle modes) plus the kurtosis on nested subsets of the items
 (m-convergence) and the most superposed pairs.
 
-Numerics: float64 throughout; C is factorised once per layer with a Cholesky factorisation
-(``C = L Lᵀ``) and keys are whitened by a triangular solve ``L⁻¹k`` — C is never inverted. A singular
-or ill-conditioned C (condition number > 1e12, or a failed Cholesky) raises
+Numerics: float64 throughout; C is factorised once per layer (:class:`~superedit.stats.whitening.Whitener`,
+Cholesky ``C = L Lᵀ``) and keys are whitened by a triangular solve ``L⁻¹k`` — C is never inverted. A
+singular or ill-conditioned C (condition number > 1e12, or a failed Cholesky) raises
 :class:`~superedit.errors.StatsError` unless a ridge (fraction of C's mean diagonal) is given.
 
 Items are taken in the order of one seeded permutation of the requests, so the first m' items of
@@ -32,7 +32,6 @@ import csv
 import io
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,18 +39,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import StatsError, SupereditError
+from ..errors import SupereditError
+from ..stats.whitening import Whitener
 from ..utils.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from ..utils.logs import get_logger
 
 log = get_logger(__name__)
 
-MAX_CONDITION = 1e12
 DEFAULT_THRESHOLD = 0.1
 MATRIX_NAMES = ("P", "Q", "wcos", "acos")
 
 __all__ = [
-    "SuperpositionError", "Whitener", "LayerSuperposition", "SuperpositionResult", "select_items", "item_keys",
+    "SuperpositionError", "LayerSuperposition", "SuperpositionResult", "select_items", "item_keys",
     "superposition_matrices", "offdiag", "excess_kurtosis", "angles_deg", "angle_mode", "offdiag_stats",
     "kde_curve", "m_steps", "m_convergence", "top_pairs", "analyze_keys", "analyze_superposition",
     "model_info", "scaling_records", "save_scaling", "item_record", "MATRIX_NAMES",
@@ -60,81 +59,6 @@ __all__ = [
 
 class SuperpositionError(SupereditError):
     """Bad input for a superposition analysis (too few items, bad option values)."""
-
-
-# ---------------------------------------------------------------------------------------- whitening
-class Whitener:
-    """C (+ ridge) factorised once: ``whiten(K)`` gives rows ``L⁻¹k`` with ``(L⁻¹a)·(L⁻¹b) = aᵀC⁻¹b``.
-
-    Args:
-        C: (d, d) second moment E[kkᵀ] (any float dtype; used in float64 on its device).
-        ridge: added to C as ``ridge · mean(diag C) · I`` (ROME's ``mom2_ridge`` convention).
-        layer: only for messages.
-        max_condition: above this condition number (of C + ridge) without a ridge → StatsError.
-    """
-
-    def __init__(self, C: torch.Tensor, ridge: float = 0.0, layer: int | None = None,
-                 max_condition: float = MAX_CONDITION):
-        where = f"layer {layer}: " if layer is not None else ""
-        if ridge is None:
-            ridge = 0.0
-        if not math.isfinite(float(ridge)) or ridge < 0:
-            raise SuperpositionError(f"--ridge must be a finite number ≥ 0 (got {ridge})")
-        C = C.detach().to(torch.float64)
-        if C.dim() != 2 or C.shape[0] != C.shape[1]:
-            raise StatsError(f"{where}covariance must be a square matrix, got shape {tuple(C.shape)}")
-        if not torch.isfinite(C).all():
-            raise StatsError(f"{where}covariance C contains NaN/inf; recompute the key statistics")
-        C = (C + C.T) / 2
-        self.ridge = float(ridge)
-        self.ridge_abs = float(ridge) * float(C.diagonal().mean()) if ridge > 0 else 0.0
-        if self.ridge_abs > 0:
-            C = C + self.ridge_abs * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-        self.C = C
-        self.layer = layer
-        eig = torch.linalg.eigvalsh(C)
-        lo, hi = float(eig[0]), float(eig[-1])
-        self.eig_min, self.eig_max = lo, hi
-        self.condition_number = hi / lo if lo > 0 else float("inf")
-        L, info = torch.linalg.cholesky_ex(C)
-        bad = int(info) != 0 or not self.condition_number <= max_condition
-        hint = ("pass --ridge (e.g. --ridge 1e-3, a fraction of C's mean diagonal) or use more corpus tokens "
-                "(--mom2-tokens)")
-        if bad and self.ridge == 0:
-            why = "Cholesky factorisation failed" if int(info) != 0 else f"condition number {self.condition_number:.3g}"
-            raise StatsError(f"{where}the key covariance C is singular or ill-conditioned ({why}, "
-                             f"λmin={lo:.3g}, λmax={hi:.3g}, d={C.shape[0]}); {hint}")
-        if int(info) != 0:
-            raise StatsError(f"{where}C + ridge {self.ridge:g}·mean(diag C)·I is still not positive definite "
-                             f"(λmin={lo:.3g}); increase --ridge")
-        if not self.condition_number <= max_condition:
-            log.warning("%scondition number %.3g even with ridge %g", where, self.condition_number, self.ridge)
-        self.L = L
-
-    @property
-    def dim(self) -> int:
-        return self.L.shape[0]
-
-    def whiten(self, K: torch.Tensor) -> torch.Tensor:
-        """Rows ``L⁻¹kᵢ`` for K of shape (n, d) (or (d,)), float64."""
-        K = K.detach().to(device=self.L.device, dtype=torch.float64)
-        one = K.dim() == 1
-        K2 = K[None] if one else K
-        if K2.shape[1] != self.dim:
-            raise StatsError(f"keys of width {K2.shape[1]} do not match the covariance size {self.dim}")
-        Y = torch.linalg.solve_triangular(self.L, K2.T, upper=False).T
-        return Y[0] if one else Y
-
-    def solve(self, K: torch.Tensor) -> torch.Tensor:
-        """``C⁻¹k`` for each row of K (n, d) or for k (d,), float64."""
-        K = K.detach().to(device=self.L.device, dtype=torch.float64)
-        B = K.T if K.dim() == 2 else K[:, None]
-        X = torch.cholesky_solve(B, self.L)
-        return X.T if K.dim() == 2 else X[:, 0]
-
-    def inner(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """``aᵢᵀ C⁻¹ bⱼ`` for rows of A (n, d) and B (m, d): (n, m)."""
-        return self.whiten(A) @ self.whiten(B).T
 
 
 # ---------------------------------------------------------------------------------------- core math
@@ -517,10 +441,6 @@ def analyze_superposition(adapter, requests: Sequence, cov, layers: Sequence[int
 
 
 # ---------------------------------------------------------------------------------------- scaling law
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "model"
-
-
 def scaling_records(results: Sequence[SuperpositionResult]) -> list[dict[str, Any]]:
     """One row per (model, layer): n_params, relative depth l/(L-1), kurtosis and friends."""
     rows = []

@@ -24,7 +24,7 @@ from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
 
 def stage_recall(ctx: dict) -> dict[str, Any]:
     """Teacher-forced recall of every trained fact prompt and every held-out-template prompt."""
-    from ..eval.recall import fact_recall
+    from ..eval.scoring import fact_recall
     from ..testbed import load_world
 
     adapter, world = ctx["adapter"], load_world(ctx["model_dir"])
@@ -33,7 +33,7 @@ def stage_recall(ctx: dict) -> dict[str, Any]:
         prompts = world.prompts(split)
         if ctx["quick"]:
             prompts = prompts[:: max(1, len(prompts) // 400)]
-        hits = fact_recall(adapter.model, adapter.tokenizer, [p.prompt for p in prompts], [p.target for p in prompts])
+        hits = fact_recall(adapter, [p.prompt for p in prompts], [p.target for p in prompts])
         out[f"{split}_recall"] = sum(hits) / max(1, len(hits))
         out[f"{split}_prompts"] = len(hits)
     return out

@@ -45,12 +45,12 @@ def register(app) -> None:
         the least predicted interference and checks the prediction against the real edit (Spearman)."""
         from ..analysis.forecast import check_forecast, forecast_interference
         from ..data import load_requests, sample_requests
+        from ..editing.covariance import CorpusCovariance
         from ..editing.hparams import ROMEHParams, load_hparams
         from ..errors import SupereditError
         from ..models import load_model
         from ..utils.io import write_json_atomic
-        from .common import hparams_profile, local_model_dir
-        from .superposition import load_edit_requests, make_covariance
+        from .common import hparams_profile, local_model_dir, resolve_requests
 
         if protected and protected_n is not None:
             raise SupereditError("give either --protected FILE or --protected-n N, not both")
@@ -59,7 +59,8 @@ def register(app) -> None:
             raise SupereditError(f"--protected-n must be ≥ 1 (got {n_protect})")
         adapter = load_model(model, device=default_device(device))
         cand = parse_layers(layers, adapter.n_layers)
-        reqs = load_edit_requests(model, requests, max(request_index + 1 + n_protect, 64), seed)
+        reqs = resolve_requests(local_model_dir(model), requests, seed=seed,
+                                default_n=max(request_index + 1 + n_protect, 64))
         if not 0 <= request_index < len(reqs):
             raise UsageError(f"--request-index {request_index} is out of range: the requests hold {len(reqs)} "
                              f"items (0..{len(reqs) - 1})")
@@ -80,8 +81,8 @@ def register(app) -> None:
                 raise SupereditError(f"--layer {layer!r}: give 'auto', 'none' or a layer index") from None
             adapter.check_layer(check_layer)
         cov_layers = sorted(set(cand) | ({check_layer} if check_layer is not None else set()))
-        cov = make_covariance(adapter, corpus or hp.mom2_corpus or None, mom2_tokens or hp.mom2_n_tokens, cov_layers,
-                              max_length=hp.mom2_max_length)
+        cov = CorpusCovariance(adapter, corpus or hp.mom2_corpus or None, n_tokens=mom2_tokens or hp.mom2_n_tokens,
+                               max_length=hp.mom2_max_length, layers=cov_layers)
         fc = forecast_interference(adapter, req, prot, cov, cand, hp, top_k=top_k)
         result = {"model": model, "request_index": request_index, "request": fc.request,
                   "recommended_layer": fc.recommended_layer, "n_protected": len(fc.protected),

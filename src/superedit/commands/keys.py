@@ -43,7 +43,7 @@ def register(app) -> None:
         from ..robust.geometry import run_geometry
         from ..robust.perturb import build_perturbations, corpus_words, load_rephrases
         from .common import build_hparams, hparams_profile, local_model_dir, make_stats, resolve_requests
-        from .robust import load_corpus, max_positions
+        from ..stats.corpus import resolve_corpus
 
         adapter = load_model(model, device=default_device(device))
         mdir = local_model_dir(model)
@@ -52,12 +52,12 @@ def register(app) -> None:
                            mom2_tokens, corpus)
         layer_ = hp.layers[0]
         reqs = resolve_requests(mdir, requests, n=n, seed=seed)
-        corpus_obj = load_corpus(adapter, corpus, mdir)
+        corpus_obj = resolve_corpus(adapter, corpus)
         texts = corpus_obj.texts
         psets, skips = build_perturbations(adapter.tokenizer, reqs, words=corpus_words(texts),
                                            rephrases=load_rephrases(rephrases) if rephrases else None,
                                            n_long=n_long, long_words=long_words,
-                                           max_tokens=max_positions(adapter) - 8, seed=seed)
+                                           max_tokens=adapter.max_positions - 8, seed=seed)
         stats = make_stats(adapter, hp, stats_dir, corpus_obj)
         summary = run_geometry(adapter, reqs, psets, layer_, stats, Path(out), corpus_texts=texts,
                                ridge=hp.mom2_ridge if ridge is None else ridge, top=top,

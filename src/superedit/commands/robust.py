@@ -23,19 +23,6 @@ from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, defau
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
-def load_corpus(adapter, corpus: str | None, model_dir: Path | None = None):
-    """``--corpus`` as a :class:`~superedit.stats.Corpus`, else the model's default (the testbed's own)."""
-    from ..stats import Corpus, corpus_for_model
-
-    return Corpus.coerce(corpus) if corpus else corpus_for_model(adapter)
-
-
-def max_positions(adapter) -> int:
-    from ..robust.adaptor import _max_positions
-
-    return _max_positions(adapter)
-
-
 def parse_taus(spec: str | None) -> list[float]:
     if not spec:
         return []
@@ -85,6 +72,7 @@ def register(app) -> None:
         from ..robust.adaptor import AdaptorHParams
         from ..robust.evaluate import run_robust, summarize_records, table_rows
         from ..robust.perturb import build_perturbations, corpus_words, load_rephrases
+        from ..stats.corpus import resolve_corpus
         from ..utils.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
         from ..utils.logs import get_logger
 
@@ -103,12 +91,12 @@ def register(app) -> None:
                                               "gate_weight": gate_weight, "seed": seed,
                                               "similarity": similarity}.items() if v is not None})
         reqs = resolve_requests(mdir, requests, n=n, seed=seed)
-        corpus_obj = load_corpus(adapter, corpus, mdir)
+        corpus_obj = resolve_corpus(adapter, corpus)
         words = corpus_words(corpus_obj)
         psets, skips = build_perturbations(adapter.tokenizer, reqs, words=words,
                                            rephrases=load_rephrases(rephrases) if rephrases else None,
                                            n_shuffles=n_shuffles, n_long=n_long, long_words=long_words,
-                                           max_tokens=max_positions(adapter) - 8, seed=seed)
+                                           max_tokens=adapter.max_positions - 8, seed=seed)
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
         rec_path = out_dir / "records.jsonl"

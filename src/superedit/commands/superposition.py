@@ -24,17 +24,6 @@ from .common import (DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit
 log = get_logger(__name__)
 
 
-def load_edit_requests(model: str, requests: str | None, n: int, seed: int) -> list:
-    """All requests of ``--requests FILE``, else ``n`` of the testbed's default edit requests for ``model``."""
-    return resolve_requests(local_model_dir(model), requests, seed=seed, default_n=n)
-
-
-def make_covariance(adapter, corpus: str | None, n_tokens: int, layers: list[int], max_length: int = 128):
-    from ..editing.covariance import CorpusCovariance
-
-    return CorpusCovariance(adapter, corpus or None, n_tokens=n_tokens, max_length=max_length, layers=layers)
-
-
 def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_") or "model"
 
@@ -85,6 +74,7 @@ def register(app) -> None:
         """Superposition of fact keys in the whitening space C^-1/2: P/Q/cosine matrices, kurtosis, angles,
         m-convergence, top pairs, HTML report; with --models a scaling law over model sizes."""
         from ..analysis.superposition import SuperpositionError, save_scaling, scaling_records
+        from ..editing.covariance import CorpusCovariance
         from ..models import load_model
         from ..report.superposition_report import render_scaling
 
@@ -99,8 +89,8 @@ def register(app) -> None:
         for spec in specs:
             adapter = load_model(spec, device=dev)
             chosen = parse_layers(layers, adapter.n_layers)
-            reqs = load_edit_requests(spec, requests, m, seed)
-            cov = make_covariance(adapter, corpus, mom2_tokens, chosen)
+            reqs = resolve_requests(local_model_dir(spec), requests, seed=seed, default_n=m)
+            cov = CorpusCovariance(adapter, corpus or None, n_tokens=mom2_tokens, layers=chosen)
             target = out_dir if not models else out_dir / "models" / _slug(spec)
             res = run_one(adapter, reqs, cov, target, chosen, m, seed, fact_token, ridge, top_k, top_by)
             res.model["training"] = testbed_budget(local_model_dir(spec))

@@ -11,17 +11,17 @@ import torch
 from ..models import ModelAdapter
 
 SEED_WORDS = ["The", "Therefore", "Because", "I", "You"]
-_CACHE: dict[tuple, list[str]] = {}
 
 
 def context_prefixes(adapter: ModelAdapter, lengths: list[int], n_per_length: int, seed: int = 0) -> list[str]:
     """``[""]`` + ``n_per_length`` sampled texts for each token length, each ending in ". ".
 
-    Deterministic for a given (model, lengths, n, seed); cached per model revision.
+    Deterministic for a given (model, lengths, n, seed). Generated once per adapter (kept in
+    ``adapter.memo``): later calls, e.g. after edits changed the weights, get the same prefixes.
     """
-    key = (adapter.source, adapter.revision, id(adapter.model), tuple(lengths), n_per_length, seed)
-    if key in _CACHE:
-        return list(_CACHE[key])
+    key = ("context_prefixes", tuple(lengths), n_per_length, seed)
+    if key in adapter.memo:
+        return list(adapter.memo[key])
     tok = adapter.tokenizer
     prefixes = [""]
     with torch.random.fork_rng(devices=[adapter.device] if adapter.device.type == "cuda" else []):
@@ -42,5 +42,5 @@ def context_prefixes(adapter: ModelAdapter, lengths: list[int], n_per_length: in
             for text in tok.batch_decode(out, skip_special_tokens=True):
                 text = " ".join(text.replace("{", " ").replace("}", " ").split())
                 prefixes.append(text + ". ")
-    _CACHE[key] = prefixes
+    adapter.memo[key] = prefixes
     return list(prefixes)

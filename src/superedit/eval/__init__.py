@@ -2,9 +2,10 @@
 
 Names are imported lazily so ``import superedit.eval`` stays cheap (no torch).
 
-* :mod:`superedit.eval.recall`   — ``fact_recall``, ``recall_rate``, ``target_logprobs_batch``.
-* :mod:`superedit.eval.metrics`  — ``target_nll``, ``token_accuracy``, ``teacher_forced``,
-  ``evaluate_request``, ``summarize``, ``harmonic_mean``, ``locality_from_argmax``.
+* :mod:`superedit.eval.scoring`  — the one teacher-forced scorer: ``score_targets`` (``TargetScore``),
+  ``score_token_rows``, and its reductions ``fact_recall`` and ``perplexity``.
+* :mod:`superedit.eval.metrics`  — ``target_nll``, ``token_accuracy``, ``evaluate_request``,
+  ``evaluate_requests``, ``batch_evaluate``, ``summarize``, ``harmonic_mean``, ``locality_from_argmax``.
 * :mod:`superedit.eval.fluency`  — ``compute_n_gram_entropy``, ``n_gram_entropy``,
   ``word_tokenize``, ``generate_texts``.
 """
@@ -14,9 +15,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "fact_recall": "recall", "recall_rate": "recall", "target_logprobs_batch": "recall",
-    "target_nll": "metrics", "token_accuracy": "metrics", "argmax_tokens": "metrics",
-    "teacher_forced": "metrics", "TeacherForced": "metrics", "evaluate_request": "metrics",
+    "score_targets": "scoring", "score_token_rows": "scoring", "TargetScore": "scoring",
+    "fact_recall": "scoring", "perplexity": "scoring",
+    "target_nll": "metrics", "token_accuracy": "metrics", "evaluate_request": "metrics",
+    "evaluate_requests": "metrics", "batch_evaluate": "metrics",
     "summarize": "metrics", "harmonic_mean": "metrics", "locality_from_argmax": "metrics",
     "SCALAR_METRICS": "metrics",
     "compute_n_gram_entropy": "fluency", "n_gram_entropy": "fluency", "word_tokenize": "fluency",

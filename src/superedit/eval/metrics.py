@@ -1,8 +1,10 @@
 """Knowledge-editing metrics as in the literature, teacher-forced and batched.
 
-All scores come from one teacher-forced forward pass over ``prompt + " " + target`` rows built by
-:func:`superedit.models.encode_prompt_target`; ``logits[p]`` at the positions before each target
-token give its log-probability and the argmax prediction.
+Every score reduces over the one teacher-forced scorer, :func:`superedit.eval.scoring.score_targets`
+(``prompt + " " + target`` rows; per target token its log-probability and the argmax prediction). All
+rows of all requests go through one scorer call (:func:`evaluate_requests`); :func:`evaluate_request`
+is a list of one, and the lifelong runner's :func:`batch_evaluate` is the same call with a cap on
+neighbourhood prompts and an argmax success rule for requests without ``target_true``.
 
 CounterFact (ROME, Meng et al. 2022; ``experiments/summarize.py``)
     For a prompt and two answers, compare the mean per-token NLL of each answer.
@@ -38,13 +40,10 @@ result dict.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
-
-from ..models import encode_prompt_target
+from ..errors import RequestFormatError
+from .scoring import TargetScore, score_targets
 
 #: Keys of :func:`evaluate_request` results that are averaged in summaries (scalars in [0, 1] or real).
 SCALAR_METRICS = (
@@ -57,61 +56,14 @@ SCALAR_METRICS = (
 NEIGHBOR_ARGMAX = "_neighborhood_argmax"
 
 
-@dataclass
-class TeacherForced:
-    """Per-row teacher-forced results for one (prompt, target) pair."""
-
-    target_ids: list[int]
-    logprobs: list[float]  #: log P(target token | prompt, previous target tokens)
-    argmax: list[int]  #: the model's argmax at each target position
-
-    @property
-    def nll(self) -> float:
-        """Mean token NLL of the target."""
-        return -sum(self.logprobs) / len(self.logprobs)
-
-    @property
-    def prob(self) -> float:
-        """exp(−mean token NLL): the geometric mean of the target's token probabilities."""
-        return math.exp(-self.nll)
-
-    @property
-    def accuracy(self) -> float:
-        """Fraction of target tokens that are the argmax."""
-        return sum(int(a == t) for a, t in zip(self.argmax, self.target_ids)) / len(self.target_ids)
-
-
-@torch.no_grad()
-def teacher_forced(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[TeacherForced]:
-    """One :class:`TeacherForced` per (prompt, target), in ``batch_size`` forward passes."""
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    out: list[TeacherForced] = []
-    for s in range(0, len(prompts), batch_size):
-        b = encode_prompt_target(adapter.tokenizer, list(prompts[s:s + batch_size]), list(targets[s:s + batch_size]),
-                                 device=adapter.device)
-        logits = adapter.model(**b.model_inputs()).logits
-        for r, (pos, ids) in enumerate(zip(b.target_positions, b.target_ids)):
-            logp = F.log_softmax(logits[r, pos].float(), dim=-1)
-            idx = torch.tensor(ids, device=logp.device)
-            lp = logp.gather(-1, idx[:, None])[:, 0]
-            out.append(TeacherForced(list(ids), lp.tolist(), logp.argmax(-1).tolist()))
-    return out
-
-
 def target_nll(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[float]:
     """Mean token NLL of each target after its prompt (``prompt + " " + target``, teacher-forced)."""
-    return [r.nll for r in teacher_forced(adapter, prompts, targets, batch_size)]
+    return [r.nll for r in score_targets(adapter, prompts, targets, batch_size)]
 
 
 def token_accuracy(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[float]:
     """EasyEdit's teacher-forced token accuracy of each target after its prompt."""
-    return [r.accuracy for r in teacher_forced(adapter, prompts, targets, batch_size)]
-
-
-def argmax_tokens(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[list[int]]:
-    """The argmax predictions at the target positions (teacher-forced on the target)."""
-    return [r.argmax for r in teacher_forced(adapter, prompts, targets, batch_size)]
+    return [r.accuracy for r in score_targets(adapter, prompts, targets, batch_size)]
 
 
 def harmonic_mean(values: Sequence[float]) -> float:
@@ -139,6 +91,95 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _request_rows(request, max_neighbours: int | None, paraphrases: bool) -> list[tuple[str, str, str]]:
+    """The (part, prompt, target) rows one request is scored on (see the module docstring)."""
+    rewrite = request.filled_prompt()
+    new, true = request.target_new, request.target_true
+    para = list(request.paraphrase_prompts) if paraphrases else []
+    neigh = list(request.neighborhood_prompts)
+    neigh_ans = list(request.neighborhood_answers)
+    if len(neigh_ans) != len(neigh):
+        raise RequestFormatError(f"request {request.case_id!r}: {len(neigh)} neighbourhood prompts but "
+                                 f"{len(neigh_ans)} answers; give one answer per neighbourhood prompt")
+    if max_neighbours is not None:
+        neigh, neigh_ans = neigh[:max_neighbours], neigh_ans[:max_neighbours]
+    rows = [("rw_new", rewrite, new)]
+    if true is not None:
+        rows.append(("rw_true", rewrite, true))
+    rows += [("para_new", p, new) for p in para]
+    if true is not None:
+        rows += [("para_true", p, true) for p in para]
+    rows += [("nb_ans", p, a) for p, a in zip(neigh, neigh_ans)]
+    rows += [("nb_new", p, new) for p in neigh]
+    return rows
+
+
+def _reduce_request(get: dict[str, list[TargetScore]], pre: dict | None, success_by_argmax: bool) -> dict:
+    """The metrics of one request from its rows' scores (``get[part]``, in prompt order)."""
+    res: dict = {}
+    rw_new = get["rw_new"][0]
+    res["rewrite_nll_new"] = rw_new.nll
+    res["rewrite_prob_new"] = rw_new.prob
+    res["rewrite_acc"] = rw_new.accuracy
+    if get.get("rw_true"):
+        rw_true = get["rw_true"][0]
+        res["rewrite_nll_true"] = rw_true.nll
+        res["rewrite_prob_true"] = rw_true.prob
+        res["efficacy_score"] = float(rw_new.nll < rw_true.nll)
+        res["efficacy_magnitude"] = rw_new.prob - rw_true.prob
+    elif success_by_argmax:
+        res["efficacy_score"] = float(rw_new.hit)
+    if get.get("para_new"):
+        res["rephrase_acc"] = _mean([r.accuracy for r in get["para_new"]])
+        if get.get("para_true"):
+            pairs = list(zip(get["para_new"], get["para_true"]))
+            res["paraphrase_score"] = _mean([float(a.nll < b.nll) for a, b in pairs])
+            res["paraphrase_magnitude"] = _mean([a.prob - b.prob for a, b in pairs])
+        elif success_by_argmax:
+            res["paraphrase_score"] = _mean([float(a.hit) for a in get["para_new"]])
+    if get.get("nb_ans"):
+        pairs = list(zip(get["nb_ans"], get["nb_new"]))
+        res["neighborhood_score"] = _mean([float(a.nll < b.nll) for a, b in pairs])
+        res["neighborhood_magnitude"] = _mean([a.prob - b.prob for a, b in pairs])
+        res["neighborhood_acc"] = _mean([a.accuracy for a, _ in pairs])
+        res[NEIGHBOR_ARGMAX] = [list(a.argmax) for a, _ in pairs]
+        if pre is not None and pre.get(NEIGHBOR_ARGMAX) is not None:
+            res["locality"] = locality_from_argmax(pre[NEIGHBOR_ARGMAX], res[NEIGHBOR_ARGMAX])
+    if all(k in res for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")):
+        res["score"] = harmonic_mean([res["efficacy_score"], res["paraphrase_score"], res["neighborhood_score"]])
+    return res
+
+
+def evaluate_requests(adapter, requests: Sequence, pres: Sequence[dict | None] | None = None, *,
+                      max_neighbours: int | None = None, paraphrases: bool = True, success_by_argmax: bool = False,
+                      batch_size: int = 32) -> list[dict]:
+    """:func:`evaluate_request`'s teacher-forced metrics for many requests from ONE scorer call.
+
+    Args:
+        pres: per request, its pre-edit result (for locality) or None.
+        max_neighbours: score only the first this many neighbourhood prompts (None: all; 0: none).
+        paraphrases: score the paraphrase prompts.
+        success_by_argmax: for a request without ``target_true``, efficacy/paraphrase scores are
+            1 when every ``target_new`` token is the argmax (the lifelong runner's rule); off, they are
+            absent (their CounterFact definition needs ``target_true``).
+    """
+    requests = list(requests)
+    pres = list(pres) if pres is not None else [None] * len(requests)
+    if len(pres) != len(requests):
+        raise ValueError(f"{len(requests)} requests but {len(pres)} pre-edit results")
+    plans = [_request_rows(r, max_neighbours, paraphrases) for r in requests]
+    flat = [row for plan in plans for row in plan]
+    scores = score_targets(adapter, [p for _, p, _ in flat], [t for _, _, t in flat], batch_size)
+    out, at = [], 0
+    for plan, pre in zip(plans, pres):
+        get: dict[str, list[TargetScore]] = {}
+        for (part, _, _), sc in zip(plan, scores[at:at + len(plan)]):
+            get.setdefault(part, []).append(sc)
+        at += len(plan)
+        out.append(_reduce_request(get, pre, success_by_argmax))
+    return out
+
+
 def evaluate_request(adapter, request, pre: dict | None = None, *, gen_tokens: int = 0, seed: int = 0,
                      batch_size: int = 32) -> dict:
     """Every applicable metric for one :class:`~superedit.data.EditRequest` (see the module docstring).
@@ -152,68 +193,22 @@ def evaluate_request(adapter, request, pre: dict | None = None, *, gen_tokens: i
     """
     from .fluency import generate_texts, n_gram_entropy
 
-    rewrite = request.filled_prompt()
-    new, true = request.target_new, request.target_true
-    para = list(request.paraphrase_prompts)
-    neigh = list(request.neighborhood_prompts)
-    neigh_ans = list(request.neighborhood_answers)
-    if len(neigh_ans) != len(neigh):
-        raise ValueError(f"request {request.case_id!r}: {len(neigh)} neighbourhood prompts but {len(neigh_ans)} answers")
-
-    # one flat batch of (prompt, target) rows; slices name them
-    rows: list[tuple[str, str]] = []
-    slices: dict[str, slice] = {}
-
-    def add(name, pairs):
-        slices[name] = slice(len(rows), len(rows) + len(pairs))
-        rows.extend(pairs)
-
-    add("rw_new", [(rewrite, new)])
-    if true is not None:
-        add("rw_true", [(rewrite, true)])
-    if para:
-        add("para_new", [(p, new) for p in para])
-        if true is not None:
-            add("para_true", [(p, true) for p in para])
-    if neigh:
-        add("nb_ans", list(zip(neigh, neigh_ans)))
-        add("nb_new", [(p, new) for p in neigh])
-    tf = teacher_forced(adapter, [p for p, _ in rows], [t for _, t in rows], batch_size)
-    get = {name: tf[sl] for name, sl in slices.items()}
-
-    res: dict = {}
-    rw_new = get["rw_new"][0]
-    res["rewrite_nll_new"] = rw_new.nll
-    res["rewrite_prob_new"] = rw_new.prob
-    res["rewrite_acc"] = rw_new.accuracy
-    if "rw_true" in get:
-        rw_true = get["rw_true"][0]
-        res["rewrite_nll_true"] = rw_true.nll
-        res["rewrite_prob_true"] = rw_true.prob
-        res["efficacy_score"] = float(rw_new.nll < rw_true.nll)
-        res["efficacy_magnitude"] = rw_new.prob - rw_true.prob
-    if "para_new" in get:
-        res["rephrase_acc"] = _mean([r.accuracy for r in get["para_new"]])
-        if "para_true" in get:
-            pairs = list(zip(get["para_new"], get["para_true"]))
-            res["paraphrase_score"] = _mean([float(a.nll < b.nll) for a, b in pairs])
-            res["paraphrase_magnitude"] = _mean([a.prob - b.prob for a, b in pairs])
-    if "nb_ans" in get:
-        pairs = list(zip(get["nb_ans"], get["nb_new"]))
-        res["neighborhood_score"] = _mean([float(a.nll < b.nll) for a, b in pairs])
-        res["neighborhood_magnitude"] = _mean([a.prob - b.prob for a, b in pairs])
-        res["neighborhood_acc"] = _mean([a.accuracy for a, _ in pairs])
-        res[NEIGHBOR_ARGMAX] = [a.argmax for a, _ in pairs]
-        if pre is not None and pre.get(NEIGHBOR_ARGMAX) is not None:
-            res["locality"] = locality_from_argmax(pre[NEIGHBOR_ARGMAX], res[NEIGHBOR_ARGMAX])
-    if all(k in res for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")):
-        res["score"] = harmonic_mean([res["efficacy_score"], res["paraphrase_score"], res["neighborhood_score"]])
+    res = evaluate_requests(adapter, [request], [pre], batch_size=batch_size)[0]
     if gen_tokens and gen_tokens > 0:
-        prompts = list(request.generation_prompts) or [rewrite]
+        prompts = list(request.generation_prompts) or [request.filled_prompt()]
         texts = generate_texts(adapter, prompts, gen_tokens, seed=seed)
         res["ngram_entropy"] = n_gram_entropy(texts)
         res["gen_texts"] = texts
     return res
+
+
+def batch_evaluate(adapter, requests: Sequence, max_neighbours: int = 5, paraphrases: bool = True,
+                   batch_size: int = 64) -> list[dict]:
+    """The lifelong runner's per-request scores: :func:`evaluate_requests` with the first
+    ``max_neighbours`` neighbourhood prompts and ``success_by_argmax`` (requests without
+    ``target_true`` still get an efficacy/paraphrase success)."""
+    return evaluate_requests(adapter, requests, max_neighbours=max_neighbours, paraphrases=paraphrases,
+                             success_by_argmax=True, batch_size=batch_size)
 
 
 def public(metrics: dict | None) -> dict | None:

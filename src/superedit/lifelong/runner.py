@@ -39,6 +39,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import SupereditError
+from ..eval.metrics import batch_evaluate
+from ..eval.scoring import fact_recall, perplexity
 from ..utils.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..utils.logs import get_logger
 from ..utils.progress import progress
@@ -118,101 +120,8 @@ def requests_probe(heldout: Sequence, texts: Sequence[str] = (), n: int = 200) -
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def _teacher_forced_sorted(adapter, rows: list[tuple[str, str]], batch_size: int):
-    """teacher_forced over rows sorted by length (less padding), returned in the original order."""
-    from ..eval.metrics import teacher_forced
-
-    if not rows:
-        return []
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    tf = teacher_forced(adapter, [rows[i][0] for i in order], [rows[i][1] for i in order], batch_size)
-    out = [None] * len(rows)
-    for pos, i in enumerate(order):
-        out[i] = tf[pos]
-    return out
-
-
-def batch_evaluate(adapter, requests: Sequence, max_neighbours: int = 5, paraphrases: bool = True,
-                   batch_size: int = 64) -> list[dict]:
-    """CounterFact scores for many requests in shared forward passes (same rules as ``evaluate_request``).
-
-    Per request: ``rewrite_prob_new``/``rewrite_prob_true`` (exp of minus the mean token NLL),
-    ``efficacy_score`` (NLL(new) < NLL(true); without ``target_true``: every new token is the argmax),
-    ``paraphrase_score`` and ``neighborhood_score`` (means over the request's prompts; up to
-    ``max_neighbours`` neighbourhood prompts).
-    """
-    rows: list[tuple[str, str]] = []
-    plan = []
-    for r in requests:
-        p: dict[str, Any] = {}
-
-        def add(name, pairs):
-            p[name] = (len(rows), len(rows) + len(pairs))
-            rows.extend(pairs)
-
-        rw = r.filled_prompt()
-        add("rw_new", [(rw, r.target_new)])
-        if r.target_true:
-            add("rw_true", [(rw, r.target_true)])
-        if paraphrases and r.paraphrase_prompts:
-            add("para_new", [(q, r.target_new) for q in r.paraphrase_prompts])
-            if r.target_true:
-                add("para_true", [(q, r.target_true) for q in r.paraphrase_prompts])
-        if max_neighbours and r.neighborhood_prompts:
-            nb = list(zip(r.neighborhood_prompts, r.neighborhood_answers))[:max_neighbours]
-            add("nb_ans", nb)
-            add("nb_new", [(q, r.target_new) for q, _ in nb])
-        plan.append(p)
-    tf = _teacher_forced_sorted(adapter, rows, batch_size)
-    out = []
-    for p in plan:
-        g = {k: tf[a:b] for k, (a, b) in p.items()}
-        res: dict[str, Any] = {}
-        new = g["rw_new"][0]
-        res["rewrite_prob_new"] = new.prob
-        if "rw_true" in g:
-            true = g["rw_true"][0]
-            res["rewrite_prob_true"] = true.prob
-            res["efficacy_score"] = float(new.nll < true.nll)
-            res["efficacy_magnitude"] = new.prob - true.prob
-        else:
-            res["efficacy_score"] = float(new.accuracy == 1.0)
-        if "para_new" in g:
-            if "para_true" in g:
-                res["paraphrase_score"] = _mean([float(a.nll < b.nll) for a, b in zip(g["para_new"], g["para_true"])])
-            else:
-                res["paraphrase_score"] = _mean([float(a.accuracy == 1.0) for a in g["para_new"]])
-        if "nb_ans" in g:
-            res["neighborhood_score"] = _mean([float(a.nll < b.nll) for a, b in zip(g["nb_ans"], g["nb_new"])])
-        out.append(res)
-    return out
-
-
-@torch.no_grad()
-def perplexity(adapter, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> float:
-    """exp(mean token NLL) of ``texts`` (teacher-forced, right-padded batches)."""
-    tok, model, dev = adapter.tokenizer, adapter.model, adapter.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    total, count = 0.0, 0
-    enc = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    enc = sorted((e for e in enc if len(e) > 1), key=len)
-    for s in range(0, len(enc), batch_size):
-        chunk = enc[s:s + batch_size]
-        w = max(len(e) for e in chunk)
-        ids = torch.full((len(chunk), w), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), w), dtype=torch.long)
-        for i, e in enumerate(chunk):
-            ids[i, :len(e)] = torch.tensor(e)
-            mask[i, :len(e)] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        m = mask[:, 1:].to(lp.dtype)
-        total -= float((lp * m).sum())
-        count += int(m.sum())
-    return math.exp(total / count) if count else float("nan")
-
-
+# Every score here reduces over the one teacher-forced scorer (superedit.eval.scoring):
+# batch_evaluate = eval.metrics.evaluate_requests with the runner's options, perplexity and fact_recall.
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -357,9 +266,7 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
     seed_everything(int(getattr(hp, "seed", 0) or 0))
     adapter = adapter_factory()
     if probe.facts and probe.base_hits is None:  # the base model's recall of the probe (fresh weights)
-        from ..eval.recall import fact_recall
-
-        probe.base_hits = fact_recall(adapter.model, adapter.tokenizer, [f["prompt"] for f in probe.facts],
+        probe.base_hits = fact_recall(adapter, [f["prompt"] for f in probe.facts],
                                       [f["target"] for f in probe.facts], probe.eval_batch_size)
         write_json_atomic(probe_file, probe.to_dict())
     elif not probe_file.exists():
@@ -501,8 +408,6 @@ def retention_by_subject(hits: Sequence[bool], base_hits: Sequence[bool], facts:
 
 
 def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, probe, tracker, out: Path) -> dict:
-    from ..eval.recall import fact_recall
-
     t0 = time.perf_counter()
     prev = max([k for k in recorded if k < n], default=0)
     rec: dict[str, Any] = {"method": method, "n_edits": n, "n_batches": len(led.edits), "final": n == len(stream),
@@ -533,8 +438,8 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
     rec["efficacy_at_edit_all"] = _mean(at_edit)
     # untouched facts
     if probe.facts:
-        hits = fact_recall(adapter.model, adapter.tokenizer, [f["prompt"] for f in probe.facts],
-                           [f["target"] for f in probe.facts], probe.eval_batch_size)
+        hits = fact_recall(adapter, [f["prompt"] for f in probe.facts], [f["target"] for f in probe.facts],
+                           probe.eval_batch_size)
         rec["untouched_recall"] = sum(hits) / len(hits)
         if probe.base_hits:
             kept = [h for h, b in zip(hits, probe.base_hits) if b]
@@ -545,8 +450,8 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
             rec.update(retention_by_subject(hits, probe.base_hits, probe.facts, {r.subject for r in done}))
         rec["untouched_n"] = len(hits)
     if probe.all_facts:
-        hits = fact_recall(adapter.model, adapter.tokenizer, [f["prompt"] for f in probe.all_facts],
-                           [f["target"] for f in probe.all_facts], probe.eval_batch_size)
+        hits = fact_recall(adapter, [f["prompt"] for f in probe.all_facts], [f["target"] for f in probe.all_facts],
+                           probe.eval_batch_size)
         rec["all_facts_recall"] = sum(hits) / len(hits)
     if probe.texts:
         rec["perplexity"] = perplexity(adapter, probe.texts)

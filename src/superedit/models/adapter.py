@@ -43,6 +43,9 @@ class ModelAdapter:
     revision: str | None = None
     family: str = field(init=False)
     spec: FamilySpec = field(init=False)
+    #: values derived once from this model and reused for its lifetime, keyed by what they depend
+    #: on (e.g. ROME's context prefixes, :func:`superedit.editing.contexts.context_prefixes`)
+    memo: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.family, self.spec = family_of(self.model.config)
@@ -74,6 +77,15 @@ class ModelAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def max_positions(self) -> int:
+        """The longest input in tokens: the config's position limit (2048 when it names none)."""
+        for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+            v = getattr(self.config, name, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return 2048
 
     # ----- modules -----------------------------------------------------------------------
     def blocks(self) -> nn.ModuleList:

@@ -56,6 +56,7 @@ from torch import nn
 
 from ..editing.hparams import Float, HParams, Int, _f
 from ..errors import SupereditError
+from ..stats.whitening import Whitener
 from ..utils.io import atomic_path, write_json_atomic
 
 FORMAT = "superedit-rep-adaptor/1"
@@ -179,11 +180,6 @@ class RobustAdaptor:
             self._trace.remove()
             self._trace = None
 
-    # ----- diagnostics ----------------------------------------------------------------------
-    @torch.no_grad()
-    def gate_values(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        return self.layers[layer].gate(keys.to(self.layers[layer].A.device)).cpu()
-
     # ----- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -255,22 +251,16 @@ class TrainingKeys:
     k_orig: torch.Tensor  #: (d,)
     positives: torch.Tensor  #: (n_pos, d) keys at the subject's last token of in-domain variants
     negatives: torch.Tensor  #: (n_neg, d) unrelated keys
-    c_inv: torch.Tensor | None = None  #: (d, d) C⁻¹, for the whitening-space similarity
-
-
-def whitening_cosine(k: torch.Tensor, k_star: torch.Tensor, c_inv: torch.Tensor) -> torch.Tensor:
-    """kᵀC⁻¹k* / √(kᵀC⁻¹k · k*ᵀC⁻¹k*) for each row of k (n, d): the cosine after whitening by C^-1/2."""
-    w = c_inv @ k_star
-    num = k @ w
-    den = ((k @ c_inv) * k).sum(-1).clamp_min(1e-30).sqrt() * (k_star @ w).clamp_min(1e-30).sqrt()
-    return num / den
+    whitener: Whitener | None = None  #: C factorised once, for the whitening-space similarity
 
 
 def pull_similarity(k: torch.Tensor, keys: "TrainingKeys", how: str) -> torch.Tensor:
+    """``how`` = "whitening": kᵀC⁻¹k* / √(kᵀC⁻¹k · k*ᵀC⁻¹k*) per row of k (n, d); else cos(k, u)."""
     if how == "whitening":
-        if keys.c_inv is None:
-            raise AdaptorError("similarity 'whitening' needs C⁻¹ (TrainingKeys.c_inv)")
-        return whitening_cosine(k, keys.k_star.float(), keys.c_inv.float())
+        if keys.whitener is None:
+            raise AdaptorError("similarity 'whitening' needs the layer's covariance (TrainingKeys.whitener, "
+                               "train_adaptor(whiteners=...))")
+        return keys.whitener.cosine(k, keys.k_star)
     return F.cosine_similarity(k, keys.direction.float()[None].expand_as(k), dim=-1)
 
 
@@ -325,12 +315,12 @@ def _all_position_keys(adapter, texts: Sequence[str], layer: int, batch_size: in
 
 
 def mine_hard_negatives(adapter, texts: Sequence[str], layer: int, k_star: torch.Tensor, n: int,
-                        exclude: Sequence[str], c_inv: torch.Tensor | None = None,
+                        exclude: Sequence[str], whitener: Whitener | None = None,
                         batch_size: int = 16) -> torch.Tensor:
     """The ``n`` keys among every position of ``texts`` closest to ``k_star`` whose text prefix
     contains none of ``exclude`` (the subject and its in-domain variants), as (n, d).
 
-    Closeness is the whitening cosine kᵀC⁻¹k* / √(kᵀC⁻¹k · k*ᵀC⁻¹k*) with ``c_inv``, else the plain
+    Closeness is the whitening cosine kᵀC⁻¹k* / √(kᵀC⁻¹k · k*ᵀC⁻¹k*) with ``whitener``, else the plain
     cosine. These are the keys an edit of k* is most likely to fire on by mistake."""
     from .corpus_keys import iter_text_keys
 
@@ -341,18 +331,9 @@ def mine_hard_negatives(adapter, texts: Sequence[str], layer: int, k_star: torch
     if not len(K):
         return K
     ks = k_star.detach().float().cpu()
-    sim = (whitening_cosine(K, ks, c_inv.detach().float().cpu()) if c_inv is not None
+    sim = (whitener.cosine(K, ks) if whitener is not None
            else F.cosine_similarity(K, ks[None].expand_as(K), dim=-1))
     return K[torch.argsort(sim, descending=True)[:n]]
-
-
-def _max_positions(adapter) -> int:
-    cfg = adapter.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 2048
 
 
 def context_keys_all(adapter, templates: Sequence[str], subjects: Sequence[str], layer: int,
@@ -379,7 +360,7 @@ def context_keys_all(adapter, templates: Sequence[str], subjects: Sequence[str],
 
 def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], k_star: dict[int, torch.Tensor],
                   directions: dict[int, torch.Tensor], hp: AdaptorHParams, negative_texts: Sequence[str] = (),
-                  meta: dict | None = None, c_inv: dict[int, torch.Tensor] | None = None,
+                  meta: dict | None = None, whiteners: dict[int, Whitener] | None = None,
                   corpus_texts: Sequence[str] = ()) -> tuple[RobustAdaptor, dict]:
     """Train the adaptor of one edit (the edit's delta must already be applied to ``adapter``).
 
@@ -390,7 +371,8 @@ def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], 
         k_star / directions: per layer, the edit key and the unit direction u the loss pulls towards.
         negative_texts: unrelated texts whose keys (all positions) the gate must reject
             (neighbourhood prompts, corpus documents).
-        c_inv: per layer C⁻¹ (needed for ``hp.similarity == "whitening"``).
+        whiteners: per layer the covariance C (+ the edit's ridge) as a :class:`Whitener` (needed for
+            ``hp.similarity == "whitening"``; also ranks the hard negatives).
         corpus_texts: documents to mine ``hp.n_hard_negatives`` hard negatives from (the first
             ``hp.hard_negative_docs``; see :func:`mine_hard_negatives`).
     Returns ``(adaptor, info)`` with the per-layer loss histories and gate statistics.
@@ -415,11 +397,11 @@ def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], 
                 negatives = negatives[torch.randperm(len(negatives), generator=g)[:4 * hp.n_corpus_negatives]]
             hard = mine_hard_negatives(adapter, list(corpus_texts)[:hp.hard_negative_docs], layer, k_star[layer],
                                        hp.n_hard_negatives, list(dict.fromkeys(subjects)),
-                                       c_inv.get(layer) if c_inv else None)
+                                       whiteners.get(layer) if whiteners else None)
             negatives = torch.cat([negatives, hard])
             keys = TrainingKeys(k_star[layer].detach().float().cpu(), directions[layer].detach().float().cpu(),
                                 subj_keys[0], subj_keys[1:], negatives,
-                                c_inv[layer].detach().float().cpu() if c_inv and layer in c_inv else None)
+                                whiteners.get(layer) if whiteners else None)
             a, hist = fit_layer(keys, hp, layer_seed=layer)
             trained[layer] = a
             with torch.no_grad():
@@ -428,9 +410,9 @@ def train_adaptor(adapter, request, positives: Sequence, layers: Sequence[int], 
                 cos_before = F.cosine_similarity(keys.positives, keys.direction[None], dim=-1) if len(keys.positives) else torch.zeros(0)
                 kh = a.infer(keys.positives, hp.tau) if len(keys.positives) else torch.zeros(0, keys.k_star.shape[0])
                 cos_after = F.cosine_similarity(kh, keys.direction[None], dim=-1) if len(kh) else torch.zeros(0)
-                if keys.c_inv is not None and len(kh):
-                    wcos_before = whitening_cosine(keys.positives.float(), keys.k_star.float(), keys.c_inv)
-                    wcos_after = whitening_cosine(kh.float(), keys.k_star.float(), keys.c_inv)
+                if keys.whitener is not None and len(kh):
+                    wcos_before = keys.whitener.cosine(keys.positives, keys.k_star)
+                    wcos_after = keys.whitener.cosine(kh, keys.k_star)
                 else:
                     wcos_before = wcos_after = torch.zeros(0)
             info["layers"][str(layer)] = {

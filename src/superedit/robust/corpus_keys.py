@@ -37,10 +37,9 @@ def iter_text_keys(adapter, texts: Sequence[str], layer: int, batch_size: int = 
     that returns offsets, else ``spans`` is empty). ``max_length`` truncates (default: the model's
     position limit)."""
     from ..models import Trace
-    from .adaptor import _max_positions
 
     tok = adapter.tokenizer
-    limit = max_length or _max_positions(adapter)
+    limit = max_length or adapter.max_positions
     starts = range(0, len(texts), batch_size)
     if progress_desc:
         from ..utils.progress import progress

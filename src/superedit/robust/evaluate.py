@@ -1,7 +1,7 @@
 """Robustness metrics of an edit, with and without the REP adaptor (single-edit protocol).
 
 Every metric is teacher-forced: a query counts as correct when **every** target token is the
-argmax of the model's next-token distribution (``superedit.models.encode_prompt_target``).
+argmax of the model's next-token distribution (``TargetScore.hit`` of :mod:`superedit.eval.scoring`).
 
 * ``success``     — the rewrite prompt → ``target_new``;
 * ``paraphrase``  — ``request.paraphrase_prompts`` → ``target_new``;
@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from ..errors import RequestFormatError, SubjectNotFoundError, TemplateError
+from ..eval.scoring import score_targets
 from ..utils.io import append_jsonl
 from ..utils.logs import get_logger
 from ..utils.progress import progress
@@ -39,27 +40,6 @@ REQUEST_ERRORS = (SubjectNotFoundError, TemplateError, RequestFormatError, Value
 
 
 # ------------------------------------------------------------------------------------------ scoring
-@torch.no_grad()
-def target_argmax(adapter, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> list[list[int]]:
-    """Argmax token at each target position (teacher forcing), per prompt."""
-    from ..models import encode_prompt_target
-
-    out: list[list[int]] = []
-    for s in range(0, len(prompts), batch_size):
-        b = encode_prompt_target(adapter.tokenizer, list(prompts[s:s + batch_size]), list(targets[s:s + batch_size]),
-                                 device=adapter.device)
-        logits = adapter.model(**b.model_inputs()).logits
-        for r, pos in enumerate(b.target_positions):
-            out.append(logits[r, pos].argmax(-1).tolist())
-    return out
-
-
-def _target_ids(adapter, prompts, targets) -> list[list[int]]:
-    from ..models import encode_prompt_target
-
-    return encode_prompt_target(adapter.tokenizer, list(prompts), list(targets)).target_ids
-
-
 def query_sets(request, pset: PerturbationSet | None) -> dict[str, list[str]]:
     """Prompts (filled) per metric that answer ``target_new`` (locality is handled apart)."""
     q = {"success": [request.filled_prompt()], "paraphrase": list(request.paraphrase_prompts)}
@@ -83,13 +63,12 @@ def evaluate_edit(adapter, request, pset: PerturbationSet | None, pre_locality: 
     loc_prompts = list(request.neighborhood_prompts) if "locality" in wanted else []
     prompts += loc_prompts
     targets += list(request.neighborhood_answers)[:len(loc_prompts)]
-    argmax = target_argmax(adapter, prompts, targets, batch_size) if prompts else []
-    gold = _target_ids(adapter, prompts[:n_rw], targets[:n_rw]) if n_rw else []
+    scores = score_targets(adapter, prompts, targets, batch_size)
     res = {name: {"n": 0, "correct": 0} for name in q}
-    for name, am, g in zip(owner, argmax[:n_rw], gold):
+    for name, sc in zip(owner, scores[:n_rw]):
         res[name]["n"] += 1
-        res[name]["correct"] += int(am == g)
-    loc = argmax[n_rw:]
+        res[name]["correct"] += int(sc.hit)
+    loc = [list(sc.argmax) for sc in scores[n_rw:]]
     if "locality" in wanted:
         res["locality"] = {"n": 0, "correct": 0}
         if pre_locality is not None:
@@ -179,14 +158,14 @@ def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], me
                     rec["settings"][method], _ = evaluate_edit(adapter, req, pset, pre_loc, batch_size)
                 adaptor = None
                 if adaptor_mode in ("on", "both"):
-                    k_star, dirs, c_inv = edit_directions(adapter, req, method, hparams, stats, layers,
-                                                          with_c_inv=adaptor_hp.similarity == "whitening")
+                    k_star, dirs, whiteners = edit_directions(adapter, req, method, hparams, stats, layers,
+                                                              with_whitener=adaptor_hp.similarity == "whitening")
                     negs = negative_corpus_texts(negative_words, n_negative_docs, 64, f"{i}:{req.case_id}")
                     if neighbourhood_negatives:
                         negs += list(req.neighborhood_prompts)
                     adaptor, info = train_adaptor(adapter, req, pset.of(split="id"), layers, k_star, dirs, adaptor_hp,
                                                   negs, meta={"case_id": req.case_id, "method": method},
-                                                  c_inv=c_inv, corpus_texts=corpus_texts)
+                                                  whiteners=whiteners, corpus_texts=corpus_texts)
                     rec["adaptor"] = info
                     with adaptor.active(adapter):
                         rec["settings"][f"{method}+rep"], _ = evaluate_edit(adapter, req, pset, pre_loc, batch_size)

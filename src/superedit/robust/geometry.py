@@ -14,7 +14,7 @@ in the whitening space C^-1/2. This module measures:
 * **value norms before vs after an edit** — ‖W k‖ and ‖(W + ΔW) k‖ for the subject key and its variants
   (single ROME edits at the layer, reverted after each).
 
-C is factorised once (Cholesky, :class:`superedit.analysis.superposition.Whitener`); never inverted.
+C is factorised once (Cholesky, :class:`superedit.stats.whitening.Whitener`); never inverted.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def run_geometry(adapter, requests: Sequence, psets: Sequence[PerturbationSet], 
     """All analyses; writes geometry.json, similar_keys.jsonl, plots/ and report.html into ``out_dir``."""
     from pathlib import Path
 
-    from ..analysis.superposition import Whitener
+    from ..stats.whitening import Whitener
     from ..utils.io import write_json_atomic, write_jsonl_atomic
 
     out = Path(out_dir)

@@ -205,3 +205,9 @@ def corpus_for_model(adapter_or_model_dir) -> Corpus:
     from ..testbed.access import testbed_corpus
 
     return Corpus(list(testbed_corpus(model_dir)), source=f"testbed:{model_dir}")
+
+
+def resolve_corpus(adapter, corpus: "Corpus | str | Path | Sequence[str] | None" = None) -> Corpus:
+    """``corpus`` (a :class:`Corpus`, a file/directory path or a list of texts) when given, else the
+    model's default (:func:`corpus_for_model`)."""
+    return Corpus.coerce(corpus) if corpus else corpus_for_model(adapter)

@@ -73,8 +73,10 @@ def _batches(world: World, tokenizer, rng: random.Random, batch_size: int, recor
 
 
 def eval_recall(model, tokenizer, world: World, n: int = 300, seed: int = 0) -> dict[str, float]:
-    from superedit.eval.recall import fact_recall
+    from superedit.eval.scoring import fact_recall
+    from superedit.models import ModelAdapter
 
+    adapter = ModelAdapter(model, tokenizer)
     rng = random.Random(seed)
     out = {}
     for split in ("train", "heldout"):
@@ -83,7 +85,7 @@ def eval_recall(model, tokenizer, world: World, n: int = 300, seed: int = 0) -> 
             continue
         if len(ps) > n:
             ps = rng.sample(ps, n)
-        hits = fact_recall(model, tokenizer, [p.prompt for p in ps], [p.target for p in ps])
+        hits = fact_recall(adapter, [p.prompt for p in ps], [p.target for p in ps])
         out[split] = sum(hits) / len(hits)
     return out
 
