@@ -94,6 +94,10 @@ def register(app) -> None:
         probe_n: int = typer.Option(200, "--probe-n", help="Untouched true facts in the retention probe."),
         block_size: int = typer.Option(100, "--block-size", help="Edits per block for the degree of forgetting."),
         max_neighbours: int = typer.Option(5, "--max-neighbours", help="Neighbourhood prompts evaluated per edit."),
+        hparams: str = typer.Option(None, "--hparams", help="YAML file overriding the packaged hyperparameters of "
+                                    "every method (as for `superedit edit`; not with --hparams-dir)."),
+        layers: str = typer.Option(None, "--layers", "-l", help="Edited layer(s) of every method, e.g. '3' or "
+                                   "'3,4,5' (overrides hparams)."),
         hparams_dir: str = typer.Option(None, "--hparams-dir", help="Directory with <method>.yaml (or "
                                         "<method>/<profile>.yaml) overriding the packaged hyperparameters."),
         corpus: str = typer.Option(None, "--corpus", help="Corpus for the key covariance and held-out perplexity "
@@ -128,6 +132,9 @@ def register(app) -> None:
         if not names:
             raise SupereditError("--methods is empty; give e.g. rome,memit,d4s,alphaedit")
         entries = {m: get_method(m) for m in names}
+        if hparams and hparams_dir:
+            raise SupereditError("--hparams FILE and --hparams-dir DIR both override the hyperparameters; "
+                                 "give one of them")
         if edits < 1:
             raise SupereditError(f"--edits must be ≥ 1 (got {edits})")
         out_dir = Path(out) if out else Path("runs") / f"lifelong-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -135,8 +142,8 @@ def register(app) -> None:
         adapter0 = load_model(model, device=device)
         model_dir = local_model_dir(model)
         profile = hparams_profile(adapter0, model_dir)
-        hps = {m: build_hparams(m, profile, method_hparams_path(hparams_dir, m, profile), adapter0.n_layers, None,
-                                mom2_tokens if entries[m].needs_stats else None, corpus)
+        hps = {m: build_hparams(m, profile, hparams or method_hparams_path(hparams_dir, m, profile), adapter0.n_layers,
+                                layers, mom2_tokens if entries[m].needs_stats else None, corpus)
                for m in names}
         reqs = load_stream(requests, fmt, model_dir, seed, out_dir, resume, stream_order)
         if len(reqs) < edits:

@@ -77,7 +77,9 @@ def register(app) -> None:
         from ..utils.logs import get_logger
 
         log = get_logger("superedit.robust")
-        if method not in ("rome", "memit"):
+        from ..editing.methods import get_method
+
+        if get_method(method).rank_one is None:  # REP steers the key direction of a closed-form key→value edit
             raise UsageError(f"--method must be rome or memit (got {method!r})")
         if adaptor not in ("on", "off", "both"):
             raise UsageError(f"--adaptor must be on, off or both (got {adaptor!r})")
