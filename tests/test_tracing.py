@@ -281,7 +281,7 @@ def test_cli_bad_input_exits_2(model_dir, tmp_path):
 
 def test_testbed_world_facts(model_dir, tmp_path):
     world_mod = pytest.importorskip("superedit.testbed.world")
-    from superedit.commands.trace import _load_facts
+    from superedit.analysis.trace_study import load_facts
 
     d = tmp_path / "tb"
     d.mkdir()
@@ -289,7 +289,7 @@ def test_testbed_world_facts(model_dir, tmp_path):
         (d / f.name).write_bytes(f.read_bytes())
     world = world_mod.World.generate(seed=0, n_subjects=6)
     (d / "testbed.json").write_text(json.dumps({"world": world.to_dict()}))
-    facts = _load_facts(str(d), None, None, None, None, 5, seed=0)
-    assert len(facts) == 5 and facts == _load_facts(str(d), None, None, None, None, 5, seed=0)
+    facts = load_facts(model=str(d), n=5, seed=0)
+    assert len(facts) == 5 and facts == load_facts(model=str(d), n=5, seed=0)
     for f in facts:
         assert "{}" in f.prompt and f.target and f.subject in [s.name for s in world.subjects]

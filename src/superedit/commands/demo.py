@@ -41,11 +41,13 @@ def stage_recall(ctx: dict) -> dict[str, Any]:
 
 def stage_trace(ctx: dict) -> dict[str, Any]:
     """Causal trace (mlp, resid, attn) of ``n_trace`` facts and the state-swap test."""
-    from .trace import _load_facts, run_trace
+    from ..analysis.trace_study import load_facts, trace_study
+    from .trace import write_trace
 
-    facts = _load_facts(ctx["model"], None, None, None, None, ctx["n_trace"], ctx["seed"])
-    res = run_trace(ctx["adapter"], facts, ctx["model"], ["mlp", "resid", "attn"], None, 3.0, 10, ctx["seed"],
-                    True, ctx["out"] / "trace")
+    facts = load_facts(model=ctx["model"], n=ctx["n_trace"], seed=ctx["seed"])
+    study = trace_study(ctx["adapter"], facts, kinds=["mlp", "resid", "attn"], noise=3.0, samples=10,
+                        seed=ctx["seed"], swap=True, model=ctx["model"])
+    res = write_trace(study, ctx["out"] / "trace")
     return {k: res[k] for k in ("n_facts", "mlp", "resid", "attn", "swap", "files") if k in res}
 
 
