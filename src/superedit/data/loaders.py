@@ -137,6 +137,8 @@ def read_records(path: str | os.PathLike) -> list:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise RequestFormatError(f"{p} is not UTF-8 text ({exc}). Pass a JSON or JSONL file.") from exc
+    except OSError as exc:
+        raise RequestFormatError(f"cannot read {p}: {exc.strerror or exc}. Check the path and its permissions.") from exc
     stripped = text.strip()
     if not stripped:
         raise RequestFormatError(f"{p} is empty; it must hold a JSON list or JSONL records.")
@@ -148,10 +150,13 @@ def read_records(path: str | os.PathLike) -> list:
                 f"{p} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}. "
                 "Fix the file or re-export it."
             ) from exc
+        except RecursionError:
+            raise RequestFormatError(f"{p}: JSON nested too deeply to read; a request file is a list of "
+                                     "flat records.") from None
         return data
     try:
         data = json.loads(stripped)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         data = None
     else:
         if isinstance(data, dict):
@@ -170,6 +175,9 @@ def read_records(path: str | os.PathLike) -> list:
                 f"{p}, record #{len(records)} (line {lineno}) is not valid JSON: {exc.msg} at "
                 f"column {exc.colno}. Each JSONL line must be one JSON object."
             ) from exc
+        except RecursionError:
+            raise RequestFormatError(f"{p}, record #{len(records)} (line {lineno}): JSON nested too deeply "
+                                     "to read. Each JSONL line must be one flat request object.") from None
     return records
 
 

@@ -241,6 +241,13 @@ class EditRequest:
                 "is empty",
                 "Give the new object as plain words without a leading space, e.g. 'Seoul'.",
             )
+        if self.target_true is not None and self.target_new == self.target_true:
+            raise self._err(
+                "target_new",
+                f"equals target_true ({self.target_true!r}): the edit would change nothing and every "
+                "edit score would be 0",
+                "Give a new object that differs from the true one, or remove this record.",
+            )
         for prompts, answers in (
             ("neighborhood_prompts", "neighborhood_answers"),
             ("attribute_prompts", "attribute_answers"),
@@ -280,7 +287,7 @@ class EditRequest:
         ``source`` overrides the stored ``source`` field when given. Unknown keys and
         missing required keys raise RequestFormatError naming the field.
         """
-        where = source if source is not None else str(data.get("source", "") or "")
+        where = source if source is not None else (str(data.get("source", "") or "") if isinstance(data, Mapping) else "")
         if not isinstance(data, Mapping):
             raise request_error(
                 where, "<record>", f"must be a JSON object, got {type(data).__name__}",
