@@ -254,8 +254,10 @@ def test_corpus_for_model(tmp_path, monkeypatch):
     plain.mkdir()
     with pytest.raises(StatsError, match="--corpus is required"):
         corpus_for_model(plain)
-    with pytest.raises(StatsError, match="--corpus is required"):
-        corpus_for_model(tiny_adapter("gpt2"))
+    import superedit.stats.sampled as sampled
+
+    monkeypatch.setattr(sampled, "sampled_corpus", lambda adapter: Corpus.from_texts(["sampled from", adapter.source]))
+    assert corpus_for_model(tiny_adapter("gpt2")).texts == ["sampled from", "tiny-gpt2-0"]
     bed = tmp_path / "bed"
     bed.mkdir()
     (bed / "testbed.json").write_text("{}", encoding="utf-8")
@@ -296,5 +298,23 @@ def test_cli_stats(tmp_path):
     assert bad.exit_code == 2 and "out of range" in bad.stdout
     missing = runner.invoke(app, ["stats", "--model", str(model_dir), "--corpus", str(tmp_path / "no.txt"), "--json"])
     assert missing.exit_code == 2 and "does not exist" in json.loads(missing.stdout.strip().splitlines()[-1])["error"]
-    nocorpus = runner.invoke(app, ["stats", "--model", str(model_dir), "--json"])
-    assert nocorpus.exit_code == 2 and "--corpus is required" in nocorpus.stdout
+
+
+def test_model_sampled_corpus_is_seeded_and_cached(tmp_path, monkeypatch):
+    from superedit.stats.sampled import SamplingSettings, sample_documents, sampled_corpus
+
+    monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path))
+    a = tiny_adapter("llama")
+    small = SamplingSettings(n_docs=5, doc_tokens=6, batch_size=2)
+    first = sampled_corpus(a, small)
+    files = list((tmp_path / "corpora").glob("sampled-*.jsonl"))
+    assert len(files) == 1 and len(first.texts) == 5
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    assert sample_documents(a, small) == first.texts  # same seed, same text; the global RNG untouched
+    assert torch.equal(torch.get_rng_state(), state)
+    assert sampled_corpus(a, small).fingerprint() == first.fingerprint()  # read back from the cache
+    other = sampled_corpus(a, SamplingSettings(n_docs=5, doc_tokens=6, batch_size=2, seed=1))
+    assert other.texts != first.texts and len(list((tmp_path / "corpora").glob("*.jsonl"))) == 2
+    with pytest.raises(StatsError, match="doc_tokens"):
+        sample_documents(a, SamplingSettings(doc_tokens=0))

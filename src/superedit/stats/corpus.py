@@ -192,22 +192,30 @@ def _model_dir(adapter_or_model_dir) -> Path | None:
 
 
 def corpus_for_model(adapter_or_model_dir) -> Corpus:
-    """The default statistics corpus of a model: the testbed's own corpus for a testbed model.
+    """The default statistics corpus of a model.
 
-    A model directory with a ``testbed.json`` uses ``superedit.testbed.access.testbed_corpus(model_dir)``.
-    Any other model needs an explicit corpus: raises :class:`StatsError`.
+    A testbed model (its directory has a ``testbed.json``) uses its own training corpus
+    (``superedit.testbed.access.testbed_corpus``). Any other model, given as a loaded adapter, uses
+    text sampled from the model itself (:func:`superedit.stats.sampled.sampled_corpus`: seeded,
+    cached by model identity and sampling settings) — the offline default; pass ``--corpus`` (a
+    .txt/.jsonl/.json file or directory, e.g. wikitext) to use real text instead.
     """
     model_dir = _model_dir(adapter_or_model_dir)
     if model_dir is None or not (model_dir / "testbed.json").exists():
+        if hasattr(adapter_or_model_dir, "model") and hasattr(adapter_or_model_dir, "tokenizer"):
+            from .sampled import sampled_corpus
+
+            return sampled_corpus(adapter_or_model_dir)
         name = model_dir or getattr(adapter_or_model_dir, "source", adapter_or_model_dir)
-        raise StatsError(f"--corpus is required for non-testbed models ({name} has no testbed.json); "
-                         "pass a .txt/.jsonl/.json file or a directory of them")
+        raise StatsError(f"--corpus is required for {name}: it is not a testbed model and no loaded model was "
+                         "given to sample a corpus from; pass a .txt/.jsonl/.json file or a directory of them")
     from ..testbed.access import testbed_corpus
 
     return Corpus(list(testbed_corpus(model_dir)), source=f"testbed:{model_dir}")
 
 
-def resolve_corpus(adapter, corpus: "Corpus | str | Path | Sequence[str] | None" = None) -> Corpus:
-    """``corpus`` (a :class:`Corpus`, a file/directory path or a list of texts) when given, else the
-    model's default (:func:`corpus_for_model`)."""
-    return Corpus.coerce(corpus) if corpus else corpus_for_model(adapter)
+def resolve_corpus(adapter, corpus: "Corpus | str | Path | Sequence[str] | None" = None,
+                   field: str = "text") -> Corpus:
+    """``corpus`` (a :class:`Corpus`, a file/directory path — JSON records read at ``field`` — or a list
+    of texts) when given, else the model's default (:func:`corpus_for_model`)."""
+    return Corpus.coerce(corpus, field=field) if corpus else corpus_for_model(adapter)

@@ -1,0 +1,103 @@
+"""The offline default corpus: text sampled from the model itself.
+
+ROME and MEMIT estimate C = E[k kᵀ] on Wikipedia (wikitext / 100k documents). Without hub access a
+model's own samples stand in: seeded ancestral sampling (``top_k``, ``temperature``) continuing short
+neutral openers (:data:`OPENERS`, cycled), ``n_docs`` documents of ``doc_tokens`` new tokens each.
+The keys such text induces follow the model's own distribution of contexts, which is what C is
+for (the keys the edit must not disturb). ``docs/results/real-model.md`` compares it with another
+corpus on the same edits.
+
+The documents are cached as JSONL under ``$SUPEREDIT_HOME/corpora`` keyed by the model's identity
+(source, revision) and every sampling setting, so a changed model or setting samples anew, and the
+resulting :class:`~superedit.stats.corpus.Corpus` fingerprint (hence every covariance cache key)
+follows the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import StatsError
+from ..utils.logs import get_logger
+from .corpus import Corpus
+
+log = get_logger(__name__)
+
+#: neutral openers; every document continues one of them (cycled in order)
+OPENERS = ("The", "In", "A", "It", "This", "When", "There", "He", "She", "They", "We", "After", "According to",
+           "One", "Many", "For", "On", "Although", "During", "If")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n_docs: int = 512  #: documents
+    doc_tokens: int = 128  #: new tokens per document (≈ n_docs · doc_tokens corpus tokens)
+    top_k: int = 50
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        for name in ("n_docs", "doc_tokens", "top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise StatsError(f"model-sampled corpus: {name} must be ≥ 1 (got {getattr(self, name)})")
+        if not self.temperature > 0:
+            raise StatsError(f"model-sampled corpus: temperature must be > 0 (got {self.temperature})")
+
+
+def _cache_file(adapter, settings: SamplingSettings) -> Path:
+    home = Path(os.environ.get("SUPEREDIT_HOME") or Path.home() / ".cache" / "superedit")
+    key = json.dumps({"source": adapter.source, "revision": adapter.revision, "openers": OPENERS,
+                      **asdict(settings)}, sort_keys=True)
+    return home / "corpora" / f"sampled-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+
+
+@torch.no_grad()
+def sample_documents(adapter, settings: SamplingSettings) -> list[str]:
+    """``n_docs`` seeded samples of the model (no cache); the RNG state outside is left as it was."""
+    from ..utils.progress import progress
+
+    settings.validate()
+    tok = adapter.tokenizer
+    docs: list[str] = []
+    old_side = tok.padding_side
+    devices = [adapter.device] if adapter.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(settings.seed)
+        tok.padding_side = "left"
+        try:
+            for start in progress(range(0, settings.n_docs, settings.batch_size), desc="sampling corpus"):
+                n = min(settings.batch_size, settings.n_docs - start)
+                openers = [OPENERS[(start + i) % len(OPENERS)] for i in range(n)]
+                enc = tok(openers, return_tensors="pt", padding=True).to(adapter.device)
+                out = adapter.model.generate(**enc, do_sample=True, top_k=settings.top_k,
+                                             temperature=settings.temperature, max_new_tokens=settings.doc_tokens,
+                                             min_new_tokens=settings.doc_tokens, eos_token_id=None,
+                                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                                             else tok.eos_token_id)
+                docs.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))
+        finally:
+            tok.padding_side = old_side
+    return docs
+
+
+def sampled_corpus(adapter, settings: SamplingSettings | None = None) -> Corpus:
+    """The model-sampled corpus, read from the cache or sampled once and cached (atomic write)."""
+    from ..utils.io import write_jsonl_atomic
+
+    settings = settings or SamplingSettings()
+    path = _cache_file(adapter, settings)
+    if path.is_file():
+        return Corpus.from_path(path)
+    log.info("sampling a %d-document corpus from %s for key statistics (cached in %s)", settings.n_docs,
+             adapter.source, path)
+    docs = sample_documents(adapter, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(path, [{"text": d} for d in docs])
+    return Corpus.from_path(path)
