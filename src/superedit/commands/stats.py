@@ -29,11 +29,12 @@ def register(app) -> None:
     ):
         """Compute (or load from the cache) the key covariance C = E(k kᵀ), k = MLP down-projection input, per layer."""
         from ..models import load_model
-        from ..stats import Corpus, collect_covariances, corpus_for_model, default_cache_dir
+        from ..stats import collect_covariances, default_cache_dir
+        from ..stats.corpus import resolve_corpus
 
         adapter = load_model(model, device=device)
         layer_list = parse_layers(layers, adapter.n_layers)
-        corp = Corpus.from_path(corpus, field=text_field) if corpus else corpus_for_model(adapter)
+        corp = resolve_corpus(adapter, corpus, field=text_field)
         covs = collect_covariances(adapter, layer_list, corp, tokens, max_length=max_length,
                                    batch_tokens=batch_tokens, cache_dir=cache_dir, recompute=recompute)
         rows = []
