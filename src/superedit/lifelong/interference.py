@@ -29,7 +29,7 @@ share of each key's shift carried by its 5 largest-|p| terms (the projection of 
 the total, so the shares of all terms add up to 1), mean/max |p|, and the mean shift norm relative to
 the key's original value norm ``‖W₀ kⱼ‖``.
 
-p is computed through an independent Cholesky whitening of C (:class:`~superedit.analysis.superposition.Whitener`),
+p is computed through an independent Cholesky whitening of C (:class:`~superedit.stats.whitening.Whitener`),
 not from the stored factors, so the check covers the solve, the ledger's accumulation and the float32
 weights.
 """
@@ -67,7 +67,7 @@ class InterferenceTracker:
 
     def __init__(self, layer: int, C: torch.Tensor, W0: torch.Tensor, probe_keys: torch.Tensor | None = None,
                  max_edit_probes: int = 50):
-        from ..analysis.superposition import Whitener
+        from ..stats.whitening import Whitener
 
         self.layer = int(layer)
         self.C = C.detach().to(F64)
