@@ -174,3 +174,11 @@ def test_corrupt_jsonl_is_a_superedit_error(tmp_path):
         read_jsonl(p)
     p.write_text('{"a": 1}\n{"b": ')  # a torn last line (crash mid-append) is skipped
     assert read_jsonl(p) == [{"a": 1}]
+
+
+@pytest.mark.parametrize("kw, option", [({"limit": -1}, "--limit"), ({"limit": 0}, "--limit"), ({"n": -3}, "--n")])
+def test_request_counts_below_one_are_usage_errors(tmp_path, kw, option):
+    from superedit.commands.common import resolve_requests
+
+    with pytest.raises(UsageError, match=f"{option} must be ≥ 1"):
+        resolve_requests(tmp_path, None, **kw)

@@ -189,6 +189,9 @@ def resolve_requests(model_dir, requests: str | None, fmt: str = "auto", limit: 
     counterfactual requests (``n`` or ``limit`` or ``default_n`` of them)."""
     from ..errors import SupereditError
 
+    for option, value in (("--limit", limit), ("--n", n)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be ≥ 1 (got {value}); leave it out to use every request")
     if requests:
         from ..data import load_requests, sample_requests
 
