@@ -257,7 +257,7 @@ class ROMEHParams(ValueHParams):
     @model_validator(mode="after")
     def _one_layer(self) -> "ROMEHParams":
         if len(self.layers) != 1:
-            raise ValueError(f"ROME edits exactly one layer; got layers={self.layers} (give one, e.g. layers: [3])")
+            raise ValueError(f"field 'layers' = {self.layers}: ROME edits exactly one layer (give one, e.g. layers: [3])")
         return self
 
 
