@@ -49,3 +49,21 @@ def test_generation_scores_reduce_the_continuations():
     assert s["gen_neighborhood"] == sum(kept_answer(t, "Japan", "Oslo") for t in texts["neighborhood"]) / 2
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_continuations(a, ["x"], max_new_tokens=0)
+
+
+def test_evaluate_request_reports_generation_scores_and_summaries_carry_intervals():
+    from superedit.eval.metrics import evaluate_request, summarize
+
+    a = tiny_adapter("llama")
+    req = EditRequest(prompt="{} was born in", subject="Anna Berg", target_new="Oslo", target_true="Paris",
+                      paraphrase_prompts=["Anna Berg is from"], neighborhood_prompts=["Toko Yasuda was born in"],
+                      neighborhood_answers=["Japan"])
+    res = evaluate_request(a, req, greedy_tokens=4)
+    want = generation_scores(a, req, max_new_tokens=4)
+    for k in ("gen_efficacy", "gen_paraphrase", "gen_neighborhood"):
+        assert res[k] == want[k]
+    assert "gen_efficacy" not in evaluate_request(a, req)  # off by default in the library call
+    vals = [{"efficacy_score": v} for v in (0.0, 1.0, 1.0, 1.0, 0.0, 1.0)]
+    s = summarize(vals)
+    lo, hi = s["ci"]["efficacy_score"]
+    assert s["counts"]["efficacy_score"] == 6 and 0.0 <= lo <= s["means"]["efficacy_score"] <= hi <= 1.0 and lo < hi

@@ -23,6 +23,9 @@ FormatOpt = typer.Option("auto", "--format", help=f"Dataset format: {format_choi
 LimitOpt = typer.Option(None, "--limit", "-n", help="Use only the first N requests.")
 GenTokensOpt = typer.Option(100, "--gen-tokens", help="Tokens sampled (top-k 5) per generation prompt for the n-gram "
                             "entropy fluency metric, pre and post (0: skip fluency).")
+GreedyTokensOpt = typer.Option(12, "--greedy-tokens", help="Tokens of greedy continuation per rewrite, paraphrase and "
+                               "neighbourhood prompt for the generation-based scores gen_efficacy / gen_paraphrase / "
+                               "gen_neighborhood (0: skip them).")
 SeedOpt = typer.Option(0, "--seed", help="Seed for sampling (fluency generations, testbed requests).")
 
 
@@ -74,6 +77,7 @@ def register(app) -> None:
         save_delta: str = typer.Option(None, "--save-delta", help="Save the merged delta of all edits to this directory."),
         out: str = typer.Option(None, "--out", "-o", help="Output directory (default runs/edit-<method>-<time>)."),
         gen_tokens: int = GenTokensOpt,
+        greedy_tokens: int = GreedyTokensOpt,
         seed: int = SeedOpt,
         device: str = DeviceOpt,
         as_json: bool = JsonOpt,
@@ -113,7 +117,8 @@ def register(app) -> None:
                  batch_size, "sequential" if sequential else "independent", profile, hp.layers, out_dir)
         records, summary, merged = run_edits(adapter, reqs, method, hp, stats, batch_size=batch_size,
                                              sequential=sequential, out_path=out_dir / "records.jsonl",
-                                             gen_tokens=gen_tokens, eval_seed=seed, return_delta=True, ledger=ledger)
+                                             gen_tokens=gen_tokens, eval_seed=seed, return_delta=True, ledger=ledger,
+                                             greedy_tokens=greedy_tokens)
         delta_path = None
         if save_delta:
             if merged is None:

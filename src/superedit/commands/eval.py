@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .common import DeviceOpt, JsonOpt, ModelOpt, command
-from .edit import FormatOpt, GenTokensOpt, LimitOpt, RequestsOpt, SeedOpt
+from .edit import FormatOpt, GenTokensOpt, GreedyTokensOpt, LimitOpt, RequestsOpt, SeedOpt
 
 
 def register(app) -> None:
@@ -19,6 +19,7 @@ def register(app) -> None:
         limit: int = LimitOpt,
         out: str = typer.Option(None, "--out", "-o", help="Write records.jsonl and summary.json here."),
         gen_tokens: int = GenTokensOpt,
+        greedy_tokens: int = GreedyTokensOpt,
         seed: int = SeedOpt,
         device: str = DeviceOpt,
         as_json: bool = JsonOpt,
@@ -38,7 +39,8 @@ def register(app) -> None:
         reqs = resolve_requests(local_model_dir(model), requests, fmt, limit, seed=seed)
         out_dir = start_out_dir(out, "eval") if out else None
         records, summary = evaluate_delta(adapter, reqs, wd, out_path=out_dir / "records.jsonl" if out_dir else None,
-                                          gen_tokens=gen_tokens, eval_seed=seed)
+                                          gen_tokens=gen_tokens, eval_seed=seed,
+                                          greedy_tokens=greedy_tokens)
         summary.update({"model": model, "delta": str(delta), "delta_layers": sorted(wd.layers),
                         "requests_file": requests, "limit": limit, "gen_tokens": gen_tokens, "seed": seed,
                         "out_dir": str(out_dir) if out_dir else None})

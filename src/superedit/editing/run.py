@@ -91,7 +91,8 @@ def _error_record(base: dict, exc: BaseException, stage: str, pre: dict | None =
 
 def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, batch_size: int = 1,
               sequential: bool = False, out_path: str | Path | None = None, *, gen_tokens: int = 0,
-              eval_seed: int = 0, eval_batch_size: int = 32, return_delta: bool = False, ledger=None):
+              eval_seed: int = 0, eval_batch_size: int = 32, return_delta: bool = False, ledger=None,
+              greedy_tokens: int = 0):
     """Edit and evaluate ``requests``; see the module docstring.
 
     Args:
@@ -106,6 +107,7 @@ def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, bat
         gen_tokens: tokens sampled per generation prompt for ``ngram_entropy`` (0: no fluency).
         eval_seed: seed of those samples (the same pre and post).
         eval_batch_size: rows per teacher-forced forward pass.
+        greedy_tokens: tokens of greedy continuation for the generation-based scores (0: none).
         return_delta: also return the merged delta of all successful batches (or None); sequential: the
             ledger's total W − W₀.
         ledger: (sequential) the :class:`~superedit.lifelong.ledger.Ledger` the edits go through, created
@@ -135,7 +137,7 @@ def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, bat
     mode = "sequential" if sequential else "independent"
     records: list[dict] = []
     acc = None  # running merged delta (return_delta)
-    eval_kw = dict(gen_tokens=gen_tokens, seed=eval_seed, batch_size=eval_batch_size)
+    eval_kw = dict(gen_tokens=gen_tokens, seed=eval_seed, batch_size=eval_batch_size, greedy_tokens=greedy_tokens)
     t_start = time.perf_counter()
 
     def emit(rec: dict) -> None:
@@ -231,7 +233,8 @@ def summarize_records(records: Sequence[dict], **extra) -> dict:
     pre = summarize([r.get("pre") for r in done])
     post = summarize([r.get("post") for r in done])
     out: dict[str, Any] = {**extra, "n_requests": len(records), "n_edited": len(done), "n_failed": len(failed),
-                           "pre": pre["means"], "post": post["means"], "counts": post["counts"]}
+                           "pre": pre["means"], "post": post["means"], "counts": post["counts"],
+                           "pre_ci": pre["ci"], "post_ci": post["ci"]}
     fro = [sum(n["fro"] ** 2 for n in r["delta_norms"].values()) ** 0.5 for r in done if r.get("delta_norms")]
     if fro:
         out["delta_fro_mean"] = sum(fro) / len(fro)
@@ -246,12 +249,13 @@ def summarize_records(records: Sequence[dict], **extra) -> dict:
 
 
 def evaluate_delta(adapter, requests: Sequence, delta: WeightDelta, out_path: str | Path | None = None, *,
-                   gen_tokens: int = 0, eval_seed: int = 0, eval_batch_size: int = 32) -> tuple[list[dict], dict]:
+                   gen_tokens: int = 0, eval_seed: int = 0, eval_batch_size: int = 32,
+                   greedy_tokens: int = 0) -> tuple[list[dict], dict]:
     """Evaluate a saved delta: ``pre`` without it, ``post`` with it applied (all requests at once).
 
     The model is left as found. Returns ``(records, summary)``; records go to ``out_path`` as they come.
     """
-    eval_kw = dict(gen_tokens=gen_tokens, seed=eval_seed, batch_size=eval_batch_size)
+    eval_kw = dict(gen_tokens=gen_tokens, seed=eval_seed, batch_size=eval_batch_size, greedy_tokens=greedy_tokens)
     t_start = time.perf_counter()
     pres: dict[int, dict] = {}
     records: list[dict] = []

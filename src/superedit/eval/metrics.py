@@ -33,6 +33,14 @@ zsRE / EasyEdit (``easyeditor/evaluate``)
 
 Fluency (ROME): ``ngram_entropy`` of sampled continuations, see :mod:`superedit.eval.fluency`.
 
+Generation-based (``greedy_tokens > 0``; :mod:`superedit.eval.generation`): greedy continuations of the
+rewrite, paraphrase and neighbourhood prompts; ``gen_efficacy`` / ``gen_paraphrase`` = the new object
+is said and the old one is not; ``gen_neighborhood`` = a neighbour still says its own answer and not
+the new object. Teacher forcing overstates what an edited model says; these report what it says.
+
+Summaries (:func:`summarize`) give each mean with its n and a 95% percentile bootstrap interval over
+requests (``ci``), so a reader can tell variance from a difference.
+
 Absent inputs never produce zeros: a metric whose inputs the request lacks is simply not in the
 result dict.
 """
@@ -51,6 +59,7 @@ SCALAR_METRICS = (
     "efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
     "neighborhood_score", "neighborhood_magnitude", "score",
     "rewrite_acc", "rephrase_acc", "locality", "neighborhood_acc", "ngram_entropy",
+    "gen_efficacy", "gen_paraphrase", "gen_neighborhood",
 )
 #: Internal key: pre-edit argmax tokens of each neighbourhood answer (used for locality).
 NEIGHBOR_ARGMAX = "_neighborhood_argmax"
@@ -181,19 +190,27 @@ def evaluate_requests(adapter, requests: Sequence, pres: Sequence[dict | None] |
 
 
 def evaluate_request(adapter, request, pre: dict | None = None, *, gen_tokens: int = 0, seed: int = 0,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int = 32, greedy_tokens: int = 0, max_neighbours: int | None = None) -> dict:
     """Every applicable metric for one :class:`~superedit.data.EditRequest` (see the module docstring).
 
     Call it once before the edit (``pre = evaluate_request(adapter, req)``) and once after with
     ``pre=pre``: locality is only computed when ``pre`` is given. ``gen_tokens > 0`` also samples
     that many tokens per generation prompt (or the rewrite prompt when the request has none) and
-    reports ROME's ``ngram_entropy`` plus the texts (``gen_texts``).
+    reports ROME's ``ngram_entropy`` plus the texts (``gen_texts``). ``greedy_tokens > 0`` adds the
+    generation-based scores (``gen_efficacy``, ``gen_paraphrase``, ``gen_neighborhood``; texts under
+    ``greedy_texts``) over the first ``max_neighbours`` neighbourhood prompts (None: all).
 
     Keys starting with ``_`` are internal (the pre-edit argmax for locality).
     """
     from .fluency import generate_texts, n_gram_entropy
 
-    res = evaluate_requests(adapter, [request], [pre], batch_size=batch_size)[0]
+    res = evaluate_requests(adapter, [request], [pre], batch_size=batch_size, max_neighbours=max_neighbours)[0]
+    if greedy_tokens and greedy_tokens > 0:
+        from .generation import generation_scores
+
+        g = generation_scores(adapter, request, greedy_tokens, max_neighbours, batch_size)
+        res["greedy_texts"] = g.pop("gen_texts")
+        res.update({k: v for k, v in g.items() if v is not None})
     if gen_tokens and gen_tokens > 0:
         prompts = list(request.generation_prompts) or [request.filled_prompt()]
         texts = generate_texts(adapter, prompts, gen_tokens, seed=seed)
@@ -221,10 +238,12 @@ def public(metrics: dict | None) -> dict | None:
 def summarize(results: Sequence[dict | None]) -> dict:
     """Means of every scalar metric over the results that have it, plus counts and ROME's S.
 
-    Returns ``{"means": {metric: mean}, "counts": {metric: n}}``; ``means["score"]`` is the harmonic
-    mean of the mean efficacy, paraphrase and neighbourhood scores (ROME's S) when all three exist.
+    Returns ``{"means": {metric: mean}, "counts": {metric: n}, "ci": {metric: [low, high]}}``;
+    ``means["score"]`` is the harmonic mean of the mean efficacy, paraphrase and neighbourhood scores
+    (ROME's S) when all three exist; ``ci`` is the 95% percentile bootstrap interval of each mean over
+    requests (:func:`bootstrap_ci`, 1,000 resamples, seeded).
     """
-    means, counts = {}, {}
+    means, counts, cis = {}, {}, {}
     present = [r for r in results if r]
     for key in SCALAR_METRICS:
         if key == "score":
@@ -234,8 +253,22 @@ def summarize(results: Sequence[dict | None]) -> dict:
         if vals:
             means[key] = _mean(vals)
             counts[key] = len(vals)
+            cis[key] = bootstrap_ci(vals)
     parts = ("efficacy_score", "paraphrase_score", "neighborhood_score")
     if all(k in means for k in parts):
         means["score"] = harmonic_mean([means[k] for k in parts])
         counts["score"] = min(counts[k] for k in parts)
-    return {"means": means, "counts": counts}
+    return {"means": means, "counts": counts, "ci": cis}
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling the values with replacement)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    a = (1.0 - level) / 2
+    return [float(np.quantile(means, a)), float(np.quantile(means, 1 - a))]
