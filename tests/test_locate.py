@@ -42,3 +42,28 @@ def test_no_noise_means_no_effect_and_resume(tmp_path):
     assert summ["n_facts"] == 2 and len(summ["aie"]["mlp"]["last subject token"]["mean"]) == a.n_layers
     s = summ["aie"]["mlp"]["last token"]
     assert all(lo - 1e-12 <= m <= hi + 1e-12 for lo, m, hi in zip(s["ci_low"], s["mean"], s["ci_high"]))
+
+
+def test_locate_command_writes_summary_and_figure(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from helpers import SHARED_DATA
+    from superedit.cli import app
+
+    src = SHARED_DATA / "counterfact_sample.json"
+    if not src.is_file():
+        pytest.skip(f"shared data missing: {src}")
+    a = tiny_adapter("gpt2")
+    model_dir = tmp_path / "m"
+    a.model.save_pretrained(model_dir)
+    a.tokenizer.save_pretrained(model_dir)
+    args = ["locate", "--model", str(model_dir), "--requests", str(src), "--n", "2", "--samples", "1",
+            "--out", str(tmp_path / "loc"), "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["n_facts"] == 2 and (tmp_path / "loc" / "locate.png").stat().st_size > 0
+    bad = CliRunner().invoke(app, args[:-1] + ["--kinds", "mlp,ffn", "--json"])
+    assert bad.exit_code == 2 and "kinds" in bad.stdout

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "ledger",
     "data",
     "models",
+    "locate",
 ]
 
 app = typer.Typer(

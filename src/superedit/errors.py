@@ -40,3 +40,7 @@ class UsageError(SupereditError, ValueError):
 
 class FileFormatError(SupereditError, ValueError):
     """A file superedit reads back (JSON, JSONL) is not in the expected form; the message names the file."""
+
+
+class LayerRangeError(SupereditError, IndexError):
+    """A layer index outside the model (also an IndexError for library callers)."""

@@ -138,7 +138,9 @@ class ModelAdapter:
     def check_layer(self, layer: int) -> None:
         n = len(get_submodule(self.model, self.spec.blocks))
         if not isinstance(layer, int) or not 0 <= layer < n:
-            raise IndexError(f"layer {layer!r} is out of range: this model has layers 0..{n - 1}")
+            from ..errors import LayerRangeError
+
+            raise LayerRangeError(f"layer {layer!r} is out of range: this model has layers 0..{n - 1}")
 
     # ----- the edited weight ---------------------------------------------------------------
     def down_weight_param(self, layer: int) -> nn.Parameter:

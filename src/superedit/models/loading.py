@@ -81,7 +81,9 @@ def load_model(spec: str = "builtin", device: str | torch.device | None = None, 
     family_of(config)  # fail fast, before reading weights
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+            from ..errors import UsageError
+
+            raise UsageError(f"--dtype {dtype!r} is not known; choose one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     if dtype is None:
         dtype = torch.float32
