@@ -1,4 +1,5 @@
-"""WeightDelta: what an editing method returns, kept apart from the model (PEFT-style).
+"""WeightDelta: the weight change an editing method computes (``StepResult.delta``), kept apart from the
+model (PEFT-style).
 
 A delta maps layer → ΔW in the adapter's (d_model, d_mlp) orientation, stored as low-rank factors
 (ΔW = left @ rightᵀ) where the method produced them, dense otherwise. ``apply`` adds it and keeps
@@ -119,20 +120,6 @@ class WeightDelta:
             yield adapter
         finally:
             self.revert(adapter)
-
-    def merged_with(self, other: "WeightDelta", method: str | None = None) -> "WeightDelta":
-        layers = dict(self.layers)
-        for l, d in other.layers.items():
-            layers[l] = layers[l] + d if l in layers else d
-        return WeightDelta(layers, method or self.method, {**self.meta, "merged": True})
-
-    def norms(self) -> dict[int, dict[str, float]]:
-        out = {}
-        for l, d in self.layers.items():
-            dense = d.dense(torch.float64)
-            out[l] = {"fro": float(dense.norm()), "l1_mean": float(dense.abs().mean()),
-                      "rank": int(torch.linalg.matrix_rank(dense)) if min(dense.shape) <= 4096 else -1}
-        return out
 
     # ----- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
