@@ -395,3 +395,30 @@ def test_mom2_ridge_bounds_the_solve_on_a_singular_covariance():
     hp = D4SHParams(layers=[0], mom2_update_weight=10.0, mom2_ridge=1e-3)
     st = make_d4s_state(Adapter(), hp, Stats())[0]
     assert torch.allclose(st.A0, 10.0 * with_ridge(C, 1e-3))
+
+
+def test_alphaedit_ledger_undo_takes_the_keys_out_of_the_state(tmp_path):
+    """An increment method with state: undo subtracts the increment AND removes the step's journal from
+    Σ K_p K_pᵀ (reloaded from disk the same); redo puts both back."""
+    adapter = tiny_adapter("gpt2")
+    stats = corpus_cov(adapter, [1, 2])
+    hp = AlphaEditHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, **FAST)
+    led = Ledger.create(tmp_path / "a", adapter, "alphaedit", hp)
+    led.apply_to(adapter)
+    led.step(adapter, [REQS[0]], stats)
+    after_one = {k: v.clone() for k, v in led.state.state_dict().items()}
+    totals_one = {l: led.total_delta(l).clone() for l in (1, 2)}
+    led.step(adapter, [REQS[1]], stats)
+    after_two = {k: v.clone() for k, v in led.state.state_dict().items()}
+    led.undo()
+    for k, v in after_one.items():
+        assert torch.allclose(led.state.state_dict()[k].to(F64), v.to(F64), rtol=0, atol=1e-9), k
+    for l in (1, 2):
+        assert rel(led.total_delta(l), totals_one[l]) < 1e-9
+    reopened = Ledger.open(tmp_path / "a")
+    reopened.load_state(tiny_adapter("gpt2"), stats)
+    for k, v in after_one.items():
+        assert torch.allclose(reopened.state.state_dict()[k].to(F64), v.to(F64), rtol=0, atol=1e-9), k
+    led.redo(1)
+    for k, v in after_two.items():
+        assert torch.allclose(led.state.state_dict()[k].to(F64), v.to(F64), rtol=0, atol=1e-9), k
