@@ -1,6 +1,8 @@
-"""``superedit ledger show|undo|export``: inspect and manage an edit ledger (see superedit.lifelong.ledger).
+"""``superedit ledger show|verify|undo|export``: inspect and manage an edit ledger (see superedit.lifelong.ledger).
 
 * ``show``   — method, layers, generation, the edits (status, requests) and the norms of the total delta;
+* ``verify`` — check every file of the ledger against the SHA-256 recorded when it was committed (and that
+  its tensors are finite); lists each damaged file; exit 2 when any is damaged or missing;
 * ``undo``   — undo edit ``--index`` (default: the last applied one). Ledgers of methods whose state is
   a sum over edits (D4S) undo any edit exactly; the others only the last applied one (the ledger says
   so otherwise). Methods with a running state (D4S, AlphaEdit) need the base model (``--model``,
@@ -47,7 +49,7 @@ def _load_base(led, model: str | None, device: str | None):
 
 
 def register(app) -> None:
-    sub = typer.Typer(help="Inspect and manage an edit ledger: show, undo, export.", no_args_is_help=True)
+    sub = typer.Typer(help="Inspect and manage an edit ledger: show, verify, undo, export.", no_args_is_help=True)
 
     @sub.command("show")
     @command
@@ -67,6 +69,25 @@ def register(app) -> None:
             res = {k: res[k] for k in ("ledger", "method", "layers", "generation", "n_edits", "active", "undone")}
         emit(res, as_json)
 
+    @sub.command("verify")
+    @command
+    def verify(ledger: str = LedgerOpt, as_json: bool = JsonOpt):
+        """Check every file of the ledger (content hashes, finite tensors); exit 2 if any is damaged."""
+        from ..lifelong.ledger import verify_ledger
+
+        res = verify_ledger(ledger)
+        if not as_json:
+            lines = [f"{res['ledger']}: {'OK' if res['ok'] else 'DAMAGED'} — {res['n_files']} file(s) checked, "
+                     f"{len(res['damaged'])} damaged, {len(res['unverified'])} without a recorded hash"]
+            lines += [f"  damaged: {d['file']}: {d['problem']}" for d in res["damaged"]]
+            lines += [f"  not verified (no hash recorded): {f}" for f in res["unverified"]]
+            lines += [f"  note: {n}" for n in res["notes"]]
+            typer.echo("\n".join(lines), err=True)
+        else:
+            emit(res, as_json)
+        if not res["ok"]:
+            raise typer.Exit(code=2)
+
     @sub.command("undo")
     @command
     def undo(ledger: str = LedgerOpt,
@@ -79,19 +100,19 @@ def register(app) -> None:
         """Undo one edit and commit (D4S: any edit, exactly; other methods: only the last applied one)."""
         from ..lifelong.ledger import Ledger
 
-        led = Ledger.open(ledger)
-        if led.entry.stateful:
-            adapter = _load_base(led, model, device)
-            stats = None
-            if led.entry.needs_stats:  # lazy: computed (or read from the cache) on first use only
-                from ..editing.covariance import CorpusCovariance
+        with Ledger.open(ledger, lock=True) as led:  # refused here when another process writes to it
+            if led.entry.stateful:
+                adapter = _load_base(led, model, device)
+                stats = None
+                if led.entry.needs_stats:  # lazy: computed (or read from the cache) on first use only
+                    from ..editing.covariance import CorpusCovariance
 
-                hp = led.hparams()
-                stats = CorpusCovariance(adapter, corpus or hp.mom2_corpus or None, n_tokens=hp.mom2_n_tokens,
-                                         max_length=hp.mom2_max_length, layers=led.layers)
-            led.load_state(adapter, stats)
-        target = index if index is not None else (led.active()[-1] if led.active() else None)
-        led.undo(index)
+                    hp = led.hparams()
+                    stats = CorpusCovariance(adapter, corpus or hp.mom2_corpus or None, n_tokens=hp.mom2_n_tokens,
+                                             max_length=hp.mom2_max_length, layers=led.layers)
+                led.load_state(adapter, stats)
+            target = index if index is not None else (led.active()[-1] if led.active() else None)
+            led.undo(index)
         res = _summary(led)
         emit({"undone": target, "ledger": res["ledger"], "method": res["method"], "generation": res["generation"],
               "active": res["active"], "delta_norms": res["delta_norms"]}, as_json)

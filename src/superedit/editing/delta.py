@@ -4,7 +4,9 @@ model (PEFT-style).
 A delta maps layer → ΔW in the adapter's (d_model, d_mlp) orientation, stored as low-rank factors
 (ΔW = left @ rightᵀ) where the method produced them, dense otherwise. ``apply`` adds it and keeps
 a copy of the original weights so ``revert`` restores them bit-exactly; ``save``/``load`` use
-safetensors + a JSON sidecar (never pickle).
+safetensors + a JSON sidecar (never pickle). The sidecar records the SHA-256 of the tensor file
+(``tensors_sha256``); ``load`` verifies it (a delta saved before the hash existed loads with a warning)
+and refuses tensors holding NaN/±inf, as ``save`` refuses to write them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import torch
 
 from ..errors import SupereditError
 from ..models import ModelAdapter
+from ..utils.integrity import check_finite, sha256_file, verify_sha256
 from ..utils.io import atomic_path, write_json_atomic
+from ..utils.logs import get_logger
+
+log = get_logger(__name__)
+FORMAT = "superedit-delta/1"
 
 
 class DeltaError(SupereditError):
@@ -123,11 +130,11 @@ class WeightDelta:
 
     # ----- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``delta.safetensors`` + ``delta.json`` into ``directory`` (atomically)."""
+        """Write ``delta.safetensors`` + ``delta.json`` (with the tensor file's SHA-256) into ``directory``
+        (each atomically; the JSON last). Refuses a delta holding NaN/±inf, writing nothing."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for l, d in self.layers.items():
             if d.low_rank:
@@ -135,10 +142,14 @@ class WeightDelta:
                 tensors[f"layer.{l}.right"] = d.right.detach().contiguous().cpu()
             else:
                 tensors[f"layer.{l}.dense"] = d.dense_.detach().contiguous().cpu()
+        check_finite(tensors, f"{directory / 'delta.safetensors'} ({self.method} delta; not saved)", DeltaError)
+        directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / "delta.safetensors") as tmp:
             save_file(tensors, str(tmp))
-        write_json_atomic(directory / "delta.json", {"format": "superedit-delta/1", "method": self.method,
-                                                     "layers": sorted(self.layers), "meta": self.meta})
+            digest = sha256_file(tmp)
+        write_json_atomic(directory / "delta.json", {"format": FORMAT, "method": self.method,
+                                                     "layers": sorted(self.layers), "meta": self.meta,
+                                                     "tensors_sha256": digest})
         return directory
 
     @classmethod
@@ -150,14 +161,35 @@ class WeightDelta:
         if not meta_path.is_file() or not tensor_path.is_file():
             raise DeltaError(f"{directory}: not a saved delta (needs delta.json and delta.safetensors)")
         try:
-            info = json.loads(meta_path.read_text())
+            info = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DeltaError(f"{meta_path}: cannot read the saved delta's description ({exc}); the file is damaged: "
+                             "restore it from a backup or save the delta again") from exc
+        missing = [k for k in ("method", "layers") if not isinstance(info, dict) or k not in info]
+        if missing:
+            raise DeltaError(f"{meta_path}: not a saved delta's description (missing field(s) {missing}); "
+                             "restore it from a backup or save the delta again")
+        digest = info.get("tensors_sha256")
+        if digest is None:
+            log.warning("%s: no content hash recorded (saved by an older superedit); %s is not verified",
+                        meta_path, tensor_path)
+        else:
+            verify_sha256(tensor_path, digest, "saved delta's tensor",
+                          "restore it from a backup or save the delta again (nothing was applied)", DeltaError)
+        try:
             tensors = load_file(str(tensor_path))
         except Exception as exc:  # noqa: BLE001
-            raise DeltaError(f"{directory}: cannot read the saved delta: {exc}") from exc
+            raise DeltaError(f"{tensor_path}: cannot read the saved delta ({exc}); the file is damaged: restore it "
+                             "from a backup or save the delta again") from exc
+        check_finite(tensors, f"{tensor_path} (saved delta)", DeltaError)
         layers = {}
         for l in info["layers"]:
-            if f"layer.{l}.dense" in tensors:
-                layers[int(l)] = LayerDelta(dense_=tensors[f"layer.{l}.dense"])
-            else:
-                layers[int(l)] = LayerDelta(tensors[f"layer.{l}.left"], tensors[f"layer.{l}.right"])
+            try:
+                if f"layer.{l}.dense" in tensors:
+                    layers[int(l)] = LayerDelta(dense_=tensors[f"layer.{l}.dense"])
+                else:
+                    layers[int(l)] = LayerDelta(tensors[f"layer.{l}.left"], tensors[f"layer.{l}.right"])
+            except (KeyError, ValueError, TypeError) as exc:
+                raise DeltaError(f"{tensor_path}: no tensors for layer {l!r}, which {meta_path} lists ({exc}); "
+                                 "the delta's files do not belong together: save the delta again") from exc
         return cls(layers=layers, method=info["method"], meta=info.get("meta", {}))

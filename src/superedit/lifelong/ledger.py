@@ -19,9 +19,22 @@ Layout of a ledger directory::
 The base weights W₀ are never stored: they are re-read from the base model (checked against the
 SHA-256 fingerprints in ledger.json).
 
-Commit protocol (``record``/``undo``/``redo``): write ``edits/<i>.safetensors`` (atomic), write
-``state.<g+1>.safetensors`` (atomic), then atomically replace ``ledger.json`` with generation g+1 — the
-commit point — and only then delete older state files. A crash before the json write leaves
+Integrity: ledger.json records the SHA-256 of every file it commits (``state_sha256``; each edit's
+``sha256``) and of its own content (``info_sha256``, over the JSON without that field). Every load
+verifies them and refuses a mismatch naming the file; no tensor with NaN/±inf is ever written, committed,
+loaded or exported. Ledgers written before the hashes existed load with a warning naming what is not
+verified. :func:`verify_ledger` (``superedit ledger verify``) checks every file at once.
+
+Writers: one process at a time. ``lock`` (pid, host, process start, token) is taken by ``create``, by
+``open(..., lock=True)`` or at the start of the first write (``step``/``record``/``undo``/``redo``), and
+released by ``close()``, when the object is collected, or when a write fails. A lock left by a crashed
+process (same host, pid no longer running) is taken over with a warning; a live writer's is refused.
+Readers (``open``, ``show``, ``verify``, ``export``) take no lock.
+
+Commit protocol (``record``/``undo``/``redo``): check every tensor is finite, write ``edits/<i>.safetensors``
+(atomic), write ``state.<g+1>.safetensors`` (atomic; read back and compared before going on), then
+atomically replace ``ledger.json`` with generation g+1 and the new files' hashes — the commit point — and
+only then delete older state files. A crash before the json write leaves
 generation g (whose state file still exists) as the ledger; stray newer state files are ignored and
 cleaned up by the next commit.
 
@@ -43,6 +56,7 @@ import os
 import re
 import shutil
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +65,15 @@ import torch
 from ..editing.methods.protocol import total_key
 from ..errors import LedgerError
 from ..models import ModelAdapter
-from ..utils.io import atomic_path, write_json_atomic
+from ..utils.integrity import WriterLock, canonical_sha256, check_finite, sha256_file, verify_sha256
+from ..utils.io import apply_umask_modes, atomic_path, write_json_atomic
 from ..utils.logs import get_logger
 
 log = get_logger(__name__)
 F64 = torch.float64
 FORMAT = "superedit-ledger/1"
 INCREMENT_SUFFIXES = (".left", ".right", ".dense")  #: names of an edit file's increment (the rest is journal)
+LOCK_NAME = "lock"
 
 
 def _before_commit() -> None:
@@ -69,24 +85,92 @@ def weight_fingerprint(adapter: ModelAdapter, layer: int) -> str:
     return hashlib.sha256(w.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write ``tensors`` atomically, read the file back (it must equal them), return its SHA-256."""
+    from safetensors.torch import load_file, save_file
 
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file(cpu, str(tmp))
+        digest = sha256_file(tmp)
+        back = load_file(str(tmp))
+        bad = [k for k in cpu if k not in back or not torch.equal(back[k], cpu[k])]
+        if bad or len(back) != len(cpu):
+            raise LedgerError(f"{path}: the file just written does not read back as written (tensors {bad[:3]}); "
+                              "nothing was committed; check the disk and retry")
+    return digest
 
 
-def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+def _damage_hint(what: str) -> str:
+    if what == "state":
+        return ("the ledger cannot be used until it is restored from a backup (nothing was changed; "
+                "`superedit ledger verify` lists every damaged file)")
+    return ("undo/redo of this edit is refused (nothing was changed; the ledger's current state is not affected); "
+            "restore the file from a backup; `superedit ledger verify` lists every damaged file")
+
+
+def _load_tensors(path: Path, what: str, sha256: str | None = None,
+                  unverified: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a ledger tensor file: its SHA-256 checked against ``sha256`` (when None: a warning naming
+    ``unverified``, the reason), every tensor checked finite."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise LedgerError(f"{path}: the {what} file is missing; the ledger directory is incomplete "
                           "(restore it from a copy, or start a new ledger)")
+    kind = "state" if what == "state" else "edit"
+    if sha256 is not None:
+        verify_sha256(path, sha256, what, _damage_hint(kind), LedgerError)
+    else:
+        log.warning("%s: the %s file is not verified (%s)", path, what, unverified or "no hash recorded")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise LedgerError(f"{path}: cannot read the {what} file ({exc}); it is corrupt "
-                          "(restore it from a copy, or start a new ledger)") from exc
+        raise LedgerError(f"{path}: cannot read the {what} file ({exc}); it is corrupt; "
+                          f"{_damage_hint(kind)}") from exc
+    check_finite(tensors, f"{path} (the {what} file)", LedgerError)
+    return tensors
+
+
+def _read_info(directory: Path) -> dict:
+    """ledger.json, parsed and checked (fields, format, its own content hash)."""
+    path = directory / "ledger.json"
+    if not path.is_file():
+        raise LedgerError(f"{directory}: no ledger.json here; not a ledger directory (create one with Ledger.create)")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LedgerError(f"{path}: corrupt ledger file ({exc}); restore it from a backup or start a new ledger "
+                          "(nothing was changed)") from exc
+    missing = [k for k in ("format", "generation", "method", "hparams", "layers", "edits", "state_file", "model")
+               if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise LedgerError(f"{path}: not a superedit ledger (missing field(s) {missing})")
+    if info["format"] != FORMAT:
+        raise LedgerError(f"{path}: unsupported ledger format {info['format']!r} (this superedit reads {FORMAT})")
+    own = info.get("info_sha256")
+    if own is None:
+        log.warning("%s: written by an older superedit without content hashes; this file and the tensor files "
+                    "it names are not verified (the next commit records hashes for the files it writes)", path)
+    else:
+        actual = canonical_sha256({k: v for k, v in info.items() if k != "info_sha256"})
+        if actual != own:
+            raise LedgerError(f"{path}: corrupt ledger file: its content hashes to {actual}, but {own} was recorded "
+                              "when it was written (a changed byte); restore it from a backup (nothing was changed; "
+                              "`superedit ledger verify` lists every damaged file)")
+    return info
+
+
+def _state_of(directory: Path, info: dict) -> dict[str, torch.Tensor]:
+    if not info["state_file"]:
+        return {}
+    return _load_tensors(directory / info["state_file"], "state", info.get("state_sha256"),
+                         "ledger.json records no hash for it (older superedit)")
+
+
+def _edit_of(directory: Path, e: dict) -> dict[str, torch.Tensor]:
+    return _load_tensors(directory / e["file"], f"edit #{e['index']}", e.get("sha256"),
+                         "its entry in ledger.json records no hash (older superedit)")
 
 
 def _request_dict(r: Any) -> dict:
@@ -103,6 +187,8 @@ class Ledger:
         self.state = None  #: the method's live state (see editing.methods.protocol), once attached
         self._base: dict[int, torch.Tensor] | None = None
         self._base_owner: int | None = None
+        self._lock = WriterLock(self.dir / LOCK_NAME, "ledger", LedgerError)
+        self._finalizer = weakref.finalize(self, self._lock.release)
 
     # ----- construction ---------------------------------------------------------------------
     @classmethod
@@ -125,27 +211,63 @@ class Ledger:
         return ledger
 
     @classmethod
-    def open(cls, directory: str | os.PathLike) -> "Ledger":
+    def open(cls, directory: str | os.PathLike, lock: bool = False) -> "Ledger":
+        """Read the ledger (every file verified). ``lock=True`` takes the writer lock now (otherwise it is
+        taken at the first write)."""
         directory = Path(directory)
-        path = directory / "ledger.json"
-        if not path.is_file():
-            raise LedgerError(f"{directory}: no ledger.json here; not a ledger directory (create one with Ledger.create)")
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LedgerError(f"{path}: corrupt ledger file ({exc}); restore it from a copy or start a new ledger") from exc
-        missing = [k for k in ("format", "generation", "method", "hparams", "layers", "edits", "state_file", "model")
-                   if not isinstance(info, dict) or k not in info]
-        if missing:
-            raise LedgerError(f"{path}: not a superedit ledger (missing field(s) {missing})")
-        if info["format"] != FORMAT:
-            raise LedgerError(f"{path}: unsupported ledger format {info['format']!r} (this superedit reads {FORMAT})")
-        tensors = _load_tensors(directory / info["state_file"], "state") if info["state_file"] else {}
+        if lock:  # before reading, so that no other writer commits in between
+            lk = WriterLock(directory / LOCK_NAME, "ledger", LedgerError)
+            lk.acquire()
+            try:
+                led = cls._read(directory)
+            except BaseException:
+                lk.release()
+                raise
+            led._adopt_lock(lk)
+            return led
+        return cls._read(directory)
+
+    @classmethod
+    def _read(cls, directory: Path) -> "Ledger":
+        info = _read_info(directory)
+        tensors = _state_of(directory, info)
         newer = [p.name for p in directory.glob("state.*.safetensors") if _gen_of(p) > info["generation"]]
         if newer:
             log.warning("%s: ignoring %s from an interrupted commit (generation %d is the last complete one)",
                         directory, ", ".join(sorted(newer)), info["generation"])
         return cls(directory, info, tensors)
+
+    # ----- the writer lock --------------------------------------------------------------------
+    def _adopt_lock(self, lock: WriterLock) -> None:
+        self._lock = lock
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, lock.release)
+
+    def _writable(self) -> None:
+        """Hold the writer lock; a ledger committed by another writer since this object read it is refused."""
+        if self._lock.held:
+            return
+        self._lock.acquire()
+        path = self.dir / "ledger.json"
+        if path.is_file():
+            try:
+                on_disk = int(json.loads(path.read_text(encoding="utf-8")).get("generation"))
+            except (OSError, ValueError, TypeError, AttributeError, json.JSONDecodeError):
+                on_disk = None
+            if on_disk != self.generation:
+                self._lock.release()
+                raise LedgerError(f"{self.dir}: the ledger on disk is at generation {on_disk}, this copy read "
+                                  f"generation {self.generation} (another process committed since); open it again")
+
+    def close(self) -> None:
+        """Release the writer lock (if held). The object stays readable; a later write takes the lock again."""
+        self._lock.release()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ----- views ----------------------------------------------------------------------------
     @property
@@ -263,14 +385,27 @@ class Ledger:
         return self.state.state_dict() if self.state is not None else {}
 
     def _commit(self, info: dict, tensors: dict[str, torch.Tensor], edit_file: tuple[str, dict] | None = None) -> None:
-        if edit_file is not None:
-            _save_tensors(self.dir / edit_file[0], edit_file[1])
-        gen = int(self.info["generation"]) + 1
-        state_name = f"state.{gen}.safetensors"
-        _save_tensors(self.dir / state_name, tensors)
-        _before_commit()
-        info = {**info, "generation": gen, "state_file": state_name, "updated": _now()}
-        write_json_atomic(self.dir / "ledger.json", info)
+        """Write the edit file (if any) and the next state file, then ledger.json (the commit point).
+        The writer lock is released when anything fails (a crashed writer leaves no live lock behind)."""
+        try:
+            self._writable()
+            gen = int(self.info["generation"]) + 1
+            state_name = f"state.{gen}.safetensors"
+            check_finite(tensors, f"{self.dir / state_name} (the new state; not committed)", LedgerError)
+            if edit_file is not None:
+                check_finite(edit_file[1], f"{self.dir / edit_file[0]} (the new edit; not committed)", LedgerError)
+                digest = _save_tensors(self.dir / edit_file[0], edit_file[1])
+                info = {**info, "edits": [{**e, "sha256": digest} if e["file"] == edit_file[0] else e
+                                          for e in info["edits"]]}
+            state_sha = _save_tensors(self.dir / state_name, tensors)
+            _before_commit()
+            info = {**info, "generation": gen, "state_file": state_name, "state_sha256": state_sha, "updated": _now()}
+            info.pop("info_sha256", None)
+            info["info_sha256"] = canonical_sha256(info)
+            write_json_atomic(self.dir / "ledger.json", info)
+        except BaseException:
+            self._lock.release()
+            raise
         self.info, self.tensors = info, tensors
         for p in self.dir.glob("state.*.safetensors"):
             if p.name != state_name:
@@ -332,6 +467,13 @@ class Ledger:
         self._change(index, undo=False)
 
     def _change(self, index: int | None, undo: bool) -> None:
+        try:
+            self._change_and_commit(index, undo)
+        except BaseException:  # a failed write holds no lock (a later one takes it again, checking the generation)
+            self._lock.release()
+            raise
+
+    def _change_and_commit(self, index: int | None, undo: bool) -> None:
         active = self.active()
         if index is None:
             if not active:
@@ -341,18 +483,7 @@ class Ledger:
         want = "applied" if undo else "undone"
         if e["status"] != want:
             raise LedgerError(f"edit #{index} is {e['status']}; only {want} edits can be {'undone' if undo else 'redone'}")
-        data = _load_tensors(self.dir / e["file"], f"edit #{index}")
-        journal = {k: v for k, v in data.items() if not k.endswith(INCREMENT_SUFFIXES)}
-        if self.state is None and (journal or self.entry.undo == "any"):
-            raise LedgerError(f"undo/redo of a {self.method} ledger needs its live state: call "
-                              "ledger.load_state(adapter, stats) first")
-        if self.entry.undo == "any":
-            self.state.remove(journal) if undo else self.state.add(journal)
-            tensors = {**self.tensors, **self._state_tensors()}
-            for l in self.layers:
-                if self.state.total_delta(l) is not None:
-                    tensors[total_key(l)] = self.state.total_delta(l).detach().to("cpu", copy=True)
-        else:
+        if self.entry.undo == "last":
             if undo and index != active[-1]:
                 raise LedgerError(f"method {self.method!r} applies edits on top of each other, so only the last applied "
                                   f"edit (#{active[-1]}) can be undone exactly; undo #{active[-1]} first "
@@ -363,6 +494,29 @@ class Ledger:
                 if not undone_after or index != undone_after[0]:
                     raise LedgerError(f"method {self.method!r}: only the edit undone last, right after the last applied "
                                       f"one, can be redone exactly (candidate: {undone_after[:1] or 'none'})")
+        data = _edit_of(self.dir, e)
+        journal = {k: v for k, v in data.items() if not k.endswith(INCREMENT_SUFFIXES)}
+        if self.state is None and (journal or self.entry.undo == "any"):
+            raise LedgerError(f"undo/redo of a {self.method} ledger needs its live state: call "
+                              "ledger.load_state(adapter, stats) first")
+        self._writable()  # before changing anything in memory
+        try:
+            tensors = self._changed_tensors(index, undo, active, data, journal)
+            self._commit(self._set_status(index, "undone" if undo else "applied"), tensors)
+        except BaseException:
+            if self.entry.stateful:  # the in-memory state may hold half the change: reload it before reuse
+                self.state = None
+            raise
+
+    def _changed_tensors(self, index: int, undo: bool, active: list[int], data: dict, journal: dict) -> dict:
+        """The state tensors after undoing/redoing edit ``index`` (``self.state`` is changed in place)."""
+        if self.entry.undo == "any":
+            self.state.remove(journal) if undo else self.state.add(journal)
+            tensors = {**self.tensors, **self._state_tensors()}
+            for l in self.layers:
+                if self.state.total_delta(l) is not None:
+                    tensors[total_key(l)] = self.state.total_delta(l).detach().to("cpu", copy=True)
+        else:
             sign = -1.0 if undo else 1.0
             tensors = dict(self.tensors)
             for l in self.layers:
@@ -376,7 +530,7 @@ class Ledger:
             if self.state is not None and journal:
                 self.state.remove(journal) if undo else self.state.add(journal)
             tensors.update(self._state_tensors())
-        self._commit(self._set_status(index, "undone" if undo else "applied"), tensors)
+        return tensors
 
     # ----- export ---------------------------------------------------------------------------
     def export(self, directory: str | os.PathLike, mode: str = "deltas", adapter: ModelAdapter | None = None) -> Path:
@@ -384,7 +538,10 @@ class Ledger:
         (``save_pretrained`` of ``adapter`` with the ledger applied; needs the base ``adapter``)."""
         directory = Path(directory)
         if mode == "deltas":
-            self.delta().save(directory)
+            delta = self.delta()
+            check_finite({f"layer.{l}.delta": d.dense_ for l, d in delta.layers.items()},
+                         f"{self.dir}: the total delta (not exported)", LedgerError)
+            delta.save(directory)
             write_json_atomic(directory / "edits.json", {"ledger": str(self.dir), "generation": self.generation,
                                                          "method": self.method, "edits": self.edits})
             return directory
@@ -392,6 +549,8 @@ class Ledger:
             if adapter is None:
                 raise LedgerError("export(mode='model') needs the base model: pass adapter=")
             self.apply_to(adapter)
+            check_finite({f"layer {l} down-projection weight": adapter.down_weight(l) for l in self.layers},
+                         f"{self.dir}: the edited model (W₀ + ΔW in the model's dtype; not exported)", LedgerError)
             tmp = directory.with_name(f".{directory.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             adapter.model.save_pretrained(str(tmp), safe_serialization=True)
@@ -399,6 +558,7 @@ class Ledger:
                 adapter.tokenizer.save_pretrained(str(tmp))
             write_json_atomic(tmp / "superedit_ledger.json", {"ledger": str(self.dir), "generation": self.generation,
                                                               "method": self.method, "edits": self.edits})
+            apply_umask_modes(tmp)  # save_pretrained/safetensors write 0600 files
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(tmp, directory)
@@ -416,6 +576,7 @@ class Ledger:
         """
         entry = self.entry
         stats = stats if entry.needs_stats else None
+        self._writable()  # refused before any work when another process writes to this ledger
         if self.state is None and entry.stateful:
             self.load_state(adapter, stats)
         args = (adapter, requests, self.hparams(), stats)
@@ -427,9 +588,63 @@ class Ledger:
         except BaseException:
             if entry.stateful:
                 self.state = None
+            self._lock.release()
             raise
         self.apply_to(adapter)
         return index, result
+
+
+def verify_ledger(directory: str | os.PathLike) -> dict:
+    """Check every file of a ledger without changing anything: ledger.json (parse, fields, own hash),
+    the state file and each edit file (present, SHA-256 as recorded, readable, finite).
+
+    Returns ``{"ledger", "ok", "generation", "n_files", "damaged": [{"file", "problem"}],
+    "unverified": [file], "notes": [...]}``; ``ok`` is False when anything is damaged or missing."""
+    directory = Path(directory)
+    out = {"ledger": str(directory), "ok": True, "generation": None, "n_files": 0, "damaged": [], "unverified": [],
+           "notes": []}
+
+    def damaged(name: str, exc: Exception) -> None:
+        out["damaged"].append({"file": name, "problem": str(exc)})
+
+    out["n_files"] += 1
+    try:
+        info = _read_info(directory)
+    except LedgerError as exc:
+        damaged("ledger.json", exc)
+        out["ok"] = False
+        return out
+    out["generation"] = info["generation"]
+    if "info_sha256" not in info:
+        out["unverified"].append("ledger.json")
+    files = []
+    if info["state_file"]:
+        files.append((info["state_file"], info.get("state_sha256"), lambda: _state_of(directory, info)))
+    for e in info["edits"]:
+        if isinstance(e, dict) and e.get("file"):
+            files.append((e["file"], e.get("sha256"), lambda e=e: _edit_of(directory, e)))
+    for name, digest, load in files:
+        out["n_files"] += 1
+        if digest is None:
+            out["unverified"].append(name)
+        try:
+            load()
+        except LedgerError as exc:
+            damaged(name, exc)
+    known = {name for name, _, _ in files}
+    stray = sorted(p.name for p in directory.glob("state.*.safetensors") if p.name not in known)
+    if stray:
+        out["notes"].append(f"state file(s) {stray} are left from an interrupted commit; the next commit removes them")
+    extra = sorted(f"edits/{p.name}" for p in (directory / "edits").glob("*.safetensors")
+                   if f"edits/{p.name}" not in known)
+    if extra:
+        out["notes"].append(f"edit file(s) {extra} belong to no committed edit (an interrupted commit); ignored")
+    lock = directory / LOCK_NAME
+    if lock.exists():
+        out["notes"].append(f"{lock} exists: a writer holds the ledger, or one crashed (the next writer takes a "
+                            "stale lock over)")
+    out["ok"] = not out["damaged"]
+    return out
 
 
 def _gen_of(p: Path) -> int:
