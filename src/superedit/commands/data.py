@@ -1,14 +1,17 @@
-"""``superedit data``: dataset tools (``known``: the records a model knows, split for tuning/evaluation)."""
+"""``superedit data``: dataset tools (``known``: the records a model knows, split for tuning/evaluation;
+``mqd``: the Multi-Question Dataset from ATOMIC tuples; ``objective-ppl``: editing-objective perplexity)."""
 
 from __future__ import annotations
 
 import typer
 
+from typing import List
+
 from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
 
 
 def register(app) -> None:
-    data_app = typer.Typer(help="Dataset tools: filter to known facts and split them.", no_args_is_help=True)
+    data_app = typer.Typer(help="Dataset tools: filter to known facts and split them; build MQD; objective perplexity.", no_args_is_help=True)
     app.add_typer(data_app, name="data")
 
     @data_app.command("known")
@@ -59,3 +62,86 @@ def register(app) -> None:
         write_jsonl_atomic(out_dir / "verdicts.jsonl", [v.to_dict() for v in verdicts])
         write_json_atomic(out_dir / "report.json", report)
         emit({k: v for k, v in report.items() if k != "per_relation"} | {"out_dir": str(out_dir)}, as_json)
+
+    @data_app.command("mqd")
+    @command
+    def mqd(
+        atomic: str = typer.Option(..., "--atomic", "-a", help="ATOMIC-2020 tuples: 'head @@ relation<TAB>tail| tail'."),
+        out: str = typer.Option(..., "--out", "-o", help="Directory for true_false / multiple_choice / "
+                                                         "direct_generation .jsonl, mqd.jsonl and report.json."),
+        per_type: int = typer.Option(4000, "--per-type", help="Requests per question type (one per tuple; "
+                                                               "the D4S study used 4,000)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of every choice (tuples, tails, corruptions, option order)."),
+        as_json: bool = JsonOpt,
+    ):
+        """Build the Multi-Question Dataset: each ATOMIC tuple becomes a true/false (objective yes/no, balanced
+        true and corrupted tails), a multiple-choice (objective a-d) and a direct-generation request (objective
+        the tail), subject the head event, in superedit's request format. Deterministic for a seed."""
+        from pathlib import Path
+
+        from ..data.mqd import QUESTION_TYPES, build_mqd, read_atomic, write_mqd
+
+        tuples = read_atomic(atomic)
+        dataset = build_mqd(tuples, per_type=per_type, seed=seed, source_name=Path(atomic).name)
+        report = write_mqd(dataset, out, atomic_path=atomic)
+        types = report["types"]
+        emit({"out_dir": str(out), "n_lines": report["n_lines"], "n_without_tail": report["n_without_tail"],
+              "requests": {q: types[q]["n"] for q in QUESTION_TYPES},
+              "per_relation": {q: types[q]["per_relation"] for q in QUESTION_TYPES},
+              "tf_yes_no": [types["tf"]["objectives"].get("yes", 0), types["tf"]["objectives"].get("no", 0)],
+              "mc_letters": types["mc"]["objectives"]}, as_json)
+
+    @data_app.command("objective-ppl")
+    @command
+    def objective_ppl(
+        model: str = ModelOpt,
+        requests: List[str] = typer.Option(..., "--requests", "-r", help="Request file(s) (any format superedit "
+                                                                        "reads; MQD files carry the question type)."),
+        out: str = typer.Option(..., "--out", "-o", help="Directory for objective_ppl.jsonl, summary.json, ppl_hist.png."),
+        per_type: int = typer.Option(0, "--per-type", help="Seeded sample of this many requests per question type "
+                                                           "(0: all)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the per-type sample."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Rows per forward pass."),
+        device: str = DeviceOpt,
+        as_json: bool = JsonOpt,
+    ):
+        """Perplexity of each request's editing objective (target_new) after its prompt under the unedited model,
+        exp(mean token NLL), and its distribution per question type (D4S's data-side predictor of edit damage)."""
+        from pathlib import Path
+
+        from ..data import load_requests, sample_requests
+        from ..errors import UsageError
+        from ..eval.objective import PAPER_MEAN_PPL, objective_perplexities, question_type_of, summarize_perplexities
+        from ..models import load_model
+        from ..report.objective_report import ppl_histogram
+        from ..utils.io import write_json_atomic, write_jsonl_atomic
+
+        if per_type < 0:
+            raise UsageError(f"--per-type must be ≥ 0 (0 keeps all requests), got {per_type}")
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+        reqs = [r for path in requests for r in load_requests(path)]
+        by_type: dict[str, list] = {}
+        for r in reqs:
+            by_type.setdefault(question_type_of(r), []).append(r)
+        if per_type:
+            by_type = {q: sample_requests(rs, min(per_type, len(rs)), seed) for q, rs in by_type.items()}
+        chosen = [r for q in sorted(by_type) for r in by_type[q]]
+        adapter = load_model(model, device=device)
+        rows = objective_perplexities(adapter, chosen, batch_size)
+        summary = summarize_perplexities(rows)
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(out_dir / "objective_ppl.jsonl", [row.to_dict() for row in rows])
+        result = {"model": model, "requests": list(requests), "per_type": per_type, "seed": seed,
+                  "definition": "PPL = exp(mean token NLL of ' ' + target_new given the filled prompt), teacher-forced",
+                  "per_type_summary": summary, "paper_mean_ppl": PAPER_MEAN_PPL,
+                  "order_by_mean": sorted(summary, key=lambda q: summary[q]["mean"]),
+                  "order_by_median": sorted(summary, key=lambda q: summary[q]["median"])}
+        write_json_atomic(out_dir / "summary.json", result)
+        ppl_histogram({q: [row.ppl for row in rows if row.question_type == q] for q in summary},
+                      out_dir / "ppl_hist.png", title=f"Editing-objective PPL under {model}",
+                      reference=PAPER_MEAN_PPL)
+        emit({"out_dir": str(out_dir), "model": model,
+              "per_type": {q: {k: s[k] for k in ("n", "mean", "median", "q25", "q75")} for q, s in summary.items()},
+              "order_by_mean": result["order_by_mean"], "paper_order": ["dg", "mc", "tf"]}, as_json)
