@@ -352,12 +352,24 @@ def test_ledger_killed_process_keeps_last_complete_edit(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=80)
     assert proc.returncode == 9, proc.stderr
+    lock = tmp_path / "k" / "lock"
+    assert json.loads(lock.read_text())["pid"] != os.getpid()  # the killed writer's lock is left behind
+    from superedit.lifelong.ledger import verify_ledger
+
+    rep = verify_ledger(tmp_path / "k")  # the committed files are intact; the uncommitted ones are named
+    assert rep["ok"] and any("interrupted commit" in n for n in rep["notes"])
     led = Ledger.open(tmp_path / "k")
     assert len(led.edits) == 1
     adapter = tiny_adapter("gpt2")
     base = adapter.down_weight(1).detach().double().clone()
     led.apply_to(adapter)
     assert rel(adapter.down_weight(1).double(), base + 1.0) < 1e-6
+    # the next writer takes the dead process's lock over and goes on
+    d = WeightDelta({1: LayerDelta(dense_=torch.full((adapter.d_model, adapter.d_mlp), 2.0))}, "memit")
+    led.record([dict(prompt="{} is", subject="X", target_new="Z")], StepResult(d))
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    led.close()
+    assert not lock.exists() and verify_ledger(tmp_path / "k")["ok"]
 
 
 def test_mom2_ridge_bounds_the_solve_on_a_singular_covariance():

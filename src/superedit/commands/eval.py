@@ -25,17 +25,21 @@ def register(app) -> None:
         as_json: bool = JsonOpt,
     ):
         """Evaluate a saved delta on edit requests: every metric without (pre) and with (post) the delta."""
-        from ..editing.delta import WeightDelta
+        from ..editing.delta import DeltaError, WeightDelta
         from ..editing.run import evaluate_delta
         from ..models import load_model
+        from ..utils.integrity import check_finite
         from ..utils.io import write_json_atomic
         from ..utils.seed import seed_everything
         from .common import local_model_dir, resolve_requests
         from .edit import print_summary, start_out_dir
 
         seed_everything(seed)
-        wd = WeightDelta.load(delta)
+        wd = WeightDelta.load(delta)  # its hashes verified, its tensors finite (else exit 2 naming the file)
         adapter = load_model(model, device=device)
+        with wd.applied(adapter):  # W₀ + ΔW can still overflow the model's dtype
+            check_finite({f"layer {l} down-projection weight": adapter.down_weight(l) for l in sorted(wd.layers)},
+                         f"{delta}: the model with this delta applied", DeltaError)
         reqs = resolve_requests(local_model_dir(model), requests, fmt, limit, seed=seed)
         out_dir = start_out_dir(out, "eval") if out else None
         records, summary = evaluate_delta(adapter, reqs, wd, out_path=out_dir / "records.jsonl" if out_dir else None,

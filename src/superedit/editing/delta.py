@@ -5,7 +5,7 @@ A delta maps layer → ΔW in the adapter's (d_model, d_mlp) orientation, stored
 (ΔW = left @ rightᵀ) where the method produced them, dense otherwise. ``apply`` adds it and keeps
 a copy of the original weights so ``revert`` restores them bit-exactly; ``save``/``load`` use
 safetensors + a JSON sidecar (never pickle). The sidecar records the SHA-256 of the tensor file
-(``tensors_sha256``); ``load`` verifies it (a delta saved before the hash existed loads with a warning)
+(``tensors_sha256``) and of its own content (``json_sha256``); ``load`` verifies both (a delta saved before the hash existed loads with a warning)
 and refuses tensors holding NaN/±inf, as ``save`` refuses to write them.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from ..errors import SupereditError
 from ..models import ModelAdapter
-from ..utils.integrity import check_finite, sha256_file, verify_sha256
+from ..utils.integrity import canonical_sha256, check_finite, sha256_file, verify_sha256
 from ..utils.io import atomic_path, write_json_atomic
 from ..utils.logs import get_logger
 
@@ -147,9 +147,10 @@ class WeightDelta:
         with atomic_path(directory / "delta.safetensors") as tmp:
             save_file(tensors, str(tmp))
             digest = sha256_file(tmp)
-        write_json_atomic(directory / "delta.json", {"format": FORMAT, "method": self.method,
-                                                     "layers": sorted(self.layers), "meta": self.meta,
-                                                     "tensors_sha256": digest})
+        info = {"format": FORMAT, "method": self.method, "layers": sorted(self.layers), "meta": self.meta,
+                "tensors_sha256": digest}
+        info["json_sha256"] = canonical_sha256(info)
+        write_json_atomic(directory / "delta.json", info)
         return directory
 
     @classmethod
@@ -169,6 +170,10 @@ class WeightDelta:
         if missing:
             raise DeltaError(f"{meta_path}: not a saved delta's description (missing field(s) {missing}); "
                              "restore it from a backup or save the delta again")
+        own = info.get("json_sha256")
+        if own is not None and canonical_sha256({k: v for k, v in info.items() if k != "json_sha256"}) != own:
+            raise DeltaError(f"{meta_path}: the saved delta's description is damaged (its content does not hash to the "
+                             f"recorded {own}); restore it from a backup or save the delta again (nothing was applied)")
         digest = info.get("tensors_sha256")
         if digest is None:
             log.warning("%s: no content hash recorded (saved by an older superedit); %s is not verified",

@@ -257,7 +257,7 @@ class Ledger:
             if on_disk != self.generation:
                 self._lock.release()
                 raise LedgerError(f"{self.dir}: the ledger on disk is at generation {on_disk}, this copy read "
-                                  f"generation {self.generation} (another process committed since); open it again")
+                                  f"generation {self.generation} (another writer committed since); open it again")
 
     def close(self) -> None:
         """Release the writer lock (if held). The object stays readable; a later write takes the lock again."""

@@ -40,8 +40,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def canonical_sha256(obj: Any) -> str:
-    """Hex SHA-256 of ``obj`` as compact JSON with sorted keys (independent of the file's layout)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Hex SHA-256 of ``obj`` as compact JSON with sorted keys (independent of the file's layout; values
+    converted as ``utils.io`` writes them, so the object and the file read back hash the same)."""
+    from .io import _json_default
+
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
