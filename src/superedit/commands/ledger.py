@@ -79,7 +79,7 @@ def register(app) -> None:
         if not as_json:
             lines = [f"{res['ledger']}: {'OK' if res['ok'] else 'DAMAGED'} — {res['n_files']} file(s) checked, "
                      f"{len(res['damaged'])} damaged, {len(res['unverified'])} without a recorded hash"]
-            lines += [f"  damaged: {d['file']}: {d['problem']}" for d in res["damaged"]]
+            lines += [f"  damaged: {d['problem']}" for d in res["damaged"]]  # the problem names the file
             lines += [f"  not verified (no hash recorded): {f}" for f in res["unverified"]]
             lines += [f"  note: {n}" for n in res["notes"]]
             typer.echo("\n".join(lines), err=True)
