@@ -15,6 +15,6 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q torch==2.13.0 >&2
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$VPY" -m pip install -q -e ".[test]" >&2
+  "$VPY" -m pip install -q -e ".[test,pretrained]" >&2
   touch "$stamp"
 fi

@@ -170,7 +170,14 @@ def testbed_meta(model_dir) -> dict | None:
 
 
 def hparams_profile(adapter, model_dir) -> str:
-    """Packaged hyperparameter profile: ``testbed-<size>`` for a testbed model, else the model family."""
+    """Packaged hyperparameter profile, by model identity: ``testbed-<size>`` for a testbed model, the
+    profile its provenance file names for a converted pretrained model (``pretrained:smollm2-135m`` →
+    ``smollm2-135m``), else the model family."""
+    from ..models.pretrained import read_provenance
+
+    prov = read_provenance(model_dir)
+    if prov is not None and prov.get("profile"):
+        return str(prov["profile"])
     meta = testbed_meta(model_dir)
     if meta is not None:
         size = meta.get("size")

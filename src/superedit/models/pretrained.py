@@ -243,7 +243,7 @@ def _gguf_file(spec: PretrainedSpec, workdir: Path, bar) -> Path:
     return joined
 
 
-def convert(spec: PretrainedSpec, target: Path) -> Path:
+def convert(spec: PretrainedSpec, target: Path, licence_accepted: bool = False) -> Path:
     """GGUF → float32 HF directory at ``target`` (atomic: built in a temporary sibling, then renamed)."""
     import torch
     import transformers
@@ -292,7 +292,8 @@ def convert(spec: PretrainedSpec, target: Path) -> Path:
             "name": spec.name, "title": spec.title, "profile": spec.profile, "model_type": spec.model_type,
             "packages": [{"name": d, "version": v} for d, v, _ in spec.packages],
             "gguf_file": spec.gguf_name, "gguf_sha256": got, "quantisation": spec.quantisation,
-            "licence": spec.licence, "dtype": "float32", "note": DEQUANTISED_NOTE,
+            "licence": spec.licence, "licence_accepted_by_user": bool(licence_accepted) if spec.licence_file else None,
+            "dtype": "float32", "note": DEQUANTISED_NOTE,
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "transformers": transformers.__version__, "torch": torch.__version__,
         }
@@ -321,4 +322,4 @@ def ensure_pretrained(spec_or_name: str, install: bool = True, accept_licence: b
     check_licence(spec, accept_licence)
     log.info("converting pretrained:%s (%s, %s) into %s (one-time; %s)", spec.name, spec.title, spec.quantisation,
              target, DEQUANTISED_NOTE)
-    return convert(spec, target)
+    return convert(spec, target, licence_accepted=spec.licence_file is not None)

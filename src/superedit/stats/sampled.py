@@ -41,7 +41,7 @@ class SamplingSettings:
     top_k: int = 50
     temperature: float = 1.0
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = 64
 
     def validate(self) -> None:
         for name in ("n_docs", "doc_tokens", "top_k", "batch_size"):

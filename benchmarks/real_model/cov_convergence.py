@@ -1,0 +1,115 @@
+"""How fast C = E[k kᵀ] converges with the token count on SmolLM2, and whether the corpus matters.
+
+For each token budget N (prefixes of one corpus, in corpus order) and each layer: the relative change
+‖C_N − C_ref‖_F / ‖C_ref‖_F against the largest budget, and for real edit keys k* (tuning split) the
+relative change of u = C⁻¹k* (ROME's update direction) and its cosine to u_ref. A second corpus
+(real English prose: the long descriptions of the installed Python packages, offline everywhere)
+gives the same quantities against the model-sampled reference.
+
+    .venv/bin/python benchmarks/real_model/cov_convergence.py --layers 4 --out runs/real/cov-convergence
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from superedit.data import load_requests
+from superedit.editing.contexts import context_prefixes
+from superedit.editing.keys import compute_keys
+from superedit.editing.solve import spd_solve
+from superedit.models import load_model
+from superedit.stats import Corpus, collect_covariances
+from superedit.stats.sampled import sampled_corpus
+
+
+def package_docs_corpus() -> Corpus:
+    """Long descriptions (READMEs) of the installed distributions, split into paragraphs of ≥ 200 chars."""
+    texts = []
+    for dist in sorted(importlib.metadata.distributions(), key=lambda d: d.metadata["Name"] or ""):
+        body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+        texts += [p.strip() for p in body.split("\n\n") if len(p.strip()) >= 200 and not p.strip().startswith(("```", "    "))]
+    return Corpus.from_texts(texts, source="installed-package-descriptions")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="pretrained:smollm2-135m")
+    ap.add_argument("--layers", default="4")
+    ap.add_argument("--budgets", default="1000,2000,5000,10000,20000,40000,60000")
+    ap.add_argument("--requests", default="runs/known-smollm2/tune.json")
+    ap.add_argument("--n-keys", type=int, default=24)
+    ap.add_argument("--ridge", type=float, default=0.0)
+    ap.add_argument("--out", default="runs/real/cov-convergence")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    a = load_model(args.model)
+    layers = [int(x) for x in args.layers.split(",")]
+    budgets = [int(x) for x in args.budgets.split(",")]
+    reqs = load_requests(args.requests)[: args.n_keys]
+    prefixes = context_prefixes(a, [10], 5, 0)
+    keys = compute_keys(a, [r.prompt for r in reqs], [r.subject for r in reqs], layers, prefixes)
+    corpora = {"model-sampled": sampled_corpus(a), "package-docs": package_docs_corpus()}
+    mats: dict[str, dict[int, dict[int, torch.Tensor]]] = {}
+    counts = {}
+    for name, corpus in corpora.items():
+        mats[name] = {}
+        for n in budgets if name == "model-sampled" else budgets[-1:]:
+            covs = collect_covariances(a, layers, corpus, n_tokens=n, max_length=128)
+            mats[name][n] = {l: covs[l].matrix(dtype=torch.float64) for l in layers}
+            counts[(name, n)] = covs[layers[0]].count
+    ref_n = budgets[-1]
+    rows = []
+    for l in layers:
+        C_ref = mats["model-sampled"][ref_n][l]
+        K = keys[l].double()  # (n_keys, d_mlp)
+        ridge = args.ridge * C_ref.diagonal().mean()
+        eye = torch.eye(C_ref.shape[0], dtype=torch.float64)
+        U_ref = spd_solve(C_ref + ridge * eye, K.T)  # (d_mlp, n_keys)
+        for name in corpora:
+            for n, per_layer in mats[name].items():
+                C = per_layer[l]
+                U = spd_solve(C + ridge * eye, K.T)
+                rel_c = float((C - C_ref).norm() / C_ref.norm())
+                rel_u = ((U - U_ref).norm(dim=0) / U_ref.norm(dim=0))
+                cos_u = torch.nn.functional.cosine_similarity(U, U_ref, dim=0)
+                rows.append({"layer": l, "corpus": name, "n_tokens": n, "tokens_used": counts[(name, n)],
+                             "rel_change_C": rel_c, "rel_change_u_median": float(rel_u.median()),
+                             "rel_change_u_max": float(rel_u.max()), "cos_u_median": float(cos_u.median()),
+                             "cos_u_min": float(cos_u.min())})
+                print(json.dumps(rows[-1]))
+    (out / "convergence.json").write_text(json.dumps({"model": args.model, "reference_tokens": ref_n,
+                                                     "ridge": args.ridge, "n_keys": len(reqs), "rows": rows}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for l in layers:
+        r = [x for x in rows if x["layer"] == l and x["corpus"] == "model-sampled" and x["n_tokens"] < ref_n]
+        xs = [x["tokens_used"] for x in r]
+        axes[0].plot(xs, [x["rel_change_C"] for x in r], marker="o", label=f"layer {l}")
+        axes[1].plot(xs, [x["rel_change_u_median"] for x in r], marker="o", label=f"layer {l}: median over keys")
+        axes[1].plot(xs, [x["rel_change_u_max"] for x in r], marker="x", linestyle="--", label=f"layer {l}: worst key")
+    for ax, t in zip(axes, ["‖C_N − C_ref‖ / ‖C_ref‖", "‖u_N − u_ref‖ / ‖u_ref‖,  u = C⁻¹k*"]):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("corpus tokens N (model-sampled text)")
+        ax.set_title(t, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
+    fig.suptitle(f"{args.model}: convergence of the key covariance against {ref_n:,} tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "convergence.png", dpi=120, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    main()
