@@ -83,7 +83,7 @@ def stats():
 def lifelong_run(stats, tmp_path_factory):
     out = tmp_path_factory.mktemp("protocol") / "lifelong"
     run_lifelong(lambda: tiny_adapter("gpt2"), REQS, list(HPARAMS), HPARAMS, stats, edits=len(REQS), batch_size=2,
-                 eval_every=100, out_dir=out, probe=Probe(), report=False)
+                 eval_every=100, out_dir=out, probe=Probe())
     return out
 
 

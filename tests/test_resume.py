@@ -33,7 +33,7 @@ def run_stream(out, resume: bool) -> None:
     torch.set_num_threads(1)
     stats = corpus_cov(tiny_adapter("gpt2"), [1, 2])
     run_lifelong(lambda: tiny_adapter("gpt2"), STREAM, METHODS, HPARAMS, stats, batch_size=1, eval_every=100,
-                 out_dir=out, probe=Probe(), resume=resume, report=False)
+                 out_dir=out, probe=Probe(), resume=resume)
 
 
 CHILD = textwrap.dedent("""

@@ -171,7 +171,7 @@ def test_micro_end_to_end_writes_every_file(gpt2, gpt2_cov, tmp_path):
     pairs = json.loads((tmp_path / "top_pairs.json").read_text())
     assert len(pairs) == 10 and pairs[0]["item_i"]["prompt"] and "relation" in pairs[0]["item_j"]
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 + 2 * 2 and "src=\"http" not in html
+    assert html.count('<img src="plots/') == 3 + 2 * 2 and "src=\"http" not in html
     assert len((tmp_path / "stats.csv").read_text().splitlines()) == 3
 
 

@@ -9,7 +9,6 @@ closest in whitening space whose prefix lacks the subject), ``plots/`` and ``rep
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -59,10 +58,17 @@ def register(app) -> None:
                                            n_long=n_long, long_words=long_words,
                                            max_tokens=adapter.max_positions - 8, seed=seed)
         stats = make_stats(adapter, hp, stats_dir, corpus_obj)
-        summary = run_geometry(adapter, reqs, psets, layer_, stats, Path(out), corpus_texts=texts,
-                               ridge=hp.mom2_ridge if ridge is None else ridge, top=top,
-                               n_docs=n_docs, edit_hp=hp if edit else None, seed=seed, fact_token=hp.fact_token)
-        result = {"out": str(out), "report": str(Path(out) / "report.html"), "profile": profile, "skips": skips,
-                  **summary}
+        geometry = run_geometry(adapter, reqs, psets, layer_, stats, corpus_texts=texts,
+                                ridge=hp.mom2_ridge if ridge is None else ridge, top=top,
+                                n_docs=n_docs, edit_hp=hp if edit else None, seed=seed, fact_token=hp.fact_token)
+        geometry.save(out)
+        from ..report.keys_report import render_keys_plots, write_keys_report
+        from ..report.provenance import record_command
+
+        record_command(out)
+        render_keys_plots(out)
+        report = write_keys_report(out)
+        result = {"out": str(out), "report": str(report), "profile": profile, "skips": skips,
+                  **geometry.summary()}
         emit(result, as_json)
         return result

@@ -122,7 +122,8 @@ def register(app) -> None:
         from ..errors import SupereditError
         from ..lifelong.runner import requests_probe, run_lifelong, testbed_probe
         from ..models import load_model
-        from ..report.lifelong_report import summary_rows
+        from ..report.lifelong_report import summary_rows, write_report
+        from ..report.provenance import record_command
         from ..utils.logs import get_logger
         from ..utils.seed import seed_everything
         from .common import build_hparams, hparams_profile, local_model_dir, testbed_meta
@@ -178,7 +179,10 @@ def register(app) -> None:
         log.info("lifelong: %s × %d edits (batch %d, checkpoint every %d), profile %s → %s", ",".join(names),
                  len(stream), batch_size, eval_every, profile, out_dir)
         summary = run_lifelong(factory, stream, names, hps, stats, len(stream), batch_size, eval_every, out_dir,
-                               probe, resume, seed=seed, report=not no_report)
+                               probe, resume, seed=seed)
+        record_command(out_dir)
+        if not no_report:
+            summary["report"] = str(write_report(out_dir))
         summary["model"] = model
         summary["profile"] = profile
         summary["hparams"] = {m: hps[m].to_dict() for m in names}

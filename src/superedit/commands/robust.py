@@ -124,8 +124,10 @@ def register(app) -> None:
         w.writeheader()
         w.writerows(rows)
         write_text_atomic(out_dir / "table.csv", buf.getvalue())
+        from ..report.provenance import record_command
         from ..report.robust_report import render_plots, write_report
 
+        record_command(out_dir)
         plots = render_plots(out_dir)
         report = write_report(out_dir)
         result = {"out": str(out_dir), "report": str(report), "records": str(rec_path),

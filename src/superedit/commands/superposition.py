@@ -32,11 +32,13 @@ def run_one(adapter, requests: list, cov, out: Path, layers: list[int], m: int, 
             ridge: float, top_k: int, top_by: str):
     """Analysis + files + plots + report for one model; returns the SuperpositionResult."""
     from ..analysis.superposition import analyze_superposition
+    from ..report.provenance import record_command
     from ..report.superposition_report import render_plots, write_report
 
     res = analyze_superposition(adapter, requests, cov, layers=layers, m=m, seed=seed, fact_token=fact_token,
                                 ridge=ridge, top_k=top_k, top_by=top_by)
     res.save(out)
+    record_command(out)
     render_plots(out)
     write_report(out)
     return res
@@ -103,6 +105,9 @@ def register(app) -> None:
             rows = scaling_records(results)
             save_scaling(rows, out_dir, config={"models": specs, "m": m, "seed": seed, "fact_token": fact_token,
                                                 "ridge": ridge, "model_dirs": model_dirs})
+            from ..report.provenance import record_command
+
+            record_command(out_dir)
             render_scaling(out_dir)
             result.update({"models": specs, "scaling": rows, "report": str(out_dir / "report.html")})
         else:

@@ -140,7 +140,7 @@ def _checkpoint_due(n: int, prev: int, total: int, every: int) -> bool:
 def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods: Sequence[str],
                  hparams_by_method: dict, stats, edits: int | None = None, batch_size: int = 1,
                  eval_every: int = 50, out_dir: str | Path = "runs/lifelong", probe: Probe | None = None,
-                 resume: bool = False, *, seed: int = 0, report: bool = True) -> dict:
+                 resume: bool = False, *, seed: int = 0) -> dict:
     """Run every method over the first ``edits`` requests; see the module docstring.
 
     Args:
@@ -155,7 +155,6 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         out_dir: output directory.
         probe: untouched facts / texts (default: empty probe: no retention/perplexity figures).
         resume: continue the runs found in ``out_dir`` (required when it already holds one).
-        report: write ``out_dir/report.html`` at the end.
 
     Returns a summary: the final checkpoint's scalar figures per method and the file paths.
     """
@@ -216,10 +215,6 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         probe = Probe.from_dict(json.loads(probe_file.read_text())) if probe_file.exists() else probe
     summary = {"out_dir": str(out), "metrics": str(out / "metrics.jsonl"), "n_edits": len(stream),
                "batch_size": batch_size, "eval_every": eval_every, "methods": results}
-    if report:
-        from ..report.lifelong_report import write_report
-
-        summary["report"] = str(write_report(out))
     write_json_atomic(out / "summary.json", summary)
     return summary
 

@@ -1,78 +1,32 @@
-"""Lifelong-editing report: curves per method vs number of edits, and a self-contained HTML page.
+"""Lifelong-editing report: curves per method against the number of edits, tables of the final figures.
 
-Reads ONLY ``DIR/metrics.jsonl`` (one record per (method, checkpoint), written by
-:func:`superedit.lifelong.runner.run_lifelong`) and ``DIR/<method>/edit_probs.jsonl``; writes PNGs into
-``DIR/plots/`` and ``DIR/report.html`` with the images embedded as base64 plus a table of the final
-figures per method.
+Reads ONLY the files :func:`superedit.lifelong.runner.run_lifelong` wrote — ``DIR/metrics.jsonl`` (one
+record per (method, checkpoint)), ``DIR/<method>/edit_probs.jsonl``, ``DIR/run.json`` — and the
+command's ``DIR/command.json``; writes PNGs into ``DIR/plots/`` and ``DIR/report.html`` (template
+``lifelong.html.j2``). The library never calls this: ``superedit lifelong`` does, after the run.
+
+Rates (efficacy, paraphrase, neighbourhood, retention, recall) are drawn on 0–1 with 95% Wilson
+intervals over the trials behind each point (edits so far, edits of the latest block, probe facts
+the base model recalled): error bars, side by side per method, while there are few checkpoints; a
+shaded band when there are many.
 """
 
 from __future__ import annotations
 
-import base64
-import html
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..utils.io import read_jsonl, write_text_atomic
-from .plots import _figure, save_figure
+from ..errors import FileFormatError
+from ..utils.io import read_jsonl
+from .page import Column, Figure, Page, Section, Table, render
+from .plots import (_figure, count_ticks, dodge, integer_ticks, legend_outside, rate_axis, save_figure, series_style,
+                    wilson)
 
-#: (file stem, title, y label, [(label suffix, getter, line style)], log-y)
-Getter = Callable[[dict], Any]
-
-
-def _get(*path) -> Getter:
-    def g(rec):
-        cur = rec
-        for p in path:
-            if not isinstance(cur, dict) or p not in cur:
-                return None
-            cur = cur[p]
-        return cur
-    return g
-
-
-CURVES: list[tuple[str, str, str, list[tuple[str, Getter, str]], bool]] = [
-    ("efficacy", "Efficacy (P(new) > P(true))", "success rate",
-     [("all edits", _get("efficacy_all"), "-"), ("last block", _get("efficacy_last_block"), "--")], False),
-    ("paraphrase", "Paraphrase success", "success rate",
-     [("all edits", _get("paraphrase_all"), "-"), ("last block", _get("paraphrase_last_block"), "--")], False),
-    ("neighborhood", "Neighbourhood specificity", "score",
-     [("all edits", _get("neighborhood_all"), "-")], False),
-    ("retention", "Untouched facts (teacher-forced recall)", "rate",
-     [("retention of recalled", _get("untouched_retention"), "-"), ("recall", _get("untouched_recall"), ":"),
-      ("retention, never-edited subjects", _get("untouched_retention_other_subjects"), "--"),
-      ("retention, edited subjects' other facts", _get("untouched_retention_edited_subjects"), "-.")], False),
-    ("all_facts", "Recall of all original facts (testbed)", "recall",
-     [("all facts", _get("all_facts_recall"), "-")], False),
-    ("perplexity", "Perplexity of held-out text", "perplexity",
-     [("", _get("perplexity"), "-")], False),
-    ("l1_norm", "L1 norm of edited layers (‖W‖₁/numel, relative to the original)", "ratio",
-     [("", _get("w_l1_rel_mean"), "-")], False),
-    ("delta_fro", "Frobenius norm of the total delta (all edited layers)", "‖W − W₀‖_F",
-     [("", _get("delta_fro_total"), "-")], False),
-    ("value_norms", "Norms of the inserted values (last block mean)", "norm",
-     [("‖v*‖", _get("v_target_norm_last_block"), "-"), ("‖v* − v₀‖", _get("v_delta_norm_last_block"), "--")], False),
-    ("forgetting", "Degree of forgetting (efficacy right after the edit − now), mean over blocks", "drop",
-     [("", _get("forgetting_mean"), "-")], False),
-    ("interference", "Interference: mean shift of probe keys' values, predicted (Σ p δ) vs measured", "‖Δv‖",
-     [("untouched, measured", _get("interference", "o", "meas_shift_mean"), "-"),
-      ("untouched, predicted", _get("interference", "o", "pred_shift_mean"), "o"),
-      ("earlier edits, measured", _get("interference", "e", "meas_shift_mean"), "--"),
-      ("earlier edits, predicted", _get("interference", "e", "pred_shift_mean"), "x")], False),
-    ("interference_error", "Interference identity: relative error ‖pred − meas‖/‖meas‖", "relative error",
-     [("untouched", _get("interference", "o", "rel_error"), "-"),
-      ("earlier edits", _get("interference", "e", "rel_error"), "--")], True),
-]
-
-TABLE_COLS = [("efficacy_all", "efficacy"), ("efficacy_last_block", "efficacy (last block)"),
-              ("paraphrase_all", "paraphrase"), ("neighborhood_all", "neighbourhood"), ("score_all", "S"),
-              ("forgetting_mean", "forgetting"), ("untouched_retention", "untouched retention"),
-              ("untouched_retention_other_subjects", "retention, never-edited subjects"),
-              ("untouched_retention_edited_subjects", "retention, edited subjects"),
-              ("untouched_recall", "untouched recall"), ("all_facts_recall", "all-facts recall"),
-              ("perplexity", "perplexity"), ("w_l1_rel_mean", "L1 rel."), ("delta_fro_total", "‖ΔW‖_F"),
-              ("v_target_norm_all", "‖v*‖"), ("edit_s", "edit time (s)")]
+#: at most this many checkpoints per method: error bars; more: shaded bands
+MAX_ERRORBAR_POINTS = 12
 
 
 def _num(x) -> float | None:
@@ -85,126 +39,393 @@ def _num(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _get(rec: dict, path: str):
+    cur: Any = rec
+    for p in path.split("."):
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+# ------------------------------------------------------------------------------------------ trials per rate
+def n_edits(rec: dict) -> int | None:
+    return int(rec["n_edits"]) or None
+
+
+def n_last_block(rec: dict) -> int | None:
+    lb = rec.get("last_block") or [0, rec["n_edits"]]
+    return int(lb[1]) - int(lb[0]) or None
+
+
+def n_recalled(rec: dict) -> int | None:
+    """Probe facts the base model recalled (retention is a share of them)."""
+    parts = [rec.get("untouched_n_edited_subjects"), rec.get("untouched_n_other_subjects")]
+    if all(isinstance(p, int) for p in parts):
+        return sum(parts) or None
+    base, n = _num(rec.get("untouched_base_recall")), rec.get("untouched_n")
+    if base is None or not n:
+        return None
+    return round(base * n) or None
+
+
+def _n_field(key: str) -> Callable[[dict], int | None]:
+    return lambda rec: rec.get(key) or None
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """One panel: a field of the checkpoint records (dotted for nested), its panel title and y label;
+    ``trials`` gives the n behind a rate (95% Wilson intervals); a rate (``rate`` or with ``trials``) is drawn
+    on 0–1."""
+
+    key: str
+    title: str
+    ylabel: str
+    trials: Callable[[dict], int | None] | None = None
+    logy: bool = False
+    rate: bool = False
+
+    @property
+    def is_rate(self) -> bool:
+        return self.rate or self.trials is not None
+
+
+@dataclass(frozen=True)
+class CurveFigure:
+    name: str
+    title: str
+    quantities: tuple[Quantity, ...]
+    caption: str
+
+
+CURVE_FIGURES: tuple[CurveFigure, ...] = (
+    CurveFigure("efficacy", "Efficacy: P(new) > P(true) on the edit prompt", (
+        Quantity("efficacy_all", "all edits so far", "share of edits", n_edits),
+        Quantity("efficacy_last_block", "edits since the previous checkpoint", "share of edits", n_last_block)),
+        "Left: of all edits made so far, the share whose new object still beats the old one; right: the same for "
+        "the edits made since the previous checkpoint only. A method that keeps its latest edits (right stays "
+        "high) while the left curve sinks is overwriting its earlier edits."),
+    CurveFigure("generalisation", "Paraphrases and neighbourhood", (
+        Quantity("paraphrase_all", "paraphrase success, all edits", "share of edits", n_edits),
+        Quantity("neighborhood_all", "neighbourhood kept, all edits", "share of edits", n_edits)),
+        "Left: the edit also holds when the question is rephrased. Right: prompts about other subjects keep "
+        "their original answer (1 = no collateral damage). Look for the curve that falls as edits accumulate."),
+    CurveFigure("drift", "How far the edited weights drift", (
+        Quantity("perplexity", "perplexity of held-out text", "perplexity"),
+        Quantity("w_l1_rel_mean", "‖W‖₁ of edited layers / original", "ratio"),
+        Quantity("delta_fro_total", "‖W − W₀‖_F (all edited layers)", "Frobenius norm"),
+        Quantity("v_target_norm_last_block", "‖v*‖ of the latest edits", "norm")),
+        "Rising perplexity or a weight norm that keeps growing with the number of edits is the model degrading; "
+        "a method whose ‖W − W₀‖ grows much faster than the others will break first in longer streams."),
+)
+
+
+def knowledge_quantities(runs: dict[str, list[dict]]) -> tuple[Quantity, ...]:
+    """Retention panels; the split by subject only when facts of edited subjects were probed (else it is
+    the same line as the total)."""
+    qs = [Quantity("untouched_retention", "untouched facts still recalled", "share of recalled facts", n_recalled)]
+    if any((r.get("untouched_n_edited_subjects") or 0) > 0 for recs in runs.values() for r in recs):
+        qs += [Quantity("untouched_retention_other_subjects", "… of never-edited subjects", "share of recalled facts",
+                        _n_field("untouched_n_other_subjects")),
+               Quantity("untouched_retention_edited_subjects", "… of edited subjects' other facts",
+                        "share of recalled facts", _n_field("untouched_n_edited_subjects"))]
+    if any(r.get("all_facts_recall") is not None for recs in runs.values() for r in recs):
+        qs.append(Quantity("all_facts_recall", "all original facts recalled (testbed)", "share of facts", rate=True))
+    return tuple(qs)
+
+
+KNOWLEDGE_CAPTION = ("Teacher-forced recall of facts no edit touched, as a share of those the unedited model "
+                     "recalled (1 = nothing lost). Look for the method whose curve drops first; the gap between "
+                     "methods is meaningful only where the intervals do not overlap.")
+
+
+# ------------------------------------------------------------------------------------------ loading
 def load_metrics(out_dir: str | Path) -> dict[str, list[dict]]:
-    """method → its checkpoint records sorted by n_edits (a checkpoint recorded twice: the last wins)."""
+    """method → its checkpoint records sorted by n_edits (a checkpoint recorded twice: the last wins).
+
+    Raises :class:`FileFormatError` when ``out_dir/metrics.jsonl`` is missing or a record lacks its
+    method / n_edits."""
     path = Path(out_dir) / "metrics.jsonl"
-    if not path.exists():
-        return {}
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file; the lifelong report is drawn from the metrics of a run: "
+                              f"run `superedit lifelong --out {out_dir}` first")
     by: dict[str, dict[int, dict]] = {}
-    for r in read_jsonl(path):
+    for i, r in enumerate(read_jsonl(path), 1):
+        if not isinstance(r, dict) or not isinstance(r.get("method"), str) or not isinstance(r.get("n_edits"), int):
+            raise FileFormatError(f"{path}: record {i} has no 'method' (text) and 'n_edits' (integer); "
+                                  "it was not written by `superedit lifelong`: repair or remove it")
         by.setdefault(r["method"], {})[int(r["n_edits"])] = r
     return {m: [v[k] for k in sorted(v)] for m, v in by.items()}
 
 
-def _curve_plot(runs: dict[str, list[dict]], name: str, title: str, ylabel: str, series, logy: bool,
-                plot_dir: Path) -> Path | None:
-    fig = _figure(6.4, 3.6)
-    ax = fig.add_subplot(1, 1, 1)
-    any_line = False
-    colors = {}
-    for i, (m, recs) in enumerate(runs.items()):
-        colors[m] = f"C{i % 10}"
-        for label, get, style in series:
-            pts = [(r["n_edits"], _num(get(r))) for r in recs]
-            pts = [(x, y) for x, y in pts if y is not None and (not logy or y > 0)]
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            lab = f"{m} {label}".strip()
-            if style in ("o", "x"):
-                ax.plot(xs, ys, style, color=colors[m], label=lab, markersize=5, markerfacecolor="none")
-            else:
-                ax.plot(xs, ys, style, color=colors[m], label=lab, marker=".")
-            any_line = True
-    if not any_line:
-        return None
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel("number of edits")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save_figure(fig, plot_dir / f"{name}.png")
-
-
-def _forgetting_blocks_plot(runs: dict[str, list[dict]], plot_dir: Path) -> Path | None:
-    fig = _figure(6.4, 3.6)
-    ax = fig.add_subplot(1, 1, 1)
-    methods = [m for m, recs in runs.items() if recs and recs[-1].get("forgetting_blocks")]
-    if not methods:
-        return None
-    width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        blocks = runs[m][-1]["forgetting_blocks"]
-        xs = [b["block"] + i * width for b in blocks]
-        ys = [_num(b.get("forgetting")) or 0.0 for b in blocks]
-        ax.bar(xs, ys, width=width, label=m, color=f"C{list(runs).index(m) % 10}")
-    size = runs[methods[0]][-1]["forgetting_blocks"][0]["end"] - runs[methods[0]][-1]["forgetting_blocks"][0]["start"]
-    ax.set_xlabel(f"block of {size} edits (at the final checkpoint)")
-    ax.set_ylabel("efficacy at edit − now")
-    ax.set_title("Forgetting per block at the end of the run", fontsize=9)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
-    return save_figure(fig, plot_dir / "forgetting_blocks.png")
-
-
-def _edit_probs_plot(out_dir: Path, runs: dict[str, list[dict]], plot_dir: Path) -> Path | None:
-    data = {}
-    for m in runs:
-        p = out_dir / m / "edit_probs.jsonl"
-        if p.exists():
-            recs = read_jsonl(p)
+def load_edit_probs(out_dir: str | Path, methods: Sequence[str]) -> dict[str, dict]:
+    """method → its latest ``edit_probs.jsonl`` record (methods without one are left out)."""
+    out = {}
+    for m in methods:
+        p = Path(out_dir) / m / "edit_probs.jsonl"
+        if p.is_file():
+            recs = [r for r in read_jsonl(p) if isinstance(r, dict) and isinstance(r.get("n_edits"), int)]
             if recs:
-                data[m] = max(recs, key=lambda r: r["n_edits"])
-    if not data:
+                out[m] = max(recs, key=lambda r: r["n_edits"])
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise FileFormatError(f"{path}: not valid JSON ({exc}); repair or remove it") from exc
+    return data if isinstance(data, dict) else {}
+
+
+# ------------------------------------------------------------------------------------------ figures
+def _points(recs: list[dict], q: Quantity) -> list[tuple[int, float, tuple[float, float] | None]]:
+    pts = []
+    for r in recs:
+        y = _num(_get(r, q.key))
+        if y is None or (q.logy and y <= 0):
+            continue
+        pts.append((int(r["n_edits"]), y, wilson(y, q.trials(r)) if q.trials else None))
+    return pts
+
+
+def _draw_quantity(ax, runs: dict[str, list[dict]], q: Quantity, styles: dict[str, dict]) -> bool:
+    all_x = sorted({int(r["n_edits"]) for recs in runs.values() for r in recs})
+    offsets = dict(zip(runs, dodge(len(runs), all_x or [0, 1])))
+    drawn = False
+    for m, recs in runs.items():
+        pts = _points(recs, q)
+        if not pts:
+            continue
+        st = styles[m]
+        xs = [x + offsets[m] for x, _, _ in pts]
+        ys = [y for _, y, _ in pts]
+        ax.plot(xs, ys, color=st["color"], marker=st["marker"], ms=5, lw=1.4, label=m, zorder=3)
+        iv = [(x, y, ci) for x, (_, y, ci) in zip(xs, pts) if ci is not None]
+        if iv and len(pts) <= MAX_ERRORBAR_POINTS:
+            ax.errorbar([x for x, _, _ in iv], [y for _, y, _ in iv],
+                        yerr=[[max(0.0, y - ci[0]) for _, y, ci in iv], [max(0.0, ci[1] - y) for _, y, ci in iv]],
+                        fmt="none", ecolor=st["color"], elinewidth=1.0, capsize=2.5, alpha=0.8, zorder=2)
+        elif iv:
+            ax.fill_between([x for x, _, _ in iv], [ci[0] for _, _, ci in iv], [ci[1] for _, _, ci in iv],
+                            color=st["color"], alpha=0.15, lw=0, zorder=1)
+        drawn = True
+    ax.set_title(q.title, fontsize=9.5)
+    ax.set_xlabel("number of edits")
+    count_ticks(ax.xaxis, all_x)
+    if q.is_rate:
+        rate_axis(ax, q.ylabel)
+    else:
+        ax.set_ylabel(q.ylabel)
+        if q.logy:
+            ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    return drawn
+
+
+def _method_styles(runs) -> dict[str, dict]:
+    return {m: series_style(i) for i, m in enumerate(runs)}
+
+
+def curves_figure(runs: dict[str, list[dict]], title: str, quantities: Sequence[Quantity], ncols: int | None = None):
+    """One panel per quantity, one line per method, a legend of the methods outside the panels.
+
+    Returns the matplotlib Figure, or None when no quantity has a value."""
+    ncols = ncols or len(quantities)
+    nrows = math.ceil(len(quantities) / ncols)
+    fig = _figure(3.5 * ncols, 2.8 * nrows + 0.4)
+    fig.set_layout_engine("constrained")
+    styles = _method_styles(runs)
+    axes, drawn = [], False
+    for i, q in enumerate(quantities):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        drawn |= _draw_quantity(ax, runs, q, styles)
+        axes.append(ax)
+    if not drawn:
         return None
-    fig = _figure(3.2 * len(data), 3.2)
-    for i, (m, r) in enumerate(data.items()):
-        ax = fig.add_subplot(1, len(data), i + 1)
-        pairs = [(a, b) for a, b in zip(r["prob_new_at_edit"], r["prob_new_now"]) if a is not None and b is not None]
-        if pairs:
-            ax.scatter([a for a, _ in pairs], [b for _, b in pairs], s=6, alpha=0.6, c=list(range(len(pairs))),
-                       cmap="viridis")
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{m} (n={r['n_edits']})", fontsize=9)
-        ax.set_xlabel("P(new) right after the edit", fontsize=8)
-        if i == 0:
-            ax.set_ylabel("P(new) now", fontsize=8)
-    return save_figure(fig, plot_dir / "edit_probs.png")
+    fig.suptitle(title, fontsize=11)
+    legend_outside(fig, axes, title="method")
+    return fig
 
 
-def render_plots(out_dir: str | Path) -> list[tuple[str, Path]]:
-    """All plots of ``out_dir``; returns (title, path) pairs."""
+def forgetting_figure(runs: dict[str, list[dict]]):
+    """Left: mean forgetting against the number of edits; right: forgetting per block at the last checkpoint."""
+    import numpy as np
+
+    finals = {m: recs[-1] for m, recs in runs.items() if recs and recs[-1].get("forgetting_blocks")}
+    if not finals:
+        return None
+    styles = _method_styles(runs)
+    fig = _figure(8.0, 3.2)
+    fig.set_layout_engine("constrained")
+    ax = fig.add_subplot(1, 2, 1)
+    _draw_quantity(ax, runs, Quantity("forgetting_mean", "mean over blocks of edits", "efficacy at edit − now"), styles)
+    ax.axhline(0, color="k", lw=0.6)
+    ax2 = fig.add_subplot(1, 2, 2)
+    blocks = max(finals.values(), key=lambda r: len(r["forgetting_blocks"]))["forgetting_blocks"]
+    width = 0.8 / len(finals)
+    for i, (m, r) in enumerate(finals.items()):
+        xs = np.arange(len(r["forgetting_blocks"])) + (i - (len(finals) - 1) / 2) * width
+        ys = [_num(b.get("forgetting")) for b in r["forgetting_blocks"]]
+        # the edge keeps a zero bar visible as a coloured line at 0 (zero is not missing)
+        ax2.bar(xs, [0.0 if y is None else y for y in ys], width, color=styles[m]["color"],
+                edgecolor=styles[m]["color"], linewidth=1.5, label=m)
+    ax2.set_xticks(range(len(blocks)))
+    ax2.set_xticklabels([f"{b['start'] + 1}–{b['end']}" for b in blocks], fontsize=8,
+                        rotation=0 if len(blocks) <= 6 else 45)
+    ax2.set_xlabel("edits in the block (stream order)")
+    ax2.set_ylabel("efficacy at edit − now")
+    ax2.set_title(f"per block, after all {max(r['n_edits'] for r in finals.values())} edits", fontsize=9.5)
+    ax2.axhline(0, color="k", lw=0.6)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.suptitle("Forgetting: success right after each edit minus success now", fontsize=11)
+    legend_outside(fig, [ax, ax2], title="method")
+    return fig
+
+
+def interference_figure(runs: dict[str, list[dict]]):
+    """Measured (line) vs predicted Σ p δ (hollow markers) shift of probe keys' values; relative error (log)."""
+    from matplotlib.lines import Line2D
+
+    have = {m: recs for m, recs in runs.items() if any(_get(r, "interference.o") for r in recs)}
+    if not have:
+        return None
+    styles = _method_styles(runs)
+    fig = _figure(10.5, 3.2)
+    fig.set_layout_engine("constrained")
+    axes = []
+    for i, (part, title) in enumerate((("o", "untouched probe keys"), ("e", "earlier edits' keys"))):
+        ax = fig.add_subplot(1, 3, i + 1)
+        for m, recs in have.items():
+            pts = [(r["n_edits"], _num(_get(r, f"interference.{part}.meas_shift_mean")),
+                    _num(_get(r, f"interference.{part}.pred_shift_mean"))) for r in recs]
+            meas = [(x, y) for x, y, _ in pts if y is not None]
+            pred = [(x, y) for x, _, y in pts if y is not None]
+            if meas:
+                ax.plot(*zip(*meas), color=styles[m]["color"], lw=1.4, marker=".", label=m)
+            if pred:
+                ax.plot(*zip(*pred), ls="none", marker="o", ms=8, mfc="none", color=styles[m]["color"])
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("number of edits")
+        ax.set_ylabel("mean ‖Δv‖")
+        count_ticks(ax.xaxis, [r["n_edits"] for recs in have.values() for r in recs])
+        ax.grid(alpha=0.3)
+        axes.append(ax)
+    ax = fig.add_subplot(1, 3, 3)
+    for m, recs in have.items():
+        for part, ls in (("o", "-"), ("e", "--")):
+            pts = [(r["n_edits"], _num(_get(r, f"interference.{part}.rel_error"))) for r in recs]
+            pts = [(x, y) for x, y in pts if y is not None and y > 0]
+            if pts:
+                ax.plot(*zip(*pts), ls=ls, color=styles[m]["color"], marker=styles[m]["marker"], ms=4)
+    ax.set_yscale("log")
+    ax.set_title("identity error ‖pred − meas‖/‖meas‖", fontsize=9.5)
+    ax.set_xlabel("number of edits")
+    count_ticks(ax.xaxis, [r["n_edits"] for recs in have.values() for r in recs])
+    ax.grid(alpha=0.3)
+    axes.append(ax)
+    handles = [Line2D([], [], color=styles[m]["color"], lw=2) for m in have]
+    labels = list(have)
+    handles += [Line2D([], [], color="k", lw=1.4, marker="."), Line2D([], [], color="k", ls="none", marker="o",
+                                                                        mfc="none", ms=8),
+                Line2D([], [], color="k", ls="--")]
+    labels += ["measured (W − W₀)k", "predicted Σ p δ", "error on earlier edits"]
+    fig.suptitle("Interference at the edited layer: predicted vs measured", fontsize=11)
+    legend_outside(fig, axes, handles, labels)
+    return fig
+
+
+def edit_probs_figure(probs: dict[str, dict]):
+    """One row per method: every edit's P(new) right after it (hollow) and now (filled), joined by a stem."""
+    if not probs:
+        return None
+    from matplotlib.lines import Line2D
+
+    n_max = max(len(r.get("prob_new_at_edit") or []) for r in probs.values())
+    fig = _figure(min(11.0, max(6.5, 0.09 * n_max + 4.0)), 1.45 * len(probs) + 0.9)
+    fig.set_layout_engine("constrained")
+    axes = []
+    for i, (m, r) in enumerate(probs.items()):
+        ax = fig.add_subplot(len(probs), 1, i + 1, sharex=axes[0] if axes else None)
+        at, now = r.get("prob_new_at_edit") or [], r.get("prob_new_now") or []
+        color = series_style(i)["color"]
+        rows = [(k + 1, _num(a), _num(b)) for k, (a, b) in enumerate(zip(at, now))]
+        both = [(x, a, b) for x, a, b in rows if a is not None and b is not None]
+        ms = 5 if n_max <= 60 else 3 if n_max <= 300 else 1.5
+        if both:
+            ax.vlines([x for x, _, _ in both], [a for _, a, _ in both], [b for _, _, b in both], color="0.6", lw=0.8)
+        ax.plot([x for x, a, _ in rows if a is not None], [a for _, a, _ in rows if a is not None], ls="none",
+                marker="o", ms=ms, mfc="white", mec="0.35")
+        ax.plot([x for x, _, b in rows if b is not None], [b for _, _, b in rows if b is not None], ls="none",
+                marker="o", ms=ms, color=color)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_yticks([0, 0.5, 1])
+        ax.set_ylabel("P(new)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{m}: after {r['n_edits']} edits", fontsize=9.5, loc="left")
+        integer_ticks(ax.xaxis)
+        axes.append(ax)
+    axes[-1].set_xlabel("edit (stream order)")
+    for ax in axes[:-1]:
+        ax.tick_params(labelbottom=False)
+    handles = [Line2D([], [], ls="none", marker="o", mfc="white", mec="0.35"),
+               Line2D([], [], ls="none", marker="o", color="0.3"), Line2D([], [], color="0.6")]
+    legend_outside(fig, axes, handles, ["right after its edit", "now (method's colour)", "change"])
+    fig.suptitle("Probability of each edit's new object", fontsize=11)
+    return fig
+
+
+def render_plots(out_dir: str | Path) -> list[Figure]:
+    """All figures of a lifelong run folder (PNGs in ``out_dir/plots``), with their captions."""
     out_dir = Path(out_dir)
     runs = load_metrics(out_dir)
     plot_dir = out_dir / "plots"
-    made = []
-    for name, title, ylabel, series, logy in CURVES:
-        p = _curve_plot(runs, name, title, ylabel, series, logy, plot_dir)
-        if p is not None:
-            made.append((title, p))
-    for title, fn in (("Forgetting per block", lambda: _forgetting_blocks_plot(runs, plot_dir)),
-                      ("Probability of each edit's target: right after the edit vs now",
-                       lambda: _edit_probs_plot(out_dir, runs, plot_dir))):
-        p = fn()
-        if p is not None:
-            made.append((title, p))
+    made: list[Figure] = []
+
+    def keep(fig, name: str, alt: str, caption: str) -> None:
+        if fig is not None:
+            made.append(Figure(save_figure(fig, plot_dir / f"{name}.png"), alt, caption))
+
+    for spec in CURVE_FIGURES[:2]:
+        keep(curves_figure(runs, spec.title, spec.quantities), spec.name, spec.title, spec.caption)
+    keep(curves_figure(runs, "Knowledge the edits did not target", knowledge_quantities(runs)), "knowledge",
+         "Knowledge the edits did not target", KNOWLEDGE_CAPTION)
+    keep(forgetting_figure(runs), "forgetting", "Forgetting",
+         "Positive bars are edits that worked when made and no longer do. Look for bars that grow towards the "
+         "left (old edits worn away by later ones); negative values mean later edits repaired earlier ones.")
+    keep(edit_probs_figure(load_edit_probs(out_dir, list(runs))), "edit_probs", "Per-edit probability",
+         "Each column is one edit: hollow is P(new) right after it was made, filled is P(new) now; the grey stem "
+         "is the change since. Long downward stems, especially among the early edits (left), are forgetting.")
+    spec = CURVE_FIGURES[2]
+    keep(curves_figure(runs, spec.title, spec.quantities, ncols=2), spec.name, spec.title, spec.caption)
+    keep(interference_figure(runs), "interference", "Interference",
+         "Lines are the measured change of probe keys' values, hollow markers the prediction Σᵢ p(kᵢ,kⱼ)δᵢ. "
+         "Hollow markers sitting on the lines (and a small error, right) confirm that the closed-form "
+         "interference explains the damage.")
     return made
 
 
-def _fmt(v) -> str:
-    v2 = _num(v)
-    if v2 is None:
-        return "–"
-    if abs(v2) >= 1000 or (0 < abs(v2) < 1e-3):
-        return f"{v2:.3g}"
-    return f"{v2:.3f}"
+# ------------------------------------------------------------------------------------------ tables
+def _ci_text(p, n) -> str | None:
+    ci = wilson(_num(p), n)
+    return None if ci is None else f"{ci[0]:.2f}–{ci[1]:.2f}"
+
+
+TABLE_COLS = [("efficacy_all", "efficacy"), ("efficacy_last_block", "efficacy (last block)"),
+              ("paraphrase_all", "paraphrase"), ("neighborhood_all", "neighbourhood"), ("score_all", "S"),
+              ("forgetting_mean", "forgetting"), ("untouched_retention", "untouched retention"),
+              ("untouched_retention_other_subjects", "retention, never-edited subjects"),
+              ("untouched_retention_edited_subjects", "retention, edited subjects"),
+              ("untouched_recall", "untouched recall"), ("all_facts_recall", "all-facts recall"),
+              ("perplexity", "perplexity"), ("w_l1_rel_mean", "L1 rel."), ("delta_fro_total", "‖ΔW‖_F"),
+              ("v_target_norm_all", "‖v*‖"), ("edit_s", "edit time (s)")]
 
 
 def final_table(runs: dict[str, list[dict]]) -> list[dict]:
+    """The last checkpoint of each method as a flat row (also what ``superedit lifelong`` prints)."""
     rows = []
     for m, recs in runs.items():
         if not recs:
@@ -212,6 +433,8 @@ def final_table(runs: dict[str, list[dict]]) -> list[dict]:
         r = recs[-1]
         row = {"method": m, "n_edits": r["n_edits"]}
         row.update({k: r.get(k) for k, _ in TABLE_COLS})
+        row["efficacy_ci"] = _ci_text(r.get("efficacy_all"), n_edits(r))
+        row["untouched_retention_ci"] = _ci_text(r.get("untouched_retention"), n_recalled(r))
         inter = r.get("interference") or {}
         for s in ("o", "e"):
             if s in inter:
@@ -221,61 +444,70 @@ def final_table(runs: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-def write_report(out_dir: str | Path) -> Path:
-    """``out_dir/report.html`` from metrics.jsonl (+ edit_probs.jsonl); returns its path."""
-    out_dir = Path(out_dir)
-    runs = load_metrics(out_dir)
-    plots = render_plots(out_dir)
-    rows = final_table(runs)
-    cols = [("method", "method"), ("n_edits", "edits")] + TABLE_COLS
-    extra = [c for c in ("interference_o_rel_error", "interference_o_top5_share", "interference_e_rel_error",
-                         "interference_e_top5_share") if any(c in r for r in rows)]
-    cols += [(c, c.replace("interference_", "interf. ").replace("_", " ")) for c in extra]
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in cols)
-    body = ""
-    for r in rows:
-        cells = "".join(f"<td>{html.escape(str(r.get(k))) if k in ('method', 'n_edits') else _fmt(r.get(k))}</td>"
-                        for k, _ in cols)
-        body += f"<tr>{cells}</tr>\n"
-    imgs = ""
-    for title, p in plots:
-        data = base64.b64encode(p.read_bytes()).decode("ascii")
-        imgs += (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-                 f"<figcaption>{html.escape(title)}</figcaption></figure>\n")
-    n_ckpt = sum(len(v) for v in runs.values())
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>superedit lifelong editing report</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 12px; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }}
-th {{ background: #f3f3f3; }}
-td:first-child {{ text-align: left; font-weight: bold; }}
-figure {{ display: inline-block; margin: 0.6em; vertical-align: top; }}
-figcaption {{ font-size: 11px; color: #555; max-width: 640px; }}
-img {{ max-width: 640px; }}
-</style></head><body>
-<h1>Lifelong editing</h1>
-<p>{len(runs)} method(s), {n_ckpt} checkpoint record(s) from <code>metrics.jsonl</code>.
-Success = mean-token NLL(new) &lt; NLL(true) (CounterFact). Forgetting = efficacy right after each edit minus
-efficacy now, per block of edits. Untouched retention = share of the probe facts the base model recalled
-(teacher-forced) that are still recalled. Interference: predicted Σᵢ p(kᵢ,kⱼ)δᵢ vs measured (W − W₀)kⱼ at the
-edited layer (single-layer rank-one methods).</p>
-<h2>Final figures</h2>
-<table><tr>{head}</tr>
-{body}</table>
-<h2>Curves</h2>
-{imgs}
-</body></html>
-"""
-    path = out_dir / "report.html"
-    write_text_atomic(path, page)
-    return path
-
-
 def summary_rows(out_dir: str | Path) -> list[dict]:
     """The final-figures table as dicts (for the CLI)."""
     return final_table(load_metrics(out_dir))
 
 
-__all__: Sequence[str] = ["write_report", "render_plots", "load_metrics", "final_table", "summary_rows"]
+def _tables(rows: list[dict]) -> list[Table]:
+    key = [Column("method", "method", "text"), Column("n_edits", "edits", "int")]
+    groups = [
+        ("Edits: success rates after the last edit (95% Wilson interval over the edits)",
+         [("efficacy_all", "efficacy"), ("efficacy_ci", "efficacy 95% interval", "text"),
+          ("efficacy_last_block", "efficacy, last block"), ("paraphrase_all", "paraphrase"),
+          ("neighborhood_all", "neighbourhood"), ("score_all", "S (harmonic mean)"),
+          ("forgetting_mean", "forgetting")]),
+        ("Knowledge the edits did not target",
+         [("untouched_retention", "untouched retention"), ("untouched_retention_ci", "95% interval", "text"),
+          ("untouched_retention_other_subjects", "never-edited subjects"),
+          ("untouched_retention_edited_subjects", "edited subjects' other facts"),
+          ("untouched_recall", "untouched recall"), ("all_facts_recall", "all-facts recall"),
+          ("perplexity", "perplexity")]),
+        ("Weights, values and cost",
+         [("w_l1_rel_mean", "‖W‖₁ / original"), ("delta_fro_total", "‖W − W₀‖_F"), ("v_target_norm_all", "mean ‖v*‖"),
+          ("edit_s", "edit time (s)"), ("interference_o_rel_error", "interference error, untouched"),
+          ("interference_o_top5_share", "top-5 share, untouched"),
+          ("interference_e_rel_error", "interference error, earlier edits"),
+          ("interference_e_top5_share", "top-5 share, earlier edits")]),
+    ]
+    tables = []
+    for caption, cols in groups:
+        present = [c for c in cols if any(r.get(c[0]) is not None for r in rows)]
+        if present:
+            tables.append(Table(key + [Column(*c) for c in present], rows, caption))
+    return tables
+
+
+def write_report(out_dir: str | Path) -> Path:
+    """``out_dir/report.html`` (and ``out_dir/plots/*.png``) from the run's saved files; returns its path."""
+    from .provenance import read_command
+
+    out_dir = Path(out_dir)
+    runs = load_metrics(out_dir)
+    run = _read_json(out_dir / "run.json")
+    figures = {f.path.stem: f for f in render_plots(out_dir)}
+    rows = final_table(runs)
+    probe = run.get("probe") or {}
+    params = read_command(out_dir).get("params", {})
+    info = [("model", params.get("model")), ("methods", ", ".join(runs)),
+            ("edits", run.get("edits") or max((r["n_edits"] for r in rows), default=0)),
+            ("batch size", run.get("batch_size")), ("checkpoint every", run.get("eval_every")),
+            ("block", run.get("block_size")), ("probe facts", probe.get("facts")), ("seed", run.get("seed"))]
+    pick = lambda *names: [figures[n] for n in names if n in figures]  # noqa: E731
+    sections = [
+        Section("final", "Final figures", tables=_tables(rows),
+                note="The last checkpoint of each method. Success is the CounterFact rule: mean-token NLL(new) < "
+                     "NLL(true)."),
+        Section("success", "Edit success", figures=pick("efficacy", "generalisation")),
+        Section("knowledge", "Knowledge kept", figures=pick("knowledge")),
+        Section("forgetting", "Forgetting", figures=pick("forgetting", "edit_probs")),
+        Section("drift", "Weights and interference", figures=pick("drift", "interference")),
+    ]
+    sections = [s for s in sections if s.tables or s.figures]
+    sources = ["metrics.jsonl"] + [f"{m}/edit_probs.jsonl" for m in runs if (out_dir / m / "edit_probs.jsonl").is_file()]
+    sources += [n for n in ("run.json", "command.json") if (out_dir / n).is_file()]
+    return render(Page("lifelong.html.j2", "Lifelong editing", "lifelong", out_dir, info, sections, sources))
+
+
+__all__: Sequence[str] = ["write_report", "render_plots", "load_metrics", "final_table", "summary_rows",
+                          "curves_figure", "forgetting_figure", "edit_probs_figure", "interference_figure"]

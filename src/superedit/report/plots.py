@@ -1,12 +1,18 @@
-"""Small plotting functions (matplotlib, Agg backend, imported lazily inside each function).
+"""Shared plotting pieces (matplotlib, Agg backend, imported lazily inside each function).
 
-Every function takes plain numbers (lists / arrays / tensors), writes one image atomically and
-returns its path. No pyplot global state: figures are ``matplotlib.figure.Figure`` objects drawn
-on an Agg canvas, so this is safe in threads and headless.
+Every plotting function takes plain numbers (lists / arrays / tensors) and either returns a
+``matplotlib.figure.Figure`` (the ``*_figure`` builders, which tests inspect) or writes one image
+atomically and returns its path. No pyplot global state: figures are drawn on an Agg canvas, so this
+is safe in threads and headless.
+
+House rules for every figure (issue #12): legends sit outside the axes (:func:`legend_outside`),
+counts get integer ticks (:func:`integer_ticks`), rates run from 0 to 1 (:func:`rate_axis`) unless a
+zoom is labelled, and small-n rates carry 95% Wilson intervals (:func:`wilson`).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +22,10 @@ from ..utils.io import atomic_path
 TRACE_CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 TRACE_TITLES = {"resid": "single restored layer (residual stream)", "mlp": "restored MLP output",
                 "attn": "restored attention output"}
+#: one marker per series, so that coinciding lines stay distinguishable
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+#: z for a two-sided 95% interval
+Z95 = 1.959963984540054
 
 
 def _figure(width: float, height: float):
@@ -34,6 +44,81 @@ def save_figure(fig, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, bbox_inches="tight")
     return path
+
+
+def series_style(i: int) -> dict:
+    """Colour and marker of the i-th series (a method, a setting): the same everywhere in a report."""
+    return {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)]}
+
+
+def legend_outside(fig, axes=None, handles=None, labels=None, title: str | None = None, ncol: int = 1):
+    """One legend for the whole figure, to the right of every axes (never over the data).
+
+    ``handles``/``labels`` default to the axes' labelled artists (deduplicated by label). With the
+    constrained layout engine the axes make room for it ("outside right"); otherwise it is anchored
+    just right of the rightmost axes and ``save_figure``'s tight bounding box keeps it."""
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    axes = list(axes if axes is not None else fig.axes)
+    if handles is None:
+        seen: dict[str, object] = {}
+        for ax in axes:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab and not lab.startswith("_"):
+                    seen.setdefault(lab, h)
+        handles, labels = list(seen.values()), list(seen)
+    if not handles:
+        return None
+    kw = dict(fontsize=8, frameon=False, title=title, title_fontsize=8, ncol=ncol, alignment="left")
+    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
+        return fig.legend(handles, labels, loc="outside right center", **kw)
+    right = max(ax.get_position().x1 for ax in axes) if axes else 1.0
+    return fig.legend(handles, labels, loc="center left", bbox_to_anchor=(right + 0.01, 0.5), **kw)
+
+
+def count_ticks(axis, values: Sequence[float], max_ticks: int = 10) -> None:
+    """Ticks at the given whole-number positions (e.g. the checkpoints) when there are few, else integer ticks."""
+    vals = sorted({int(v) for v in values})
+    if 0 < len(vals) <= max_ticks:
+        axis.set_ticks(vals)
+    else:
+        integer_ticks(axis)
+
+
+def integer_ticks(axis) -> None:
+    """Ticks only at whole numbers on ``axis`` (``ax.xaxis`` / ``ax.yaxis``): for counts and indices."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, nbins="auto", min_n_ticks=2))
+
+
+def rate_axis(ax, label: str = "rate", zoom: tuple[float, float] | None = None) -> None:
+    """y from 0 to 1 for a rate; a zoom is allowed only with its range written in the label."""
+    if zoom is None:
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel(label)
+    else:
+        ax.set_ylim(*zoom)
+        ax.set_ylabel(f"{label} (zoomed: {zoom[0]:g}–{zoom[1]:g})")
+
+
+def wilson(p: float | None, n: int | None, z: float = Z95) -> tuple[float, float] | None:
+    """95% Wilson score interval (lo, hi) of a share ``p`` observed on ``n`` trials (None when n < 1)."""
+    if p is None or not n or n < 1 or not math.isfinite(p):
+        return None
+    p = min(1.0, max(0.0, float(p)))
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def dodge(n_series: int, xs: Sequence[float], frac: float = 0.022) -> list[float]:
+    """Horizontal offsets (one per series) of ``frac`` of the x range, so that equal points sit side by side."""
+    xs = [float(x) for x in xs]
+    span = (max(xs) - min(xs)) if len(xs) > 1 else 1.0
+    step = frac * (span or 1.0)
+    return [(i - (n_series - 1) / 2) * step for i in range(n_series)]
 
 
 def _as_rows(grid) -> list[list[float]]:
@@ -80,16 +165,23 @@ def trace_heatmap(grid, row_labels: Sequence[str], path: str | Path, kind: str =
     return save_figure(fig, path)
 
 
-def rate_by_layer(rates: dict[str, Sequence[float]], layers: Sequence[int], path: str | Path,
-                  title: str = "", ylabel: str = "rate") -> Path:
-    """Line plot of one or more per-layer rates (e.g. state-swap transfer / keep rates)."""
+def rate_by_layer_figure(rates: dict[str, Sequence[float]], layers: Sequence[int], title: str = "",
+                         ylabel: str = "rate"):
+    """Line plot of one or more per-layer rates (e.g. state-swap transfer / keep rates): y 0–1, whole layers."""
     fig = _figure(4.5, 3.0)
     ax = fig.add_subplot(1, 1, 1)
-    for name, ys in rates.items():
-        ax.plot(list(layers), [float(y) for y in ys], marker="o", label=name)
+    for i, (name, ys) in enumerate(rates.items()):
+        ax.plot(list(layers), [float(y) for y in ys], label=name, **series_style(i))
     ax.set_xlabel("layer")
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(-0.02, 1.02)
+    integer_ticks(ax.xaxis)
+    rate_axis(ax, ylabel)
+    ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    legend_outside(fig, [ax])
+    return fig
+
+
+def rate_by_layer(rates: dict[str, Sequence[float]], layers: Sequence[int], path: str | Path,
+                  title: str = "", ylabel: str = "rate") -> Path:
+    """:func:`rate_by_layer_figure` written to ``path``."""
+    return save_figure(rate_by_layer_figure(rates, layers, title, ylabel), path)

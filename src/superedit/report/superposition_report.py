@@ -1,32 +1,36 @@
-"""Plots and a self-contained HTML report for a superposition run, built from the files it wrote.
+"""Plots and the HTML report of a superposition run, built from the files it wrote.
 
 ``render_plots(out_dir)`` reads ``stats.json``, ``kde.json`` and ``matrices/*.npy`` and writes PNGs
-under ``out_dir/plots``; ``write_report(out_dir)`` reads ``stats.json``, ``top_pairs.json`` and the
-PNGs and writes ``out_dir/report.html`` with the images embedded as base64 (nothing else is read, so
-the report can be rebuilt from a copied output folder). matplotlib (Agg) is imported inside functions.
+under ``out_dir/plots``; ``write_report(out_dir)`` reads ``stats.json``, ``top_pairs.json`` and
+``command.json`` and writes ``out_dir/report.html`` (template ``superposition.html.j2``);
+``render_scaling(out_dir)`` does the same for a ``--models`` run's ``scaling.json``. Nothing else is
+read, so a report can be rebuilt from a copied output folder. matplotlib (Agg) is imported lazily.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..utils.io import write_text_atomic
-from .plots import _figure, save_figure
+from ..errors import FileFormatError
+from .page import Column, Figure, Page, Section, Table, render
+from .plots import _figure, integer_ticks, legend_outside, save_figure
+from .provenance import read_command
+
+#: up to this many layers get a legend entry each; more get a colour bar of depth
+MAX_LAYER_LEGEND = 12
 
 
-# ---------------------------------------------------------------------------------------- single plots
-def heatmap(matrices: dict[str, Any], path: str | Path, title: str = "") -> Path:
+# ---------------------------------------------------------------------------------------- figures
+def heatmap_figure(matrices: dict[str, Any], title: str = ""):
     """One panel per matrix (e.g. P, whitening cosine, activation cosine): diverging 'RdBu_r' centred at 0."""
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
     names = list(matrices)
-    fig = _figure(4.6 * len(names), 3.9)
+    fig = _figure(4.2 * len(names), 3.9)
     fig.set_layout_engine("constrained")
     for i, name in enumerate(names):
         M = np.asarray(matrices[name], dtype=float)
@@ -34,44 +38,72 @@ def heatmap(matrices: dict[str, Any], path: str | Path, title: str = "") -> Path
         finite = M[np.isfinite(M)]
         lim = float(np.max(np.abs(finite))) if finite.size else 1.0
         lim = lim if lim > 0 else 1.0
-        norm = TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim)
-        im = ax.imshow(M, cmap="RdBu_r", norm=norm, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        im = ax.imshow(M, cmap="RdBu_r", norm=TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim), interpolation="nearest")
+        ax.set_title(name, fontsize=9.5)
         ax.set_xlabel("item j")
         ax.set_ylabel("item i")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        integer_ticks(ax.xaxis)
+        integer_ticks(ax.yaxis)
+        fig.colorbar(im, ax=ax, shrink=0.85)
     if title:
-        fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+        fig.suptitle(title, fontsize=11)
+    return fig
 
 
-def kde_plot(kdes: dict[str, dict], path: str | Path, title: str = "Off-diagonal p(kᵢ,kⱼ) density per layer") -> Path:
-    """KDE curves of off-diagonal P, one line per layer (colour = depth)."""
+def heatmap(matrices: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    return save_figure(heatmap_figure(matrices, title), path)
+
+
+def _layer_colours(layers: Sequence[str]):
     from matplotlib import colormaps
 
-    fig = _figure(6.4, 4.0)
+    cmap = colormaps["viridis"]
+    return {l: cmap(n / max(1, len(layers) - 1)) for n, l in enumerate(layers)}
+
+
+def _layer_key(fig, axes, layers: Sequence[str], colours) -> None:
+    """Layers as a legend outside the axes (few) or as a colour bar of depth (many)."""
+    if len(layers) <= MAX_LAYER_LEGEND:
+        legend_outside(fig, axes, title="layer", ncol=1 if len(layers) <= 8 else 2)
+        return
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    sm = ScalarMappable(norm=Normalize(int(layers[0]), int(layers[-1])), cmap=colormaps["viridis"])
+    fig.colorbar(sm, ax=axes, label="layer")
+
+
+def kde_figure(kdes: dict[str, dict], title: str = "Off-diagonal p(kᵢ,kⱼ) density per layer"):
+    """KDE curves of off-diagonal P, one line per layer (colour = depth)."""
+    fig = _figure(6.4, 3.8)
+    fig.set_layout_engine("constrained")
     ax = fig.add_subplot(1, 1, 1)
     layers = sorted(kdes, key=int)
-    cmap = colormaps["viridis"]
-    for n, l in enumerate(layers):
-        c = cmap(n / max(1, len(layers) - 1))
-        ax.plot(kdes[l]["x"], kdes[l]["y"], color=c, lw=1.3, label=f"L{l}")
+    colours = _layer_colours(layers)
+    for l in layers:
+        ax.plot(kdes[l]["x"], kdes[l]["y"], color=colours[l], lw=1.4, label=str(l))
     ax.axvline(0.0, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("p(kᵢ, kⱼ), i ≠ j")
     ax.set_ylabel("density (Gaussian KDE)")
     ax.set_title(title, fontsize=10)
-    if len(layers) <= 16:
-        ax.legend(fontsize=7, ncol=2)
-    return save_figure(fig, path)
+    ax.grid(alpha=0.3)
+    _layer_key(fig, [ax], layers, colours)
+    return fig
 
 
-def angle_plot(wcos, acos, path: str | Path, layer: int | str = "", bins: int = 90) -> Path:
+def kde_plot(kdes: dict[str, dict], path: str | Path, title: str = "Off-diagonal p(kᵢ,kⱼ) density per layer") -> Path:
+    return save_figure(kde_figure(kdes, title), path)
+
+
+def angle_figure(wcos, acos, layer: int | str = "", bins: int = 90):
     """Histogram of pairwise angles (degrees) in whitening vs activation space, modes marked."""
     import numpy as np
 
     from ..analysis.superposition import angle_mode, angles_deg, offdiag
 
-    fig = _figure(6.0, 3.8)
+    fig = _figure(6.4, 3.4)
+    fig.set_layout_engine("constrained")
     ax = fig.add_subplot(1, 1, 1)
     for cos, name, colour in ((wcos, "whitening C^-1/2", "tab:red"), (acos, "activation", "tab:blue")):
         a = angles_deg(offdiag(np.asarray(cos)))
@@ -80,56 +112,77 @@ def angle_plot(wcos, acos, path: str | Path, layer: int | str = "", bins: int = 
         ax.axvline(mode, color=colour, lw=1.0, ls="--")
     ax.axvline(90, color="grey", lw=0.6, ls=":")
     ax.set_xlim(0, 180)
+    ax.set_xticks(range(0, 181, 30))
     ax.set_xlabel("angle between keys (degrees)")
     ax.set_ylabel("density")
     ax.set_title(f"Key angles, layer {layer}", fontsize=10)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    legend_outside(fig, [ax])
+    return fig
 
 
-def kurtosis_by_layer_plot(rows: Sequence[dict], path: str | Path) -> Path:
-    fig = _figure(6.0, 3.6)
+def angle_plot(wcos, acos, path: str | Path, layer: int | str = "", bins: int = 90) -> Path:
+    return save_figure(angle_figure(wcos, acos, layer, bins), path)
+
+
+def kurtosis_by_layer_figure(rows: Sequence[dict]):
+    fig = _figure(6.0, 3.4)
+    fig.set_layout_engine("constrained")
     ax = fig.add_subplot(1, 1, 1)
-    xs = [r["layer"] for r in rows]
+    xs = [int(r["layer"]) for r in rows]
     ys = [_num(r.get("kurtosis")) for r in rows]
     ax.plot(xs, ys, marker="o", color="tab:purple")
     ax.axhline(0.0, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("layer")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("excess kurtosis of off-diagonal P")
-    ax.set_title("Kurtosis by layer (0 = Gaussian; large = sparse, near-orthogonal superposition)", fontsize=9)
-    return save_figure(fig, path)
+    ax.set_title("Kurtosis by layer (0 = Gaussian)", fontsize=10)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def kurtosis_by_layer_plot(rows: Sequence[dict], path: str | Path) -> Path:
+    return save_figure(kurtosis_by_layer_figure(rows), path)
+
+
+def m_convergence_figure(conv: dict[str, list[dict]]):
+    from matplotlib.ticker import NullLocator
+
+    fig = _figure(6.4, 3.6)
+    fig.set_layout_engine("constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    layers = sorted(conv, key=int)
+    colours = _layer_colours(layers)
+    ms = sorted({int(p["m"]) for pts in conv.values() for p in pts})
+    for l in layers:
+        pts = conv[l]
+        ax.plot([p["m"] for p in pts], [_num(p.get("kurtosis")) for p in pts], marker="o", ms=3,
+                color=colours[l], label=str(l))
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(ms)
+    ax.set_xticklabels([str(m) for m in ms])
+    ax.set_xlabel("m, items (nested subsets of one seeded permutation)")
+    ax.set_ylabel("excess kurtosis")
+    ax.set_title("m-convergence of the kurtosis", fontsize=10)
+    ax.grid(alpha=0.3)
+    _layer_key(fig, [ax], layers, colours)
+    return fig
 
 
 def m_convergence_plot(conv: dict[str, list[dict]], path: str | Path) -> Path:
-    from matplotlib import colormaps
-
-    fig = _figure(6.0, 3.8)
-    ax = fig.add_subplot(1, 1, 1)
-    layers = sorted(conv, key=int)
-    cmap = colormaps["viridis"]
-    for n, l in enumerate(layers):
-        pts = conv[l]
-        ax.plot([p["m"] for p in pts], [_num(p.get("kurtosis")) for p in pts], marker="o", ms=3,
-                color=cmap(n / max(1, len(layers) - 1)), label=f"L{l}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("m (nested subsets of one seeded permutation)")
-    ax.set_ylabel("excess kurtosis")
-    ax.set_title("m-convergence of the kurtosis", fontsize=10)
-    if len(layers) <= 16:
-        ax.legend(fontsize=7, ncol=2)
-    return save_figure(fig, path)
+    return save_figure(m_convergence_figure(conv), path)
 
 
-def scaling_plot(rows: Sequence[dict], path: str | Path) -> Path:
+def scaling_figure(rows: Sequence[dict]):
     """Kurtosis vs parameter count; points coloured by relative depth, per-model mean and max lines."""
     import numpy as np
     from matplotlib.colors import Normalize
 
-    fig = _figure(6.4, 4.2)
+    fig = _figure(7.0, 4.0)
+    fig.set_layout_engine("constrained")
     ax = fig.add_subplot(1, 1, 1)
-    norm = Normalize(0.0, 1.0)
     sc = ax.scatter([r["n_params"] for r in rows], [_num(r.get("kurtosis")) for r in rows],
-                    c=[r["relative_depth"] for r in rows], cmap="viridis", norm=norm, s=22, zorder=3)
+                    c=[r["relative_depth"] for r in rows], cmap="viridis", norm=Normalize(0.0, 1.0), s=22, zorder=3)
     models: dict[str, list[dict]] = {}
     for r in rows:
         models.setdefault(r["model"], []).append(r)
@@ -139,15 +192,21 @@ def scaling_plot(rows: Sequence[dict], path: str | Path) -> Path:
         ys = [float(agg([_num(r.get("kurtosis")) for r in rs])) for rs in ordered]
         ax.plot(xs, ys, style, color="black", lw=1.0, label=label)
     for rs in ordered:
-        ax.annotate(str(rs[0]["model"]).split("/")[-1], (rs[0]["n_params"], _num(rs[0].get("kurtosis"))),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+        top = max(_num(r.get("kurtosis")) for r in rs)
+        ax.annotate(str(rs[0]["model"]).split("/")[-1], (rs[0]["n_params"], top if math.isfinite(top) else 0),
+                    fontsize=7.5, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("excess kurtosis of off-diagonal P")
     ax.set_title("Superposition scaling law", fontsize=10)
-    fig.colorbar(sc, ax=ax, label="relative depth l/(L-1)")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    ax.grid(alpha=0.3)
+    fig.colorbar(sc, ax=ax, label="relative depth l/(L−1)")
+    legend_outside(fig, [ax])
+    return fig
+
+
+def scaling_plot(rows: Sequence[dict], path: str | Path) -> Path:
+    return save_figure(scaling_figure(rows), path)
 
 
 def _num(x) -> float:
@@ -155,13 +214,43 @@ def _num(x) -> float:
 
 
 # ---------------------------------------------------------------------------------------- run folders
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file; the report is drawn from the files {what} writes: "
+                              f"run it with --out {path.parent} first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise FileFormatError(f"{path}: not valid JSON ({exc}); rerun {what} or repair the file") from exc
+
+
+CAPTIONS = {
+    "kurtosis_by_layer": "0 is a Gaussian spread of p(kᵢ,kⱼ); large values mean most pairs of facts are nearly "
+                         "orthogonal in the whitening space and a few strongly superposed. Look for the layers that "
+                         "stand out: an edit there leaks into few, specific other facts.",
+    "kde_P": "Look at the width of each curve around 0: narrow means an edit of one fact barely moves the others' "
+             "values at that layer; heavy tails are the few pairs that do interfere.",
+    "m_convergence": "The statistic on nested subsets of the items. Curves that flatten towards the right mean m "
+                     "is large enough to trust the kurtosis; curves still moving mean more items are needed.",
+    "heatmap": "Row i, column j: the fraction of an edit of item i that reaches item j (P), and the two cosines. "
+               "Look for saturated off-diagonal cells: pairs of facts that an edit of one would disturb; the "
+               "whitening cosine should be paler than the activation cosine.",
+    "angles": "Angles between the keys of different facts. Look at how far the whitening-space mode (red) sits "
+              "from 90° compared to the raw activations (blue): near 90° means nearly orthogonal keys, which a "
+              "closed-form edit can separate.",
+    "scaling": "Each dot is one layer of one model (colour: relative depth); lines follow the mean and maximum "
+               "over layers. Look for whether the kurtosis grows with model size, and only compare models "
+               "trained on the same world with a similar budget (table below).",
+}
+
+
 def render_plots(out_dir: str | Path) -> list[Path]:
     """All plots of a superposition run folder, from its saved files."""
     import numpy as np
 
     out = Path(out_dir)
-    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
-    kdes = json.loads((out / "kde.json").read_text(encoding="utf-8"))
+    stats = _load_json(out / "stats.json", "`superedit superposition`")
+    kdes = _load_json(out / "kde.json", "`superedit superposition`")
     plots = out / "plots"
     written = []
     for row in stats["layers"]:
@@ -176,107 +265,98 @@ def render_plots(out_dir: str | Path) -> list[Path]:
     return written
 
 
-def _img(path: Path, alt: str) -> str:
-    if not path.exists():
-        return f"<p><em>missing plot {html.escape(path.name)}</em></p>"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+def _item_text(item: dict) -> str:
+    rel = f" [{item['relation']}]" if item.get("relation") else ""
+    return f"{item.get('prompt')} → {item.get('target_true') or '?'}{rel}"
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return "–"
-        return f"{v:.4g}"
-    return html.escape(str(v))
-
-
-def _table(rows: Sequence[dict], cols: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td:nth-child(n){white-space:nowrap}img{max-width:100%;margin:.5em 0}
-.pairs td{text-align:left;white-space:normal}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}code{background:#f5f5f5}"""
+LAYER_COLUMNS = [Column("layer", "layer", "int"), Column("m", "items", "int"), Column("mean", "mean"),
+                 Column("std", "std"), Column("mean_abs", "mean |p|"), Column("max_abs", "max |p|"),
+                 Column("kurtosis", "excess kurtosis"), Column("frac_abs_gt", "share |p| > threshold"),
+                 Column("angle_mode_whitening", "angle mode, whitening (°)", "deg"),
+                 Column("angle_mode_activation", "angle mode, activation (°)", "deg"),
+                 Column("condition_number", "cond(C)")]
 
 
 def write_report(out_dir: str | Path) -> Path:
-    """``out_dir/report.html`` from stats.json, top_pairs.json and plots/*.png (images as base64)."""
+    """``out_dir/report.html`` from stats.json, top_pairs.json and plots/*.png."""
     out = Path(out_dir)
-    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
-    pairs = json.loads((out / "top_pairs.json").read_text(encoding="utf-8"))
+    stats = _load_json(out / "stats.json", "`superedit superposition`")
+    pairs = _load_json(out / "top_pairs.json", "`superedit superposition`")
     model, cfg = stats.get("model", {}), stats.get("config", {})
     plots = out / "plots"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Knowledge in superposition — "
-             f"{html.escape(str(model.get('source')))}</title><style>{_CSS}</style></head><body>",
-             "<h1>Knowledge in superposition</h1>",
-             f"<p>Model <code>{html.escape(str(model.get('source')))}</code> ({html.escape(str(model.get('family')))}, "
-             f"{_fmt(model.get('n_params'))} parameters, {_fmt(model.get('n_layers'))} layers, key size "
-             f"{_fmt(model.get('d_mlp'))}); m = {_fmt(stats.get('m'))} items (seed {_fmt(cfg.get('seed'))}), keys at "
-             f"<code>{html.escape(str(cfg.get('fact_token')))}</code>, ridge {_fmt(cfg.get('ridge'))}.</p>",
-             "<p>p(kᵢ,kⱼ) = kᵢᵀC⁻¹kⱼ / kᵢᵀC⁻¹kᵢ is the fraction of an edit of item i's value that leaks into "
-             "item j. Zero everywhere would mean the keys are orthogonal in the whitening space C^-1/2 and edits "
-             "never interfere; a high excess kurtosis means most pairs are nearly orthogonal and a few strongly "
-             "superposed.</p>",
-             "<h2>Statistics of off-diagonal P by layer</h2>",
-             _table(stats["layers"], ["layer", "m", "mean", "std", "mean_abs", "max_abs", "kurtosis", "frac_abs_gt",
-                                      "angle_mode_whitening", "angle_mode_activation", "condition_number"]),
-             f"<p>frac_abs_gt: share of |p| &gt; {_fmt(stats['layers'][0].get('threshold') if stats['layers'] else 0.1)}"
-             "; angle modes in degrees (histogram peak).</p>",
-             _img(plots / "kurtosis_by_layer.png", "kurtosis by layer"),
-             _img(plots / "kde_P.png", "KDE of off-diagonal P"),
-             "<h2>m-convergence (nested subsets)</h2>",
-             _img(plots / "m_convergence.png", "m-convergence")]
+
+    def fig(name: str, alt: str, caption_key: str) -> list[Figure]:
+        p = plots / f"{name}.png"
+        return [Figure(p, alt, CAPTIONS[caption_key])] if p.is_file() else []
+
+    layers = stats["layers"]
+    threshold = layers[0].get("threshold", 0.1) if layers else 0.1
     conv_rows = [{"layer": int(l), **p} for l, pts in stats.get("m_convergence", {}).items() for p in pts]
-    parts.append(_table(conv_rows, ["layer", "m", "kurtosis", "std", "mean_abs", "frac_abs_gt"]))
-    parts.append("<h2>Most superposed pairs</h2>")
-    prow = []
-    for p in pairs:
-        a, b = p.get("item_i") or {}, p.get("item_j") or {}
-        prow.append({"layer": p["layer"], "rank": p["rank"], "p": p["p"], "p_ji": p.get("p_ji"),
-                     "whitening_cos": p.get("whitening_cos"),
-                     "item i": f"{a.get('prompt')} → {a.get('target_true') or '?'}"
-                               + (f" [{a['relation']}]" if a.get("relation") else ""),
-                     "item j": f"{b.get('prompt')} → {b.get('target_true') or '?'}"
-                               + (f" [{b['relation']}]" if b.get("relation") else "")})
-    parts.append(_table(prow, ["layer", "rank", "p", "p_ji", "whitening_cos", "item i", "item j"])
-                 .replace("<table>", "<table class='pairs'>"))
-    for row in stats["layers"]:
+    prow = [{"layer": p["layer"], "rank": p["rank"], "p": p["p"], "p_ji": p.get("p_ji"),
+             "whitening_cos": p.get("whitening_cos"), "item_i": _item_text(p.get("item_i") or {}),
+             "item_j": _item_text(p.get("item_j") or {})} for p in pairs]
+    sections = [
+        Section("layers", "Off-diagonal P by layer",
+                note=f"share |p| > threshold uses threshold {threshold:g}; angle modes are histogram peaks.",
+                tables=[Table(LAYER_COLUMNS, layers)],
+                figures=fig("kurtosis_by_layer", "kurtosis by layer", "kurtosis_by_layer")
+                + fig("kde_P", "density of off-diagonal P per layer", "kde_P")),
+        Section("convergence", "m-convergence", figures=fig("m_convergence", "m-convergence", "m_convergence"),
+                tables=[Table([Column("layer", "layer", "int"), Column("m", "items", "int"),
+                               Column("kurtosis", "excess kurtosis"), Column("std", "std"),
+                               Column("mean_abs", "mean |p|"), Column("frac_abs_gt", "share |p| > threshold")],
+                              conv_rows)]),
+        Section("pairs", "Most superposed pairs",
+                note="p = p(kᵢ,kⱼ), the fraction of an edit of item i that reaches item j; p_ji the reverse.",
+                tables=[Table([Column("layer", "layer", "int"), Column("rank", "rank", "int"), Column("p", "p"),
+                               Column("p_ji", "p_ji"), Column("whitening_cos", "whitening cosine"),
+                               Column("item_i", "item i", "text"), Column("item_j", "item j", "text")], prow)]),
+    ]
+    for row in layers:
         l = row["layer"]
-        parts.append(f"<h2>Layer {l}</h2>")
-        parts.append(_img(plots / f"heatmap_L{l}.png", f"heatmaps layer {l}"))
-        parts.append(_img(plots / f"angles_L{l}.png", f"angles layer {l}"))
-    parts.append("</body></html>")
-    path = out / "report.html"
-    write_text_atomic(path, "\n".join(parts))
-    return path
+        sections.append(Section(f"layer-{l}", f"Layer {l}",
+                                figures=fig(f"heatmap_L{l}", f"P and cosine matrices, layer {l}", "heatmap")
+                                + fig(f"angles_L{l}", f"key angles, layer {l}", "angles")))
+    info = [("model", model.get("source")), ("family", model.get("family")), ("parameters", model.get("n_params")),
+            ("layers", model.get("n_layers")), ("key size", model.get("d_mlp")), ("items m", stats.get("m")),
+            ("seed", cfg.get("seed")), ("keys at", cfg.get("fact_token")), ("ridge", cfg.get("ridge"))]
+    info = [(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in info]
+    sources = ["stats.json", "top_pairs.json", "plots/"] + (["command.json"] if read_command(out) else [])
+    return render(Page("superposition.html.j2", "Knowledge in superposition", "superposition", out, info,
+                       sections, sources))
 
 
 def render_scaling(out_dir: str | Path) -> list[Path]:
-    """``plots/scaling_kurtosis.png`` and ``report.html`` from ``scaling.json`` (and model sub-reports' stats)."""
+    """``plots/scaling_kurtosis.png`` and ``report.html`` from ``scaling.json`` (and the per-model reports)."""
     out = Path(out_dir)
-    data = json.loads((out / "scaling.json").read_text(encoding="utf-8"))
+    data = _load_json(out / "scaling.json", "`superedit superposition --models`")
     png = scaling_plot(data["rows"], out / "plots" / "scaling_kurtosis.png")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Superposition scaling law</title>"
-             f"<style>{_CSS}</style></head><body><h1>Superposition scaling law</h1>",
-             "<p>Excess kurtosis of the off-diagonal p(kᵢ,kⱼ) per layer against model size; colour is the "
-             "relative depth l/(L-1).</p>", _img(png, "scaling"),
-             "<p>A fair comparison needs one world and a comparable training budget: the testbeds' epochs "
-             "and recall are listed (empty for models that are not testbeds).</p>",
-             _table(data["models"], ["model", "n_params", "n_layers", "train_epochs", "train_recall",
-                                     "train_paraphrase_recall", "kurtosis_mean", "kurtosis_median", "kurtosis_max"]),
-             _table(data["rows"], ["model", "n_params", "layer", "relative_depth", "kurtosis", "mean_abs", "std",
-                                   "frac_abs_gt"])]
     sub = data.get("config", {}).get("model_dirs", {})
+    sections = [
+        Section("law", "Kurtosis against model size", figures=[Figure(png, "superposition scaling law",
+                                                                       CAPTIONS["scaling"])]),
+        Section("models", "Models",
+                note="A fair comparison needs one world and a comparable training budget: the testbeds' epochs and "
+                     "recall are listed (empty for models that are not testbeds).",
+                tables=[Table([Column("model", "model", "text"), Column("n_params", "parameters", "int"),
+                               Column("n_layers", "layers", "int"), Column("train_epochs", "training epochs", "int"),
+                               Column("train_recall", "training recall"),
+                               Column("train_paraphrase_recall", "paraphrase recall"),
+                               Column("kurtosis_mean", "kurtosis, mean"), Column("kurtosis_median", "kurtosis, median"),
+                               Column("kurtosis_max", "kurtosis, max")], data["models"])]),
+        Section("layers", "Per layer",
+                tables=[Table([Column("model", "model", "text"), Column("n_params", "parameters", "int"),
+                               Column("layer", "layer", "int"), Column("relative_depth", "relative depth"),
+                               Column("kurtosis", "excess kurtosis"), Column("mean_abs", "mean |p|"),
+                               Column("std", "std"), Column("frac_abs_gt", "share |p| > threshold")], data["rows"])]),
+    ]
     if sub:
-        parts.append("<h2>Per-model reports</h2><ul>" + "".join(
-            f"<li><a href='{html.escape(d)}/report.html'>{html.escape(m)}</a></li>" for m, d in sub.items()) + "</ul>")
-    parts.append("</body></html>")
-    path = out / "report.html"
-    write_text_atomic(path, "\n".join(parts))
+        sections.append(Section("reports", "Per-model reports",
+                                links=[(f"{d}/report.html", m) for m, d in sub.items()]))
+    cfg = data.get("config", {})
+    info = [("models", len(data["models"])), ("items m", cfg.get("m")), ("seed", cfg.get("seed")),
+            ("keys at", cfg.get("fact_token")), ("ridge", cfg.get("ridge"))]
+    sources = ["scaling.json"] + (["command.json"] if read_command(out) else [])
+    path = render(Page("scaling.html.j2", "Superposition scaling law", "superposition", out, info, sections, sources))
     return [png, path]

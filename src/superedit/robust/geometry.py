@@ -20,6 +20,7 @@ C is factorised once (Cholesky, :class:`superedit.stats.whitening.Whitener`); ne
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -134,17 +135,37 @@ def value_norms(adapter, requests: Sequence, key_sets: Sequence[dict], layer: in
     return out
 
 
-def run_geometry(adapter, requests: Sequence, psets: Sequence[PerturbationSet], layer: int, stats, out_dir,
+@dataclass
+class GeometryResult:
+    """What :func:`run_geometry` measured. ``save(dir)`` writes ``geometry.json`` (everything but the hits)
+    and ``similar_keys.jsonl`` (one record per similar-but-unrelated corpus position);
+    :mod:`superedit.report.keys_report` renders those files."""
+
+    geometry: dict
+    similar: list[dict]
+
+    def save(self, out_dir) -> list:
+        from pathlib import Path
+
+        from ..utils.io import write_json_atomic, write_jsonl_atomic
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "geometry.json", self.geometry)
+        write_jsonl_atomic(out / "similar_keys.jsonl", self.similar)
+        return [out / "geometry.json", out / "similar_keys.jsonl"]
+
+    def summary(self) -> dict:
+        """The scalar part (what the command prints): no distributions, PCA coordinates or per-key norms."""
+        return {k: v for k, v in self.geometry.items() if k not in ("distributions", "pca", "value_norms")}
+
+
+def run_geometry(adapter, requests: Sequence, psets: Sequence[PerturbationSet], layer: int, stats,
                  corpus_texts: Sequence[str] = (), ridge: float = 0.0, top: int = 10, n_docs: int = 200,
-                 edit_hp=None, seed: int = 0, fact_token: str = "subject_last") -> dict:
-    """All analyses; writes geometry.json, similar_keys.jsonl, plots/ and report.html into ``out_dir``."""
-    from pathlib import Path
-
+                 edit_hp=None, seed: int = 0, fact_token: str = "subject_last") -> GeometryResult:
+    """All analyses at ``layer``; returns a :class:`GeometryResult` (nothing is written or drawn here)."""
     from ..stats.whitening import Whitener
-    from ..utils.io import write_json_atomic, write_jsonl_atomic
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     whitener = Whitener(stats.mom2(layer), ridge=ridge, layer=layer)
     key_sets = [variant_keys(adapter, r, p, layer, fact_token) for r, p in
                 progress(list(zip(requests, psets)), total=len(requests), desc="variant keys")]
@@ -172,16 +193,10 @@ def run_geometry(adapter, requests: Sequence, psets: Sequence[PerturbationSet], 
         return {"n": int(a.size), "mean": float(a.mean()) if a.size else None,
                 "median": float(np.median(a)) if a.size else None}
 
-    result = {"layer": layer, "n_requests": len(requests), "ridge": ridge,
-              "condition_number": whitener.condition_number,
-              "same_subject": {k: {m: summ(v[m]) for m in ("whiten", "cos")} for k, v in dist["same"].items()},
-              "random_pairs": {m: summ(dist["random"][m]) for m in ("whiten", "cos")},
-              "distributions": dist, "pca": pca, "value_norms": norms,
-              "similar_keys_mean_cos": summ([s["whitening_cos"] for s in similar])}
-    write_json_atomic(out / "geometry.json", result)
-    write_jsonl_atomic(out / "similar_keys.jsonl", similar)
-    from ..report.robust_report import render_keys_plots, write_keys_report
-
-    render_keys_plots(out)
-    write_keys_report(out)
-    return {k: v for k, v in result.items() if k not in ("distributions", "pca", "value_norms")}
+    geometry = {"layer": layer, "n_requests": len(requests), "ridge": ridge,
+                "condition_number": whitener.condition_number,
+                "same_subject": {k: {m: summ(v[m]) for m in ("whiten", "cos")} for k, v in dist["same"].items()},
+                "random_pairs": {m: summ(dist["random"][m]) for m in ("whiten", "cos")},
+                "distributions": dist, "pca": pca, "value_norms": norms,
+                "similar_keys_mean_cos": summ([s["whitening_cos"] for s in similar])}
+    return GeometryResult(geometry, similar)
