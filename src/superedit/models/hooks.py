@@ -12,6 +12,14 @@ Example::
 
 Hooks are always removed on exit, also when the forward raises. A ``StopForward`` raised by
 ``stop_after`` is swallowed by the context manager.
+
+:class:`StartAt` resumes a forward pass at a block from that block's cached input (the blocks
+below compute nothing), for loops whose changes all lie at or above one layer (v* optimisation)::
+
+    with Trace(adapter, reads=[("resid", 3)], stop_after=True) as tr:
+        adapter.model(**batch)                              # blocks 0..3, once
+    with StartAt(adapter, 4, tr["resid", 3], tr.arity["resid", 3]):
+        logits = adapter.model(**batch).logits              # blocks 4.. only, same logits
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ class Trace:
         self.stop_after = stop_after
         self.detach = detach
         self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        #: how each hooked module returned its tensor: None (a bare tensor) or the tuple's length
+        #: (what :class:`StartAt` needs to stand in for a block)
+        self.arity: dict[tuple[str, int], int | None] = {}
         self._handles: list = []
         sites = set(self.reads) | set(self.edits)
         for site, layer in sites:
@@ -87,6 +98,7 @@ class Trace:
     def _make_output_hook(self, key):
         def hook(module, args, out):
             tensor, rebuild = _split(out)
+            self.arity[key] = None if isinstance(out, torch.Tensor) else len(out)
             new = self._process(key, tensor)
             result = rebuild(new) if key in self.edits else None
             self._maybe_stop(key)
@@ -124,6 +136,59 @@ class Trace:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.remove()
         return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+class StartAt:
+    """Run forward passes from block ``layer`` on, from its cached input ``hidden``.
+
+    Inside the ``with``, blocks ``0 .. layer-1`` are replaced by stand-ins that compute nothing and
+    return ``hidden`` (batch, seq, d_model) — the residual entering block ``layer``, i.e. what block
+    ``layer-1`` returned (``Trace`` site ``("resid", layer-1)``) for the SAME batch. Everything the model
+    computes outside its blocks (embeddings, position ids, rotary tables, attention masks) is still
+    its own, so the blocks from ``layer`` on see exactly what a full forward gives them: the output
+    equals the full forward's (to float rounding). ``arity`` is how the block returns its hidden state:
+    None for a bare tensor (transformers 5), else the length of the tuple it returns (the stand-in
+    returns ``(hidden, None, ...)``; pass ``use_cache=False``). Read it from ``Trace.arity``.
+
+    The stand-ins check that the batch they receive has ``hidden``'s (batch, seq) and raise
+    ValueError otherwise. The original blocks are restored on exit, also when the forward raises.
+    ``layer == 0`` changes nothing (no block below).
+    """
+
+    def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, arity: int | None = None):
+        adapter.check_layer(layer)
+        self.adapter, self.layer, self.hidden, self.arity = adapter, layer, hidden, arity
+        self._patched: list = []
+
+    def _stand_in(self, *args, **kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if x is not None and tuple(x.shape[:2]) != tuple(self.hidden.shape[:2]):
+            raise ValueError(f"StartAt: the cached block input has (batch, seq) {tuple(self.hidden.shape[:2])} "
+                             f"but the forward pass carries {tuple(x.shape[:2])}; cache it from the same batch")
+        h = self.hidden
+        return h if self.arity is None else (h,) + (None,) * (self.arity - 1)
+
+    def __enter__(self) -> "StartAt":
+        blocks = self.adapter.blocks()
+        try:
+            for i in range(self.layer):
+                if "forward" in vars(blocks[i]):
+                    raise RuntimeError(f"block {i} already has a patched forward (nested StartAt?)")
+                blocks[i].forward = self._stand_in
+                self._patched.append(blocks[i])
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _restore(self) -> None:
+        for block in self._patched:
+            vars(block).pop("forward", None)
+        self._patched.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore()
+        return False
 
 
 def at_positions(positions, new: torch.Tensor) -> Edit:
