@@ -191,3 +191,25 @@ def test_start_at_refuses_a_mismatched_batch(adapter):
             with StartAt(adapter, 1, tr["resid", 0][:, :-1], tr.arity["resid", 0]):
                 adapter.model(**enc)
     assert all("forward" not in vars(b) for b in adapter.blocks())
+
+
+def test_fast_values_skip_what_cannot_change(adapter):
+    """Blocks below the edited layer run only in the two no-grad caching passes (prompts, KL prompts),
+    and a request that stopped early no longer sends its rows through the edited block."""
+    layer = 2
+    hp = MEMITHParams(layers=[layer], kl_factor=0.0625, v_num_grad_steps=6, n_prefixes=2, context_lengths=[3])
+    prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
+    n_pre = len(prefixes)  # "" and the generated ones
+    hp = hp.model_copy(update={"v_early_stop_nll": staggered_threshold(adapter, layer, "value", hp, prefixes)})
+    seen: dict[int, list[int]] = {0: [], layer: []}
+    handles = [adapter.attn(l).register_forward_hook(lambda m, a, o, l=l: seen[l].append(
+        (o[0] if isinstance(o, tuple) else o).shape[0])) for l in seen]
+    try:
+        got = optimize_values(adapter, ITEMS, layer, "value", hp, prefixes)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen[0]) == 2
+    nll_passes = [b for b in seen[layer] if b > len(ITEMS)]  # KL passes carry one row per request
+    assert 2 * n_pre in nll_passes and n_pre in nll_passes
+    assert max(g.steps for g in got) >= 2
