@@ -318,3 +318,10 @@ def test_model_sampled_corpus_is_seeded_and_cached(tmp_path, monkeypatch):
     assert other.texts != first.texts and len(list((tmp_path / "corpora").glob("*.jsonl"))) == 2
     with pytest.raises(StatsError, match="doc_tokens"):
         sample_documents(a, SamplingSettings(doc_tokens=0))
+    # an interrupted run (only batch 0 written) resumes to the same text as an uninterrupted one
+    import json
+
+    partial = tmp_path / "p.jsonl"
+    partial.write_text(json.dumps({"batch": 0, "texts": first.texts[:2]}) + "\n")
+    assert sample_documents(a, small, partial) == first.texts
+    assert len(partial.read_text().splitlines()) == 3

@@ -7,7 +7,8 @@ The keys such text induces follow the model's own distribution of contexts, whic
 for (the keys the edit must not disturb). ``docs/results/real-model.md`` compares it with another
 corpus on the same edits.
 
-The documents are cached as JSONL under ``$SUPEREDIT_HOME/corpora`` keyed by the model's identity
+Each batch of documents is sampled under its own seed (``seed + batch index``), so a long sampling run
+resumes after an interruption with the same text. The documents are cached as JSONL under ``$SUPEREDIT_HOME/corpora`` keyed by the model's identity
 (source, revision) and every sampling setting, so a changed model or setting samples anew, and the
 resulting :class:`~superedit.stats.corpus.Corpus` fingerprint (hence every covariance cache key)
 follows the text.
@@ -36,7 +37,7 @@ OPENERS = ("The", "In", "A", "It", "This", "When", "There", "He", "She", "They",
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    n_docs: int = 512  #: documents
+    n_docs: int = 256  #: documents
     doc_tokens: int = 128  #: new tokens per document (≈ n_docs · doc_tokens corpus tokens)
     top_k: int = 50
     temperature: float = 1.0
@@ -59,20 +60,31 @@ def _cache_file(adapter, settings: SamplingSettings) -> Path:
 
 
 @torch.no_grad()
-def sample_documents(adapter, settings: SamplingSettings) -> list[str]:
-    """``n_docs`` seeded samples of the model (no cache); the RNG state outside is left as it was."""
+def sample_documents(adapter, settings: SamplingSettings, partial: Path | None = None) -> list[str]:
+    """``n_docs`` seeded samples of the model; the RNG state outside is left as it was.
+
+    Batch ``b`` is sampled under seed ``settings.seed + b``, so batches do not depend on each other:
+    with ``partial`` (a JSONL file) every finished batch is appended there, and an interrupted run
+    resumes at the first missing batch with the same result as an uninterrupted one."""
+    from ..utils.io import append_jsonl, read_jsonl
     from ..utils.progress import progress
 
     settings.validate()
     tok = adapter.tokenizer
-    docs: list[str] = []
+    done: dict[int, list[str]] = {}
+    if partial is not None and partial.is_file():
+        for row in read_jsonl(partial):
+            done[int(row["batch"])] = list(row["texts"])
+    starts = list(range(0, settings.n_docs, settings.batch_size))
     old_side = tok.padding_side
     devices = [adapter.device] if adapter.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(settings.seed)
         tok.padding_side = "left"
         try:
-            for start in progress(range(0, settings.n_docs, settings.batch_size), desc="sampling corpus"):
+            for b, start in enumerate(progress(starts, desc="sampling corpus")):
+                if b in done:
+                    continue
+                torch.manual_seed(settings.seed + b)
                 n = min(settings.batch_size, settings.n_docs - start)
                 openers = [OPENERS[(start + i) % len(OPENERS)] for i in range(n)]
                 enc = tok(openers, return_tensors="pt", padding=True).to(adapter.device)
@@ -81,10 +93,13 @@ def sample_documents(adapter, settings: SamplingSettings) -> list[str]:
                                              min_new_tokens=settings.doc_tokens, eos_token_id=None,
                                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
                                              else tok.eos_token_id)
-                docs.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))
+                done[b] = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+                if partial is not None:
+                    append_jsonl(partial, {"batch": b, "texts": done[b]})
+                log.info("sampled corpus batch %d/%d", b + 1, len(starts))
         finally:
             tok.padding_side = old_side
-    return docs
+    return [t for b in range(len(starts)) for t in done[b]]
 
 
 def sampled_corpus(adapter, settings: SamplingSettings | None = None) -> Corpus:
@@ -97,7 +112,9 @@ def sampled_corpus(adapter, settings: SamplingSettings | None = None) -> Corpus:
         return Corpus.from_path(path)
     log.info("sampling a %d-document corpus from %s for key statistics (cached in %s)", settings.n_docs,
              adapter.source, path)
-    docs = sample_documents(adapter, settings)
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.jsonl")
+    docs = sample_documents(adapter, settings, partial)
     write_jsonl_atomic(path, [{"text": d} for d in docs])
+    partial.unlink(missing_ok=True)
     return Corpus.from_path(path)
