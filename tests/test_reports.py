@@ -208,7 +208,7 @@ def test_lifelong_report_from_saved_files(tmp_path):
             "interference.png"} <= imgs
     assert_nav_targets(tags)
     assert_escaped(page)  # the model name from command.json
-    text = " ".join(tags.text)
+    text = " ".join("".join(tags.text).split())
     assert "superedit lifelong --edits 6" in text and "rome" in text and "d4s" in text
     # every figure has a caption saying what to look for, not its alt text again
     captions = page.read_text().split("<figcaption>")[1:]

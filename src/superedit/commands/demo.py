@@ -8,7 +8,8 @@ Stages (each writes into --out and adds a section to demo.json):
   5. superposition — P matrices, kurtosis by layer and whitening-space angles (report.html);
   6. robust        — ROME with and without the REP key adaptor on rephrased/shuffled/long queries.
 Stages 3-6 run the real commands in-process and read back the files those commands write, so the
-demo exercises exactly what a user runs.
+demo exercises exactly what a user runs. At the end ``OUT/index.html`` links every stage's report,
+files and figures (its path is printed).
 """
 
 from __future__ import annotations
@@ -183,4 +184,10 @@ def register(app) -> None:
         report["seconds"] = round(time.time() - t_start, 1)
         report["report"] = str(out_dir / "demo.json")
         write_json_atomic(out_dir / "demo.json", report)
+        from ..report.index import write_index
+        from ..report.provenance import record_command
+
+        record_command(out_dir)
+        report["index"] = str(write_index(out_dir))
+        log.info("run index: %s", report["index"])
         emit(report, as_json)

@@ -33,6 +33,11 @@ EXTRA_FILES = ("records.jsonl", "run.json", "command.json", "table.csv", "stats.
 #: folders that hold a stage's internals, never stages of their own
 SKIP_DIRS = {"plots", "ledger", "edits", "matrices", "__pycache__"}
 MAX_DEPTH = 3
+#: the post-edit means an edit stage's card shows first
+EDIT_HEADLINE = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
+                 "rewrite_prob_new", "rewrite_prob_true")
+#: demo.json entries that are paths or bookkeeping, not figures
+DEMO_SKIP = ("report", "records", "files")
 
 
 @dataclass
@@ -77,7 +82,8 @@ def _headline(folder: Path, marker: str) -> list[tuple[str, object]]:
     if not isinstance(data, dict):
         return []
     if marker == "summary.json" and isinstance(data.get("post"), dict):
-        return _scalars(data["post"])
+        post = data["post"]
+        return _scalars({k: post[k] for k in EDIT_HEADLINE if k in post} or post)
     if marker == "trace.json" and isinstance(data.get("summary"), dict):
         return _scalars(data["summary"])
     if marker == "table.json":
@@ -132,7 +138,8 @@ def _demo_summary(run_dir: Path) -> list[tuple[str, list[tuple[str, object]]]]:
     stages = data.get("stages") if isinstance(data, dict) else None
     if not isinstance(stages, dict):
         return []
-    return [(name, _scalars(sec, limit=10)) for name, sec in stages.items() if isinstance(sec, dict)]
+    return [(name, _scalars({k: v for k, v in sec.items() if k not in DEMO_SKIP}, limit=10))
+            for name, sec in stages.items() if isinstance(sec, dict)]
 
 
 def write_index(run_dir: str | Path) -> Path:

@@ -26,6 +26,8 @@ def kind_colour(kind: str, i: int) -> str:
     return KIND_COLOURS.get(kind, series_style(i + len(KIND_COLOURS))["color"])
 
 
+#: similar-but-unrelated positions per subject shown on the page (the JSONL has them all)
+SIMILAR_SHOWN = 3
 MEASURE_LABELS = {"cos": "whitening cosine kᵢᵀC⁻¹kⱼ / √(kᵢᵀC⁻¹kᵢ · kⱼᵀC⁻¹kⱼ)",
                   "whiten": "whitening similarity kᵢᵀC⁻¹kⱼ"}
 
@@ -190,15 +192,18 @@ def write_keys_report(out_dir) -> Path:
     ]
     if geo.get("value_norms"):
         sections.append(Section("norms", "Value norms", figures=fig("value_norms", "value norms before and after")))
+    shown = [h for h in similar if h.get("rank", 0) <= SIMILAR_SHOWN]
     sections.append(Section(
         "similar", "Similar but unrelated corpus keys",
-        note="Per subject, the corpus positions whose keys are closest to the subject's key in whitening cosine "
-             "although their prefix does not contain the subject: the places an edit leaks into."
-             if similar else "No corpus was scanned.",
+        note=(f"Per subject, the corpus positions whose keys are closest to the subject's key in whitening cosine "
+              f"although their prefix does not contain the subject: the places an edit leaks into. The closest "
+              f"{SIMILAR_SHOWN} per subject ({len(shown)} of {len(similar)}); all are in similar_keys.jsonl.")
+        if similar else "No corpus was scanned.",
         tables=[Table([Column("subject", "subject", "text"), Column("rank", "rank", "int"),
                        Column("whitening_cos", "whitening cosine"), Column("whitening_sim", "whitening similarity"),
-                       Column("token", "token", "text"), Column("context", "context", "text")], similar)]
-        if similar else []))
+                       Column("token", "token", "text"), Column("context", "context", "text")], shown)]
+        if similar else [],
+        links=[("similar_keys.jsonl", "every position (similar_keys.jsonl)")] if similar else []))
     params = read_command(out).get("params", {})
     info = [("model", params.get("model")), ("layer", geo["layer"]), ("subjects", geo.get("n_requests")),
             ("cond(C)", f"{geo['condition_number']:.3g}" if geo.get("condition_number") else None),

@@ -279,7 +279,11 @@ def forgetting_figure(runs: dict[str, list[dict]]):
     ax2.set_xlabel("edits in the block (stream order)")
     ax2.set_ylabel("efficacy at edit − now")
     ax2.set_title(f"per block, after all {max(r['n_edits'] for r in finals.values())} edits", fontsize=9.5)
-    ax2.axhline(0, color="k", lw=0.6)
+    ax2.axhline(0, color="k", lw=0.6, zorder=0)
+    vals = [v for r in finals.values() for v in (_num(b.get("forgetting")) for b in r["forgetting_blocks"])
+            if v is not None] + [0.0]
+    pad = 0.08 * ((max(vals) - min(vals)) or 1.0)
+    ax2.set_ylim(min(vals) - pad, max(vals) + pad)  # zero bars stay visible off the frame
     ax2.grid(alpha=0.3, axis="y")
     fig.suptitle("Forgetting: success right after each edit minus success now", fontsize=11)
     legend_outside(fig, [ax, ax2], title="method")
@@ -470,6 +474,10 @@ def _tables(rows: list[dict]) -> list[Table]:
           ("interference_e_rel_error", "interference error, earlier edits"),
           ("interference_e_top5_share", "top-5 share, earlier edits")]),
     ]
+    if not any(r.get("untouched_retention_edited_subjects") is not None for r in rows):
+        # no probe fact of an edited subject: "never-edited subjects" is the total again, shown once
+        drop = {"untouched_retention_other_subjects", "untouched_retention_edited_subjects"}
+        groups = [(cap, [c for c in cols if c[0] not in drop]) for cap, cols in groups]
     tables = []
     for caption, cols in groups:
         present = [c for c in cols if any(r.get(c[0]) is not None for r in rows)]

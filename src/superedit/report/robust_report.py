@@ -161,11 +161,14 @@ def write_report(out_dir) -> Path:
                                 figures=[Figure(figs["tau_sweep"], "tau sweep", CAPTIONS["tau"])]
                                 if "tau_sweep" in figs else []))
     if table.get("adaptor"):
-        sections.append(Section("adaptor", "Adaptor training",
-                                note="Means over edits and layers. Adaptor hyperparameters: "
-                                     + json.dumps(cfg.get("adaptor_hparams")),
-                                tables=[Table([Column(k, k.replace("_", " ")) for k in table["adaptor"]],
-                                              [table["adaptor"]])]))
+        ahp = cfg.get("adaptor_hparams") or {}
+        tables = [Table([Column(k, k.replace("_", " ")) for k in table["adaptor"]], [table["adaptor"]],
+                        "training, means over edits and layers")]
+        if ahp:
+            tables.append(Table([Column(k, k.replace("_", " "), "text") for k in ahp],
+                                [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in ahp.items()}],
+                                "hyperparameters"))
+        sections.append(Section("adaptor", "Adaptor training", tables=tables))
     skips = [{"kind": k, "reason": r, "count": c} for k, rs in (table.get("skips") or {}).items() for r, c in rs.items()]
     sections.append(Section("skips", "Skipped perturbations",
                             note="" if skips else "None: every perturbation kind had variants for every request.",

@@ -21,6 +21,8 @@ from .provenance import read_command
 
 #: up to this many layers get a legend entry each; more get a colour bar of depth
 MAX_LAYER_LEGEND = 12
+#: most superposed pairs per layer shown on the page (the CSV has them all)
+PAIRS_SHOWN = 5
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -238,6 +240,10 @@ CAPTIONS = {
     "angles": "Angles between the keys of different facts. Look at how far the whitening-space mode (red) sits "
               "from 90° compared to the raw activations (blue): near 90° means nearly orthogonal keys, which a "
               "closed-form edit can separate.",
+    "heatmap_again": "Saturated off-diagonal cells are pairs of facts an edit of one would disturb (read as the "
+                     "first layer's matrices above).",
+    "angles_again": "Whitening-space mode (red) against activation mode (blue); near 90° means nearly orthogonal keys "
+                    "(read as the first layer's angles above).",
     "scaling": "Each dot is one layer of one model (colour: relative depth); lines follow the mean and maximum "
                "over layers. Look for whether the kurtosis grows with model size, and only compare models "
                "trained on the same world with a similar budget (table below).",
@@ -307,17 +313,22 @@ def write_report(out_dir: str | Path) -> Path:
                                Column("kurtosis", "excess kurtosis"), Column("std", "std"),
                                Column("mean_abs", "mean |p|"), Column("frac_abs_gt", "share |p| > threshold")],
                               conv_rows)]),
-        Section("pairs", "Most superposed pairs",
-                note="p = p(kᵢ,kⱼ), the fraction of an edit of item i that reaches item j; p_ji the reverse.",
-                tables=[Table([Column("layer", "layer", "int"), Column("rank", "rank", "int"), Column("p", "p"),
-                               Column("p_ji", "p_ji"), Column("whitening_cos", "whitening cosine"),
-                               Column("item_i", "item i", "text"), Column("item_j", "item j", "text")], prow)]),
     ]
-    for row in layers:
+    for k, row in enumerate(layers):
         l = row["layer"]
         sections.append(Section(f"layer-{l}", f"Layer {l}",
-                                figures=fig(f"heatmap_L{l}", f"P and cosine matrices, layer {l}", "heatmap")
-                                + fig(f"angles_L{l}", f"key angles, layer {l}", "angles")))
+                                figures=fig(f"heatmap_L{l}", f"P and cosine matrices, layer {l}",
+                                            "heatmap" if k == 0 else "heatmap_again")
+                                + fig(f"angles_L{l}", f"key angles, layer {l}", "angles" if k == 0 else "angles_again")))
+    shown = [r for r in prow if r["rank"] <= PAIRS_SHOWN]
+    sections.append(Section(
+        "pairs", "Most superposed pairs",
+        note=f"p = p(kᵢ,kⱼ), the fraction of an edit of item i that reaches item j; p_ji the reverse. The top "
+             f"{PAIRS_SHOWN} per layer ({len(shown)} of {len(prow)} rows); all of them are in top_pairs.csv.",
+        tables=[Table([Column("layer", "layer", "int"), Column("rank", "rank", "int"), Column("p", "p"),
+                       Column("p_ji", "p_ji"), Column("whitening_cos", "whitening cosine"),
+                       Column("item_i", "item i", "text"), Column("item_j", "item j", "text")], shown)],
+        links=[("top_pairs.csv", "every pair (top_pairs.csv)")] if (out / "top_pairs.csv").is_file() else []))
     info = [("model", model.get("source")), ("family", model.get("family")), ("parameters", model.get("n_params")),
             ("layers", model.get("n_layers")), ("key size", model.get("d_mlp")), ("items m", stats.get("m")),
             ("seed", cfg.get("seed")), ("keys at", cfg.get("fact_token")), ("ridge", cfg.get("ridge"))]
