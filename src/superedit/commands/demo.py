@@ -1,6 +1,9 @@
-"""``superedit demo``: the main job, end to end on the built-in testbed.
+"""``superedit demo``: the main job — a real model first, then the whole pipeline on the built-in testbed.
 
 Stages (each writes into --out and adds a section to demo.json):
+  0. real          — counterfactual ROME edits of SmolLM2-135M (``pretrained:smollm2-135m``, installed and
+                     converted on first use) with its greedy continuations before and after, and a
+                     causal-trace heatmap (``commands/demo_real.py``);
   1. recall        — the testbed's recall of trained facts and of held-out paraphrase templates;
   2. trace         — causal tracing over a sample of facts and the last-subject-token state swap;
   3. edit          — independent ROME, MEMIT (one batch) and FT edits with CounterFact metrics;
@@ -118,7 +121,15 @@ def stage_robust(ctx: dict) -> dict[str, Any]:
     return {"settings": table.get("settings", table), "report": str(d / "report.html")}
 
 
+def stage_real(ctx: dict) -> dict[str, Any]:
+    """SmolLM2-135M: ROME edits shown as what the model says before and after, and a trace heatmap."""
+    from .demo_real import stage_real as run
+
+    return run(ctx)
+
+
 STAGES: list[tuple[str, Callable[[dict], dict]]] = [
+    ("real", stage_real),
     ("recall", stage_recall),
     ("trace", stage_trace),
     ("edit", stage_edit),
@@ -147,7 +158,8 @@ def register(app) -> None:
         device: str = DeviceOpt,
         as_json: bool = JsonOpt,
     ):
-        """Run the whole pipeline on the built-in testbed and write a report into --out."""
+        """Edit a real model (SmolLM2-135M), then run the whole pipeline on the built-in testbed; writes a
+        report into --out and prints the path of index.html, which links every stage."""
         from ..errors import SupereditError
         from ..models import load_model
         from ..models.loading import resolve_model_path
