@@ -245,6 +245,11 @@ class ValueHParams(ContextHParams):
     kl_direction: KLDirection = _f("edited_orig", "Direction of the KL term: edited_orig = KL(P_edited ‖ P_orig) as "
                                                   "in ROME eq. 4 and its code (default); orig_edited = "
                                                   "KL(P_orig ‖ P_edited), what superedit used before 0.2.")
+    norm_anchor: Float = _f(0.0, "NAS (Norm-Anchor Scaling, Liu et al. 2026): rescale every solved value vector v* "
+                                 "(ROME: the edited layer's MLP output; MEMIT, D4S, AlphaEdit: the last edited "
+                                 "layer's MLP output plus z's delta) to this norm before the solve; 0: off (default). "
+                                 "The paper's anchor is the mean ‖v*‖ of reference edits on the ORIGINAL model: "
+                                 "measure it with superedit.editing.methods.anchors.reference_value_norm.", ge=0)
 
 
 class ROMEHParams(ValueHParams):
@@ -318,6 +323,27 @@ class AlphaEditHParams(MEMITHParams):
     nullspace_threshold: Float = _f(1e-2, "Eigenvalues of C below this span the null space (paper: 1e-2).", ge=0)
     nullspace_relative: Bool = _f(False, "Read nullspace_threshold relative to C's largest eigenvalue.")
     L2: Float = _f(10.0, "α in (K_p K_pᵀ P + K₁ K₁ᵀ P + α I).", gt=0)
+
+
+class UltraEditHParams(HParams):
+    """UltraEdit (Gu et al. 2025): a training-free closed form with a lifelong normaliser, no key statistics.
+
+    Per edited layer and step, with keys K (d_mlp, N) and loss gradients G (d_model, N) at the N target
+    positions of the batch, standardised by running statistics over every edit so far (k̂, ĝ)::
+
+        R = −lr · ĝ · diag(‖k̂_i‖²)          Δ = R (KᵀK + ridge·I)⁻¹ Kᵀ
+    """
+
+    layers: Layers = _f([0], "Layers whose MLP down-projection is edited (all from one forward/backward pass).")
+    lr: Float = _f(1e-6, "Step size of the pseudo-values R = −lr · ‖k̂‖² · ĝ (the paper's lr).", gt=0)
+    ridge: Float = _f(1.0, "λ in Δ = R (KᵀK + λI)⁻¹ Kᵀ (the paper's code: 1, the identity).", gt=0)
+    positions: Literal["target", "all"] = _f("target", "Token positions read: target = those whose next token is a "
+                                                       "target token (where the loss gradient lives); all = every "
+                                                       "token of prompt + target (the code's 'mask' mode).")
+    norm_eps: Float = _f(1.1920928955078125e-07, "ε in k̂ = (k − μ) / (σ + ε) (the code's: float32 machine epsilon).",
+                         gt=0)
+
+    _check_layers = model_validator(mode="after")(_distinct_layers)
 
 
 def load_hparams(cls: type[HParams], method: str, profile: str | None = None, path: str | Path | None = None,

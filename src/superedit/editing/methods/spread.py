@@ -1,7 +1,8 @@
 """The MEMIT layer loop (Meng et al. 2023, Alg. 1), written once for MEMIT, D4S and AlphaEdit.
 
 1. z_i: the residual stream after the last edited layer L at the subject's last token that makes the
-   model say target_new (``editing.values`` at site "resid"), one per request, on the model as it is.
+   model say target_new (``editing.values`` at site "resid"), one per request, on the model as it is;
+   with ``norm_anchor`` > 0 its value part is rescaled to the anchor norm (NAS, ``anchors``).
 2. For each edited layer l, in order (i = 0 … |layers| − 1):
    K = k*(l) (d_mlp, n) read on the model carrying the increments of the earlier layers;
    R = (z − h_L) / (|layers| − i) (d_model, n), h_L read on that same model (MEMIT eq. 19: the
@@ -27,6 +28,7 @@ from ..contexts import context_prefixes
 from ..delta import LayerDelta
 from ..keys import compute_keys, keys_at
 from ..values import optimize_values, requests_per_pass
+from .anchors import anchor_residual_targets
 
 F64 = torch.float64
 VALUE_ROWS_PER_PASS = 512  # prompt rows per forward pass when optimising several requests' z at once
@@ -36,7 +38,10 @@ LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], "tuple[LayerDelta, dic
 
 
 def memit_targets(adapter: ModelAdapter, requests: list, hparams, prefixes: list[str]):
-    """z_i (n, d_model) at the last edited layer's resid, plus per-request value summaries."""
+    """z_i (n, d_model) at the last edited layer's resid, plus per-request value summaries.
+
+    With ``hparams.norm_anchor`` > 0 each z is NAS-anchored (:mod:`.anchors`: the value part v* = v₀ + δ
+    rescaled to that norm) and returned in float64; with 0 the optimised z as they are."""
     z_layer = sorted(hparams.layers)[-1]
     zs, summaries = [], []
     per_pass = requests_per_pass(len(prefixes), VALUE_ROWS_PER_PASS)
@@ -45,9 +50,13 @@ def memit_targets(adapter: ModelAdapter, requests: list, hparams, prefixes: list
             chunk = requests[i:i + per_pass]
             vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in chunk], z_layer, "resid",
                                    hparams, prefixes, chunk_rows=VALUE_ROWS_PER_PASS)
-            for req, val in zip(chunk, vals):
-                zs.append(val.target)
-                summaries.append({"case_id": req.case_id, **val.summary()})
+            targets, extra = [v.target for v in vals], [{} for _ in vals]
+            if hparams.norm_anchor > 0:  # NAS: z = (h_L − v₀) + anchored v*, float64 (see .anchors)
+                z, extra = anchor_residual_targets(adapter, chunk, vals, z_layer, hparams.norm_anchor)
+                targets = list(z)
+            for req, val, target, info in zip(chunk, vals, targets, extra):
+                zs.append(target)
+                summaries.append({"case_id": req.case_id, **val.summary(), **info})
             bar.update(len(chunk))
     return torch.stack(zs), summaries
 
