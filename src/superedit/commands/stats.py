@@ -1,4 +1,5 @@
-"""``superedit stats``: key covariance C = E[k kᵀ] per layer, computed once and cached."""
+"""``superedit stats``: key covariance C = E[k kᵀ] per layer, computed once and cached;
+``superedit stats export|import``: share cached matrices as one verified bundle file."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit, parse_layers
 
 
 def register(app) -> None:
-    @app.command("stats")
+    stats_app = typer.Typer(help="Key covariance C = E(k kᵀ) per layer (computed once, cached); export/import "
+                                 "cached matrices as a verified bundle.", no_args_is_help=False)
+    app.add_typer(stats_app, name="stats")
+
+    @stats_app.callback(invoke_without_command=True)
     @command
     def stats(
+        ctx: typer.Context,
         model: str = ModelOpt,
         layers: str = typer.Option("all", "--layers", "-l", help="Layers: '3,4,5', '2-6' or 'all'."),
         corpus: str = typer.Option(None, "--corpus", help="Text corpus: .txt (blank-line separated paragraphs, or one "
@@ -28,6 +34,8 @@ def register(app) -> None:
         as_json: bool = JsonOpt,
     ):
         """Compute (or load from the cache) the key covariance C = E(k kᵀ), k = MLP down-projection input, per layer."""
+        if ctx.invoked_subcommand is not None:
+            return
         from ..models import load_model
         from ..stats import collect_covariances, default_cache_dir
         from ..stats.corpus import resolve_corpus
@@ -54,3 +62,48 @@ def register(app) -> None:
             typer.echo(f"layer {r['layer']:3d}  {'hit ' if r['cache_hit'] else 'miss'}  count={r['count']}  "
                        f"trace={r['trace']:.6g}  cond={cond}  {r['path']}", err=True)
         emit({k: v for k, v in result.items() if k != "layers"}, False)
+
+    @stats_app.command("export")
+    @command
+    def export(
+        model: str = ModelOpt,
+        layers: str = typer.Option(..., "--layers", "-l", help="Layers to export: '3,4,5', '2-6' or 'all'."),
+        out: str = typer.Option(..., "--out", "-o", help="Bundle file to write (.safetensors)."),
+        tokens: int = typer.Option(None, "--tokens", "-n", help="Only matrices of this token budget (default: every "
+                                   "cached one)."),
+        cache_dir: str = typer.Option(None, "--cache-dir", help="Cache directory (default $SUPEREDIT_HOME/stats)."),
+        device: str = DeviceOpt,
+        as_json: bool = JsonOpt,
+    ):
+        """Write the cached covariances of MODEL at LAYERS into one self-describing, hashed bundle file."""
+        from ..models import load_model
+        from ..stats.bundle import export_bundle
+
+        adapter = load_model(model, device=device)
+        result = export_bundle(adapter, parse_layers(layers, adapter.n_layers), out, cache_dir=cache_dir,
+                               n_tokens=tokens)
+        if not as_json:
+            for e in result["entries"]:
+                typer.echo(f"layer {e['layer']:3d}  n_tokens={e['n_tokens']}  count={e['count']}  "
+                           f"corpus={e['corpus'][:12]}", err=True)
+        emit(result if as_json else {k: v for k, v in result.items() if k not in ("entries", "model")}, as_json)
+
+    @stats_app.command("import")
+    @command
+    def import_(
+        bundle: str = typer.Argument(..., help="Bundle file written by 'superedit stats export'."),
+        model: str = ModelOpt,
+        cache_dir: str = typer.Option(None, "--cache-dir", help="Cache directory (default $SUPEREDIT_HOME/stats)."),
+        device: str = DeviceOpt,
+        as_json: bool = JsonOpt,
+    ):
+        """Verify BUNDLE (hashes, the model's identity, d_mlp, tokenizer) and put its matrices into the cache."""
+        from ..models import load_model
+        from ..stats.bundle import import_bundle
+
+        adapter = load_model(model, device=device)
+        result = import_bundle(bundle, adapter, cache_dir=cache_dir)
+        if not as_json:
+            for e in result["entries"]:
+                typer.echo(f"layer {e['layer']:3d}  {e['status']:8s}  n_tokens={e['n_tokens']}  {e['path']}", err=True)
+        emit(result if as_json else {k: v for k, v in result.items() if k != "entries"}, as_json)
