@@ -67,3 +67,13 @@ def test_locate_command_writes_summary_and_figure(tmp_path):
     assert out["n_facts"] == 2 and (tmp_path / "loc" / "locate.png").stat().st_size > 0
     bad = CliRunner().invoke(app, args[:-1] + ["--kinds", "mlp,ffn", "--json"])
     assert bad.exit_code == 2 and "kinds" in bad.stdout
+
+
+def test_layer_stride_keeps_the_centred_windows():
+    a = tiny_adapter("llama")
+    full = locate_fact(a, FACT, kinds=("mlp",), windows={"mlp": 2}, samples=1)
+    half = locate_fact(a, FACT, kinds=("mlp",), windows={"mlp": 2}, samples=1, layer_stride=2)
+    assert half["layers"] == [0, 2]
+    for g, vals in half["ie"]["mlp"].items():
+        assert vals == pytest.approx([full["ie"]["mlp"][g][0], full["ie"]["mlp"][g][2]], abs=1e-6)
+    assert summarise_locate([half])["aie"]["mlp"]["last token"]["peak_layer"] in (0, 2)

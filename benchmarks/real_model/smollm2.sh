@@ -24,7 +24,7 @@ case "$stage" in
     ;;
   locate)
     [ -f $R/trace_facts.json ] || .venv/bin/python benchmarks/real_model/trace_facts.py $K-margin1/known.json $K/eval.json $R/trace_facts.json
-    $SE locate --model $M --requests $R/trace_facts.json --n 100 --kinds mlp,attn --samples 3 --out $R/locate
+    $SE locate --model $M --requests $R/trace_facts.json --n 100 --kinds mlp,attn --samples 2 --layer-stride 2 --out $R/locate
     ;;
   rome-sweep)
     for L in ${LAYERS:-2 4 6 8 11}; do

@@ -37,10 +37,17 @@ def group_positions(first: int, last: int, n_tokens: int) -> dict[str, list[int]
 
 
 def locate_fact(adapter, fact: Any, kinds: Sequence[str] = ("mlp", "attn"), windows: dict | None = None,
-                noise_scale: float = 3.0, samples: int = 3, seed: int = 0, batch_size: int = 256) -> dict:
-    """Indirect effects of one fact: ``{"ie": {kind: {group: [per layer]}}, "p_clean", "p_corrupt", …}``."""
+                noise_scale: float = 3.0, samples: int = 3, seed: int = 0, batch_size: int = 256,
+                layer_stride: int = 1) -> dict:
+    """Indirect effects of one fact: ``{"ie": {kind: {group: [per layer]}}, "layers", "p_clean", …}``.
+
+    ``layer_stride`` > 1 centres the restored windows on every ``layer_stride``-th layer only (the
+    windows still cover the layers between); ``layers`` lists the centres."""
     fact = as_fact(fact)
     n = adapter.n_layers
+    if layer_stride < 1:
+        raise ValueError(f"layer_stride must be ≥ 1 (got {layer_stride})")
+    centres = list(range(0, n, layer_stride))
     probe = restored_probs(adapter, fact, [], noise_scale, 1, seed, batch_size)  # token positions only
     first, last = probe["subject_span"]
     T = len(probe["tokens"])
@@ -49,16 +56,16 @@ def locate_fact(adapter, fact: Any, kinds: Sequence[str] = ("mlp", "attn"), wind
     for kind in kinds:
         w = int((windows or {}).get(kind) or default_window(kind, n))
         for g, pos in groups.items():
-            for layer in range(n):
+            for i, layer in enumerate(centres):
                 sets.append([(kind, L, t) for L in window_layers(layer, w, n) for t in pos])
-                index.append((kind, g, layer))
+                index.append((kind, g, i))
     res = restored_probs(adapter, fact, sets, noise_scale, samples, seed, batch_size)
-    ie: dict[str, dict[str, list[float]]] = {k: {g: [0.0] * n for g in groups} for k in kinds}
-    for (kind, g, layer), p in zip(index, res["probs"]):
-        ie[kind][g][layer] = p - res["p_corrupt"]
+    ie: dict[str, dict[str, list[float]]] = {k: {g: [0.0] * len(centres) for g in groups} for k in kinds}
+    for (kind, g, i), p in zip(index, res["probs"]):
+        ie[kind][g][i] = p - res["p_corrupt"]
     return {"prompt": fact.prompt, "subject": fact.subject, "target": fact.target, "p_clean": res["p_clean"],
             "p_corrupt": res["p_corrupt"], "tokens": res["tokens"], "subject_span": [first, last],
-            "windows": {k: int((windows or {}).get(k) or default_window(k, n)) for k in kinds},
+            "windows": {k: int((windows or {}).get(k) or default_window(k, n)) for k in kinds}, "layers": centres,
             "samples": samples, "noise_scale": noise_scale, "ie": ie}
 
 
@@ -97,7 +104,8 @@ def summarise_locate(records: Sequence[dict], min_p_clean: float = 0.0) -> dict:
     out: dict[str, Any] = {"n_facts": len(recs), "n_dropped_low_p_clean": len(records) - len(recs),
                            "mean_p_clean": sum(r["p_clean"] for r in recs) / max(1, len(recs)),
                            "mean_p_corrupt": sum(r["p_corrupt"] for r in recs) / max(1, len(recs)),
-                           "windows": recs[0]["windows"] if recs else {}, "aie": {}}
+                           "windows": recs[0]["windows"] if recs else {},
+                           "layers": recs[0].get("layers") if recs else [], "aie": {}}
     if not recs:
         return out
     for kind in recs[0]["ie"]:
@@ -109,8 +117,9 @@ def summarise_locate(records: Sequence[dict], min_p_clean: float = 0.0) -> dict:
             x = torch.tensor(rows, dtype=torch.float64)
             lo, hi = _bootstrap_ci(x)
             mean = x.mean(0)
+            layers = out["layers"] or list(range(len(rows[0])))
             out["aie"][kind][g] = {"n": len(rows), "mean": mean.tolist(), "ci_low": lo.tolist(), "ci_high": hi.tolist(),
-                                   "peak_layer": int(mean.argmax())}
+                                   "peak_layer": int(layers[int(mean.argmax())])}
     return out
 
 
@@ -127,7 +136,7 @@ def plot_locate(summary: dict, path: str | Path, title: str = "") -> Path:
     colors = {"last subject token": "tab:red", "other subject tokens": "tab:orange", "last token": "tab:blue"}
     for ax, kind in zip(axes[0], kinds):
         for g, s in summary["aie"][kind].items():
-            xs = list(range(len(s["mean"])))
+            xs = summary.get("layers") or list(range(len(s["mean"])))
             ax.plot(xs, s["mean"], color=colors.get(g), label=f"{g} (n={s['n']})")
             ax.fill_between(xs, s["ci_low"], s["ci_high"], color=colors.get(g), alpha=0.2, linewidth=0)
         ax.set_title(f"{kind.upper()} restored (window {summary.get('windows', {}).get(kind, '?')})")

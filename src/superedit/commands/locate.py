@@ -20,6 +20,7 @@ def register(app) -> None:
         samples: int = typer.Option(3, "--samples", help="Noise draws per restoration (ROME: 10)."),
         noise: float = typer.Option(3.0, "--noise", help="Noise std in units of the embedding std (ROME: 3)."),
         window: int = typer.Option(None, "--window", help="Layers restored together (default: ROME's 10 scaled to depth)."),
+        layer_stride: int = typer.Option(1, "--layer-stride", help="Centre windows on every N-th layer only (cheaper)."),
         out: str = typer.Option(..., "--out", "-o", help="Directory: locate.jsonl (one line per fact; a rerun resumes), "
                                 "summary.json, locate.png."),
         device: str = DeviceOpt,
@@ -38,8 +39,8 @@ def register(app) -> None:
         bad = [k for k in kind_list if k not in KIND_SITES]
         if bad or not kind_list:
             raise SupereditError(f"--kinds {kinds!r}: choose from {', '.join(KIND_SITES)}")
-        if n < 1 or samples < 1 or noise < 0 or (window is not None and window < 1):
-            raise SupereditError("--n and --samples must be ≥ 1, --noise ≥ 0, --window ≥ 1")
+        if n < 1 or samples < 1 or noise < 0 or (window is not None and window < 1) or layer_stride < 1:
+            raise SupereditError("--n, --samples and --layer-stride must be ≥ 1, --noise ≥ 0, --window ≥ 1")
         facts = [r for r in load_requests(requests) if r.target_true][:n]
         if not facts:
             raise SupereditError(f"{requests}: no record has a target_true to trace")
@@ -48,7 +49,7 @@ def register(app) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         windows = {k: window for k in kind_list} if window else None
         records = run_locate(adapter, facts, out_dir / "locate.jsonl", kinds=tuple(kind_list), windows=windows,
-                             noise_scale=noise, samples=samples)
+                             noise_scale=noise, samples=samples, layer_stride=layer_stride)
         summary = summarise_locate(records)
         summary.update({"model": model, "requests": requests, "n_requested": n})
         save_summary(summary, out_dir / "summary.json")
