@@ -126,18 +126,21 @@ def staggered_threshold(adapter, layer, site, hp, prefixes) -> float | None:
     return best
 
 
-def assert_same(got, want):
+def assert_same(got, want, tol):
     assert got.steps == want["steps"]
-    assert got.nll_history == pytest.approx(want["history"], rel=1e-5, abs=1e-6)
+    assert got.nll_history == pytest.approx(want["history"], rel=tol, abs=tol)
     rel = float((got.target - want["target"]).norm() / want["target"].norm())
-    assert rel < 1e-5, rel
+    assert rel < 10 * tol, rel  # Adam divides by √v: a rounding-size gradient difference moves δ more
 
 
 # ----- tests --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("site,layer", [("value", 2), ("resid", 1), ("value", 0)])
-def test_fast_values_equal_reference(adapter, site, layer):
+def test_fast_values_equal_reference(adapter, site, layer, dtype, tol):
     """Same steps, same NLL history, same v* as the plain path, with the KL term on and one request
-    leaving the batch before the other."""
+    leaving the batch before the other: to 1e-10 in float64 (so any difference is rounding), to
+    ~1e-5 in float32."""
+    adapter.model.to(dtype)
     hp = MEMITHParams(layers=[layer], kl_factor=0.0625, v_num_grad_steps=6, n_prefixes=2, context_lengths=[3])
     prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
     t = staggered_threshold(adapter, layer, site, hp, prefixes)
@@ -147,7 +150,7 @@ def test_fast_values_equal_reference(adapter, site, layer):
     assert want[0]["steps"] != want[1]["steps"]  # the pruning path is exercised
     got = optimize_values(adapter, ITEMS, layer, site, hp, prefixes)
     for g, w in zip(got, want):
-        assert_same(g, w)
+        assert_same(g, w, tol)
 
 
 def test_fast_values_leave_the_model_as_it_was(adapter):
@@ -193,23 +196,32 @@ def test_start_at_refuses_a_mismatched_batch(adapter):
     assert all("forward" not in vars(b) for b in adapter.blocks())
 
 
-def test_fast_values_skip_what_cannot_change(adapter):
-    """Blocks below the edited layer run only in the two no-grad caching passes (prompts, KL prompts),
-    and a request that stopped early no longer sends its rows through the edited block."""
+def test_fast_values_skip_what_cannot_change(adapter, monkeypatch):
+    """Blocks below the edited layer run only in no-grad passes; the steps' passes skip the positions
+    before δ, and a request that stopped early no longer sends its rows through the model."""
+    from superedit.editing import values
+
     layer = 2
     hp = MEMITHParams(layers=[layer], kl_factor=0.0625, v_num_grad_steps=6, n_prefixes=2, context_lengths=[3])
     prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
     n_pre = len(prefixes)  # "" and the generated ones
     hp = hp.model_copy(update={"v_early_stop_nll": staggered_threshold(adapter, layer, "value", hp, prefixes)})
-    seen: dict[int, list[int]] = {0: [], layer: []}
-    handles = [adapter.attn(l).register_forward_hook(lambda m, a, o, l=l: seen[l].append(
-        (o[0] if isinstance(o, tuple) else o).shape[0])) for l in seen]
+    below_grad, steps_seen = [], []
+    real = values._Rows.forward_reads
+
+    def spy(self, *args, **kwargs):
+        if torch.is_grad_enabled() and len(self.owner) > len(ITEMS):  # a step's prompt rows (not the KL rows)
+            steps_seen.append((len(self.owner), sum(len(g.rows) * (g.width - g.start) for g in self.groups),
+                               int(self.attention_mask.sum())))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(values._Rows, "forward_reads", spy)
+    handle = adapter.attn(0).register_forward_hook(lambda m, a, o: below_grad.append(torch.is_grad_enabled()))
     try:
         got = optimize_values(adapter, ITEMS, layer, "value", hp, prefixes)
     finally:
-        for h in handles:
-            h.remove()
-    assert len(seen[0]) == 2
-    nll_passes = [b for b in seen[layer] if b > len(ITEMS)]  # KL passes carry one row per request
-    assert 2 * n_pre in nll_passes and n_pre in nll_passes
-    assert max(g.steps for g in got) >= 2
+        handle.remove()
+    assert below_grad and not any(below_grad)
+    rows = [r for r, _, _ in steps_seen]
+    assert rows[0] == 2 * n_pre and n_pre in rows and max(g.steps for g in got) >= 2
+    assert all(computed < tokens for _, computed, tokens in steps_seen)  # fewer than the rows' real tokens

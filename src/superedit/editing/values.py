@@ -22,6 +22,8 @@ plain computation (every row through the whole model every step) to float roundi
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -80,9 +82,51 @@ def requests_per_pass(n_prefixes: int, chunk_rows: int = 512) -> int:
     return max(1, chunk_rows // max(1, n_prefixes))
 
 
-def requests_per_pass(n_prefixes: int, chunk_rows: int = 512) -> int:
-    """How many requests :func:`optimize_values` optimises in one pass of at most ``chunk_rows`` prompt rows."""
-    return max(1, chunk_rows // max(1, n_prefixes))
+#: cost of one extra forward+backward pass, in row-tokens, when rows are grouped by where δ enters
+#: (:func:`plan_groups`); about what a pass's fixed overhead costs on a CPU for a 100M-parameter model
+PASS_COST_TOKENS = 16
+
+
+def plan_groups(split: list[int], length: list[int], pass_cost: int = PASS_COST_TOKENS) -> list[list[int]]:
+    """Partition rows into groups that are forwarded separately from the group's first δ position on.
+
+    Row ``r`` only needs positions ``split[r] .. length[r]-1`` recomputed each step (causal attention:
+    nothing before the position where δ is added depends on δ). A group starts at the smallest split
+    of its rows and ends at its longest row, so it costs ``rows · (max length − min split)`` row-tokens,
+    plus ``pass_cost`` per group. Rows sorted by split; contiguous groups; the partition minimising
+    the total (dynamic programming, O(rows²)). Returns lists of row indices."""
+    order = sorted(range(len(split)), key=lambda r: (split[r], length[r]))
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = 0
+        for i in range(j, 0, -1):  # group = sorted rows i-1 .. j-1
+            longest = max(longest, length[order[i - 1]])
+            cost = best[i - 1] + (j - i + 1) * (longest - split[order[i - 1]]) + pass_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    groups, j = [], n
+    while j > 0:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return groups[::-1]
+
+
+@dataclass
+class _Group:
+    """Rows forwarded together from position ``start`` on; the model's KV cache holds positions before it.
+
+    ``rows`` (g,) index the row set; ``reads`` (r,) its reads, found at ``(read_row, read_col)`` of
+    this group's output (g, width − start, d_model)."""
+
+    rows: torch.Tensor
+    start: int
+    width: int
+    cache: object | None
+    reads: torch.Tensor
+    read_row: torch.Tensor
+    read_col: torch.Tensor
 
 
 @dataclass
@@ -90,8 +134,9 @@ class _Rows:
     """Prompt rows forwarded together, and the positions whose logits the loss reads.
 
     Shapes: ``input_ids``/``attention_mask`` (rows, seq); ``subject_last``, ``owner`` (rows,) — where δ
-    is added and which request's δ; ``hidden`` (rows, seq, d_model), the cached input of the edited
-    block (None: forward from the embeddings); ``read_row``, ``read_col``, ``label`` (reads,)."""
+    is added and which request's δ; ``read_row``, ``read_col``, ``label`` (reads,); ``hidden`` (rows,
+    seq, d_model), the cached input of the edited block (None: forward from the embeddings);
+    ``groups``: how the rows are forwarded (None: all together from position 0)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -103,12 +148,14 @@ class _Rows:
     row_len: torch.Tensor  #: (rows,) how many reads each row has (the NLL's per-row mean)
     hidden: torch.Tensor | None = None
     arity: int | None = None
+    groups: list[_Group] | None = None
 
     def inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
 
     def select(self, keep: torch.Tensor) -> "_Rows":
-        """The rows of the requests with ``keep[request]`` True, trailing all-padding columns cut."""
+        """The rows of the requests with ``keep[request]`` True, trailing all-padding columns cut
+        (``groups`` reset: call :meth:`plan` again)."""
         row_keep = keep[self.owner]
         new_index = torch.cumsum(row_keep, 0) - 1
         read_keep = row_keep[self.read_row]
@@ -118,18 +165,72 @@ class _Rows:
                        subject_last=self.subject_last[row_keep], owner=self.owner[row_keep],
                        read_row=new_index[self.read_row[read_keep]], read_col=self.read_col[read_keep],
                        label=self.label[read_keep], row_len=self.row_len[row_keep],
-                       hidden=None if self.hidden is None else self.hidden[row_keep, :width])
+                       hidden=None if self.hidden is None else self.hidden[row_keep, :width], groups=None)
 
-    def forward(self, adapter: ModelAdapter, site: str, layer: int, delta_rows: torch.Tensor | None,
-                read_layers: list[int], extra_reads: tuple = ()) -> Trace:
-        """Forward with ``delta_rows`` (rows, d_model) added at ``(site, layer)``, from the cached block
-        input when there is one, stopping after the last read; returns the Trace (tensors keep autograd)."""
-        edits = {} if delta_rows is None else {(site, layer): add_at_positions(self.subject_last, delta_rows)}
-        reads = [("resid", l) for l in read_layers] + list(extra_reads)
-        start = StartAt(adapter, layer, self.hidden, self.arity) if self.hidden is not None else nullcontext()
-        with start, Trace(adapter, reads=reads, edits=edits, stop_after=True, detach=False) as tr:
-            adapter.model(**self.inputs())
-        return tr
+    def plan(self, adapter: ModelAdapter, by_split: bool) -> "_Rows":
+        """Set ``groups``: with ``by_split`` rows are grouped by where δ enters (:func:`plan_groups`) and
+        each group's positions before its start are run once, no grad, into the model's KV cache."""
+        lengths = self.attention_mask.sum(1).tolist()
+        splits = self.subject_last.tolist()
+        groups = plan_groups(splits, lengths) if by_split else [list(range(len(lengths)))]
+        planned = []
+        for members in groups:
+            rows = torch.tensor(members, device=self.input_ids.device)
+            start = min(splits[r] for r in members) if by_split else 0
+            width = max(lengths[r] for r in members)
+            cache = None
+            if start > 0:
+                name = _cache_kwarg(adapter.model)
+                extra = {"logits_to_keep": 1} if _accepts(adapter.model, "logits_to_keep") else {}
+                with torch.no_grad():
+                    out = adapter.model(input_ids=self.input_ids[rows, :start],
+                                        attention_mask=self.attention_mask[rows, :start], use_cache=True, **extra)
+                cache = out.get(name)
+                if cache is None:
+                    raise RuntimeError(f"the model returned no KV cache under {name!r}")
+            in_group = torch.zeros(len(lengths), dtype=torch.bool, device=rows.device)
+            in_group[rows] = True
+            local = torch.full((len(lengths),), -1, dtype=torch.long, device=rows.device)
+            local[rows] = torch.arange(len(members), device=rows.device)
+            reads = torch.nonzero(in_group[self.read_row]).flatten()
+            planned.append(_Group(rows, start, width, cache, reads, local[self.read_row[reads]],
+                                  self.read_col[reads] - start))
+        return replace(self, groups=planned)
+
+    def forward_reads(self, adapter: ModelAdapter, site: str, layer: int, delta_rows: torch.Tensor | None,
+                      read_layer: int) -> torch.Tensor:
+        """The residual after block ``read_layer`` at the reads (reads, d_model), with ``delta_rows``
+        (rows, d_model) added at ``(site, layer)``; each group resumes at its start (KV cache) and at
+        block ``layer`` (cached input) and stops after ``read_layer``. Keeps autograd."""
+        parts, order = [], []
+        for g in self.groups or []:
+            ids = self.input_ids[g.rows, g.start:g.width]
+            kwargs = {"attention_mask": self.attention_mask[g.rows, :g.width]}
+            if g.cache is not None:  # a fresh copy: the forward appends to the cache it is given
+                kwargs.update({_cache_kwarg(adapter.model): copy.deepcopy(g.cache), "use_cache": True})
+            else:
+                kwargs["use_cache"] = False
+            edits = {} if delta_rows is None else {
+                (site, layer): add_at_positions(self.subject_last[g.rows] - g.start, delta_rows[g.rows])}
+            start = (StartAt(adapter, layer, self.hidden[g.rows, g.start:g.width], self.arity)
+                     if self.hidden is not None else nullcontext())
+            with start, Trace(adapter, reads=[("resid", read_layer)], edits=edits, stop_after=True,
+                              detach=False) as tr:
+                adapter.model(input_ids=ids, **kwargs)
+            parts.append(tr["resid", read_layer][g.read_row, g.read_col])
+            order.append(g.reads)
+        out = torch.cat(parts)
+        return out[torch.argsort(torch.cat(order))]
+
+
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _cache_kwarg(model) -> str:
+    """The name a causal LM's forward takes its KV cache under (and returns it as): ``cache`` from
+    transformers 5.2x on, ``past_key_values`` before."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def _head(adapter: ModelAdapter, h: torch.Tensor) -> torch.Tensor:
@@ -137,43 +238,47 @@ def _head(adapter: ModelAdapter, h: torch.Tensor) -> torch.Tensor:
     return adapter.lm_head()(adapter.final_norm()(h))
 
 
-def _cache_block_input(adapter: ModelAdapter, rows: _Rows, layer: int, site: str,
-                       extra_layers: list[int]) -> tuple[_Rows, Trace]:
-    """One plain no-grad forward of ``rows`` (up to the last of ``(site, layer)`` and ``extra_layers``)
-    that also caches the input of block ``layer``; checks that resuming there reproduces ``(site, layer)``.
-
-    Returns the rows with ``hidden`` set (unchanged at layer 0, or when the check fails: then every
-    step forwards from the embeddings, which is slower but exact) and the plain pass's Trace."""
+def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, read_layer: int) -> tuple[_Rows, Trace]:
+    """One plain no-grad forward of ``rows`` (v₀, the reference residual at the reads, the input of
+    block ``layer``), then the fast plan: cached block input, rows grouped by where δ enters with
+    their earlier positions in the KV cache. The fast plan is used only when it reproduces the plain
+    residual at the reads (checked here, with δ = 0); otherwise every step forwards every row from the
+    embeddings (exact, slower) and a warning names the family. Returns the rows and the plain Trace."""
     below = [("resid", layer - 1)] if layer > 0 else []
-    reads = [(site, layer)] + [("resid", l) for l in extra_layers] + below
-    with torch.no_grad(), Trace(adapter, reads=reads, stop_after=True) as plain:
+    with torch.no_grad(), Trace(adapter, reads=[(site, layer), ("resid", read_layer)] + below,
+                                stop_after=True) as plain:
         adapter.model(**rows.inputs())
-    if layer == 0:
-        return rows, plain
-    cached = replace(rows, hidden=plain["resid", layer - 1], arity=plain.arity["resid", layer - 1])
-    with torch.no_grad(), StartAt(adapter, layer, cached.hidden, cached.arity), \
-            Trace(adapter, reads=[(site, layer)], stop_after=True) as resumed:
-        adapter.model(**rows.inputs())
-    real = rows.attention_mask.bool()
-    want, got = plain[site, layer][real].float(), resumed[site, layer][real].float()
-    if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max().clamp_min(1.0))):
-        log.warning("%s: the forward resumed at block %d does not reproduce the full forward; v* runs the whole "
-                    "model every step (exact, slower)", adapter.family, layer)
-        return rows, plain
-    return cached, plain
+    want = plain["resid", read_layer][rows.read_row, rows.read_col].float()
+    fast = rows if layer == 0 else replace(rows, hidden=plain["resid", layer - 1], arity=plain.arity["resid", layer - 1])
+    try:
+        fast = fast.plan(adapter, by_split=True)
+        with torch.no_grad():
+            got = fast.forward_reads(adapter, site, layer, None, read_layer).float()
+        why = "" if torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max().clamp_min(1.0))) \
+            else "does not reproduce the full forward"
+    except (TypeError, RuntimeError) as exc:  # a model whose forward takes or returns no KV cache
+        why = f"fails ({exc})"
+    if why:
+        log.warning("%s: resuming the forward at block %d and after the cached positions %s; v* runs the whole "
+                    "model every step (exact, slower)", adapter.family, layer, why)
+        return rows.plan(adapter, by_split=False), plain
+    return fast, plain
 
 
 def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], layer: int, site: str,
                     hp: ValueHParams, prefixes: list[str], chunk_rows: int = 512) -> list[ValueResult]:
     """Optimise v* for several requests ``(template, subject, target)`` at once.
 
-    The requests' deltas form one (n, d_model) parameter and every forward pass carries all
-    active requests' prefixed prompts (n · len(prefixes) rows, in chunks of at most ``chunk_rows``)
-    plus their KL prompts in a second, short pass. The loss is the SUM of the per-request losses, so
-    each delta gets exactly its own request's gradient, and Adam, the norm clamp and the early stop act
-    row by row: the result equals optimising each request alone (up to float rounding), at a
-    fraction of the per-step overhead. Per step only blocks ``layer ..`` run (their input is cached),
-    the head only at the read positions, and finished requests' rows are no longer forwarded.
+    The requests' deltas form one (n, d_model) parameter and every step carries all active requests'
+    prefixed prompts (n · len(prefixes) rows, in chunks of at most ``chunk_rows``) plus their KL
+    prompts. The loss is the SUM of the per-request losses, so each delta gets exactly its own
+    request's gradient, and Adam, the norm clamp and the early stop act row by row: the result equals
+    optimising each request alone (up to float rounding), at a fraction of the per-step overhead.
+
+    Per step only what depends on δ is computed: blocks from ``layer`` on (their input is cached),
+    positions from each row's δ position on (earlier ones sit in the model's KV cache, rows grouped
+    by :func:`plan_groups`), the final norm and head only at the positions the loss reads; requests
+    that stopped early leave the batch.
     """
     if site not in ("value", "resid"):
         raise ValueError(f"value site must be 'value' (ROME) or 'resid' (MEMIT), got {site!r}")
@@ -205,15 +310,17 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
                    torch.ones(n * n_kl, device=device))
     use_kl = hp.kl_factor > 0
 
-    all_nll, plain = _cache_block_input(adapter, all_nll, layer, site, [])
+    all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer)
     first = torch.arange(n, device=device) * n_pre  # each request's unprefixed row ("" comes first)
     v0 = plain[site, layer][first, all_nll.subject_last[first]].clone()
+    del plain
     if use_kl:
-        all_kl, plain_kl = _cache_block_input(adapter, all_kl, layer, site, [last])
+        all_kl, plain_kl = _prepare_rows(adapter, all_kl, layer, site, last)
         with torch.no_grad():
             kl_ref = F.log_softmax(_head(adapter, plain_kl["resid", last][all_kl.read_row, all_kl.read_col]), dim=-1)
-        kl_ref_rows = kl_ref
-    del plain
+        kl_ref_rows, kl_rows = kl_ref, all_kl
+        del plain_kl
+    fast = all_nll.hidden is not None or any(g.start > 0 for g in all_nll.groups)
 
     delta = torch.zeros_like(v0, requires_grad=True)  # (n, d_model)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -222,19 +329,18 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     histories: list[list[float]] = [[] for _ in range(n)]
     steps = [0] * n
     active = torch.ones(n, dtype=torch.bool, device=device)
-    nll_rows, kl_rows = all_nll, all_kl
+    nll_rows = all_nll
     for step in range(hp.v_num_grad_steps):
         opt.zero_grad()
-        h = nll_rows.forward(adapter, site, layer, delta[nll_rows.owner], [loss_layer])["resid", loss_layer]
-        logits = _head(adapter, h[nll_rows.read_row, nll_rows.read_col])
+        logits = _head(adapter, nll_rows.forward_reads(adapter, site, layer, delta[nll_rows.owner], loss_layer))
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, nll_rows.label.unsqueeze(-1)).squeeze(-1)
         row_nll = torch.zeros(len(nll_rows.owner), device=device, dtype=logp.dtype).index_add(
             0, nll_rows.read_row, -logp) / nll_rows.row_len
         nll = torch.zeros(n, device=device, dtype=row_nll.dtype).index_add(0, nll_rows.owner, row_nll) / n_pre
         loss = nll + hp.v_weight_decay * delta.norm(dim=1) / v0_norm ** 2
         if use_kl:
-            h_kl = kl_rows.forward(adapter, site, layer, delta[kl_rows.owner], [last])["resid", last]
-            cur = F.log_softmax(_head(adapter, h_kl[kl_rows.read_row, kl_rows.read_col]), dim=-1)
+            cur = F.log_softmax(_head(adapter, kl_rows.forward_reads(adapter, site, layer, delta[kl_rows.owner], last)),
+                                dim=-1)
             kl_rowwise = kl_rows_divergence(cur, kl_ref_rows, hp.kl_direction)
             kl_req = torch.zeros(n, device=device, dtype=kl_rowwise.dtype).index_add(0, kl_rows.owner, kl_rowwise)
             loss = loss + hp.kl_factor * kl_req / n_kl
@@ -254,10 +360,10 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
             norms = delta.norm(dim=1)
             over = norms > max_norm
             delta[over] *= (max_norm[over] / norms[over]).unsqueeze(1)
-        if not torch.equal(active, was_active):  # finished requests leave the batch
-            nll_rows = all_nll.select(active)
+        if not torch.equal(active, was_active) and step + 1 < hp.v_num_grad_steps:  # finished requests leave
+            nll_rows = all_nll.select(active).plan(adapter, by_split=fast)
             if use_kl:
-                kl_rows, kl_ref_rows = all_kl.select(active), kl_ref[active[all_kl.owner]]
+                kl_rows, kl_ref_rows = all_kl.select(active).plan(adapter, by_split=fast), kl_ref[active[all_kl.owner]]
     delta = delta.detach()
     return [ValueResult(target=v0[i] + delta[i], init=v0[i], delta=delta[i].clone(), nll_history=histories[i],
                         steps=steps[i]) for i in range(n)]
