@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ...errors import SupereditError
-from ..hparams import AlphaEditHParams, D4SHParams, FTHParams, HParams, MEMITHParams, ROMEHParams
+from ..hparams import AlphaEditHParams, D4SHParams, FTHParams, HParams, MEMITHParams, ROMEHParams, UltraEditHParams
 
 
 def _load(path: str) -> Callable:
@@ -94,3 +94,6 @@ register(MethodEntry("d4s", D4SHParams, f"{_M}.d4s:d4s_step", True,
 register(MethodEntry("alphaedit", AlphaEditHParams, f"{_M}.alphaedit:alphaedit_step", True,
                      "AlphaEdit: null-space-projected MEMIT updates for sequential editing (Fang et al. 2025).",
                      state=f"{_M}.alphaedit:make_alphaedit_state"))
+register(MethodEntry("ultraedit", UltraEditHParams, f"{_M}.ultraedit:ultraedit_step", False,
+                     "UltraEdit: closed-form edits from hidden states and gradients under a lifelong normaliser, "
+                     "no key statistics (Gu et al. 2025).", state=f"{_M}.ultraedit:make_ultraedit_state"))
