@@ -5,7 +5,8 @@ site, the model's profile; default ``pretrained:smollm2-135m``), all at the SAME
 (early stop off, so every variant does the same optimisation and reaches the same final NLL):
 
 * ``after``: ``superedit.editing.values.optimize_value`` (resumes at the edited block from its cached
-  input, head only at read positions, KL prompts in their own short pass);
+  input and after the positions before δ (KV cache), head only at read positions, KL prompts in
+  their own short pass);
 * ``before``: the implementation before that change, the verbatim copy kept in
   ``tests/test_values_speed.py`` as the specification (every step forwards every row from the
   embeddings; the v₀ pass runs the whole model);
@@ -14,9 +15,11 @@ site, the model's profile; default ``pretrained:smollm2-135m``), all at the SAME
   logits at every position of every row, the final norm and head applied again to the prompts' last
   residual at every position for the NLL, v₀ read in the first step. Same loss (NLL + KL + decay),
   same Adam, clamp and δ site as superedit; it is NOT ROME's code (no early stop here either);
-* ``floor``: one forward + backward of the loss's rows from the edited block (cached input), head only
-  at the positions the loss reads, no bookkeeping; median of ``--floor-reps`` passes × steps.
-  ``floor_full`` is the same from the embeddings (the floor before the layers below were cached).
+* ``floor_full`` / ``floor_layer`` / ``floor_fast``: one forward + backward of the loss's rows, head
+  only at the positions the loss reads, no bookkeeping, median of ``--floor-reps`` passes × steps:
+  from the embeddings at every position (issue #15's floor) / from the edited block's cached input at
+  every position (the lowered floor) / what a step of ``after`` computes (also skipping the
+  positions before δ).
 
     python benchmarks/bench_values.py --threads 1 --n 3 [--model pretrained:smollm2-135m] [--requests FILE] [--json out.json]
 """
@@ -89,46 +92,34 @@ def rome_style_values(adapter, prompt, subject, target, layer, hp, prefixes):
     return v0 + delta.detach(), float(nll.detach())
 
 
-def floor_pass_seconds(adapter, prompt, subject, target, layer, hp, prefixes, reps, from_layer):
-    """Median seconds of one forward + backward of the loss's rows (prompts, KL prompts), started at
-    ``from_layer``'s cached input (0: from the embeddings), head only at the read positions."""
+def floor_pass_seconds(adapter, prompt, subject, target, layer, hp, prefixes, reps, mode):
+    """Median seconds of one forward + backward of the loss's rows (prompts, KL prompts) with the head
+    only at the read positions, no bookkeeping. ``mode``: ``full`` from the embeddings at every
+    position; ``layer`` from the edited block's cached input at every position; ``fast`` what a step
+    of ``optimize_values`` computes (from the edited block and from δ's position, KV cache before)."""
     import torch
     import torch.nn.functional as F
 
-    from superedit.editing.values import KL_TEMPLATES
-    from superedit.models import Trace, encode_prompt_target, encode_prompts
-    from superedit.models.hooks import StartAt, add_at_positions
-    from superedit.models.positions import fill_template
+    from superedit.editing.values import _head, _prepare_rows, value_rows
 
-    tok, dev, last = adapter.tokenizer, adapter.device, adapter.n_layers - 1
-    filled = [fill_template(pre + prompt, subject) for pre in prefixes]
-    rw = encode_prompt_target(tok, [f[0] for f in filled], [target] * len(prefixes),
-                              subject_spans=[(f[1], f[2]) for f in filled], device=dev)
-    kl = encode_prompts(tok, KL_TEMPLATES, [subject] * len(KL_TEMPLATES), padding_side="right", device=dev)
-    mask, labels = rw.loss_mask()
-    rows, cols = torch.nonzero(mask, as_tuple=True)
-    batches = [(rw.model_inputs(), rw.subject_last, (rows, cols)),
-               (kl.model_inputs(), kl.subject_last, (torch.arange(len(KL_TEMPLATES)), torch.tensor(kl.subject_last)))]
-    cached = []
-    for inputs, _, _ in batches:
-        if from_layer == 0:
-            cached.append(None)
-            continue
-        with torch.no_grad(), Trace(adapter, reads=[("resid", from_layer - 1)], stop_after=True) as tr:
-            adapter.model(**inputs)
-        cached.append((tr["resid", from_layer - 1], tr.arity["resid", from_layer - 1]))
-    delta = torch.zeros(adapter.d_model, requires_grad=True)
+    last = adapter.n_layers - 1
+    nll, kl = value_rows(adapter, [(prompt, subject, target)], prefixes)
+    prepared = []
+    for rows in (nll, kl):
+        fast, _ = _prepare_rows(adapter, rows, layer, "value", last)
+        if mode == "full":
+            fast = rows.plan(adapter, by_split=False)
+        elif mode == "layer":
+            fast = type(fast)(**{**vars(fast), "groups": None}).plan(adapter, by_split=False)
+        prepared.append(fast)
+    delta = torch.zeros(1, adapter.d_model, dtype=adapter.dtype, requires_grad=True)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         loss = 0.0
-        for (inputs, subj, (r, c)), cache in zip(batches, cached):
-            start = StartAt(adapter, from_layer, *cache) if cache else Trace(adapter)
-            with start, Trace(adapter, reads=[("resid", last)], stop_after=True, detach=False,
-                              edits={("value", layer): add_at_positions(subj, delta)}) as tr:
-                adapter.model(**inputs, use_cache=False)
-            logits = adapter.lm_head()(adapter.final_norm()(tr["resid", last][r, c]))
-            loss = loss + F.log_softmax(logits.float(), -1).max(-1).values.sum()
+        for rows in prepared:
+            h = rows.forward_reads(adapter, "value", layer, delta[rows.owner], last)
+            loss = loss + F.log_softmax(_head(adapter, h).float(), -1).max(-1).values.sum()
         loss.backward()
         times.append(time.perf_counter() - t0)
         delta.grad = None
@@ -186,8 +177,8 @@ def main() -> None:
         t0 = time.perf_counter()
         v_rome, row["rome_style_nll"] = rome_style_values(adapter, *item, layer, hp, prefixes)
         row["rome_style_s"] = time.perf_counter() - t0
-        row["floor_s"] = steps * floor_pass_seconds(adapter, *item, layer, hp, prefixes, args.floor_reps, layer)
-        row["floor_full_s"] = steps * floor_pass_seconds(adapter, *item, layer, hp, prefixes, args.floor_reps, 0)
+        for mode in ("full", "layer", "fast"):
+            row[f"floor_{mode}_s"] = steps * floor_pass_seconds(adapter, *item, layer, hp, prefixes, args.floor_reps, mode)
         row["v_rel_diff_after_before"] = float((after.target - before["target"]).norm() / before["target"].norm())
         row["v_rel_diff_after_rome_style"] = float((after.target - v_rome).norm() / v_rome.norm())
         rows.append(row)
@@ -196,9 +187,10 @@ def main() -> None:
     summary = {
         "model": args.model, "layer": layer, "steps": steps, "rows_per_step": len(prefixes),
         "threads": torch.get_num_threads(), "n": len(rows), **{f"mean_{k}": v for k, v in mean.items()},
-        "after_over_floor": mean["after_s"] / mean["floor_s"],
-        "after_over_floor_full": mean["after_s"] / mean["floor_full_s"],
+        "after_over_floor_layer": mean["after_s"] / mean["floor_layer_s"],
+        "after_over_floor_fast": mean["after_s"] / mean["floor_fast_s"],
         "before_over_floor_full": mean["before_s"] / mean["floor_full_s"],
+        "rome_style_over_floor_full": mean["rome_style_s"] / mean["floor_full_s"],
         "speedup_vs_before": mean["before_s"] / mean["after_s"],
         "speedup_vs_rome_style": mean["rome_style_s"] / mean["after_s"],
     }

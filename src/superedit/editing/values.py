@@ -238,31 +238,66 @@ def _head(adapter: ModelAdapter, h: torch.Tensor) -> torch.Tensor:
     return adapter.lm_head()(adapter.final_norm()(h))
 
 
-def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, read_layer: int) -> tuple[_Rows, Trace]:
-    """One plain no-grad forward of ``rows`` (v₀, the reference residual at the reads, the input of
-    block ``layer``), then the fast plan: cached block input, rows grouped by where δ enters with
-    their earlier positions in the KV cache. The fast plan is used only when it reproduces the plain
-    residual at the reads (checked here, with δ = 0); otherwise every step forwards every row from the
-    embeddings (exact, slower) and a warning names the family. Returns the rows and the plain Trace."""
+def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, read_layer: int,
+                  keep_reads: bool = False) -> tuple[_Rows, Trace]:
+    """One plain no-grad forward of ``rows`` (v₀ at ``(site, layer)``, the input of block ``layer``; the
+    residual after ``read_layer`` too with ``keep_reads``), then the fast plan: cached block input,
+    rows grouped by where δ enters with their earlier positions in the KV cache.
+
+    The first time per model, layer, site, dtype and device, the fast plan is checked against the
+    plain residual at the reads (δ = 0) and the verdict kept in ``adapter.memo``; a plan that does not
+    reproduce it is never used for that model: every step then forwards every row from the embeddings
+    (exact, slower) and a warning names the family. Returns the rows and the plain Trace."""
+    memo_key = ("values.fast_plan_ok", layer, site, read_layer, str(adapter.dtype), str(adapter.device))
+    verdict = adapter.memo.get(memo_key)
     below = [("resid", layer - 1)] if layer > 0 else []
-    with torch.no_grad(), Trace(adapter, reads=[(site, layer), ("resid", read_layer)] + below,
-                                stop_after=True) as plain:
+    reads = [(site, layer)] + below + ([("resid", read_layer)] if keep_reads or verdict is None else [])
+    with torch.no_grad(), Trace(adapter, reads=reads, stop_after=True) as plain:
         adapter.model(**rows.inputs())
-    want = plain["resid", read_layer][rows.read_row, rows.read_col].float()
+    if verdict is False:
+        return rows.plan(adapter, by_split=False), plain
     fast = rows if layer == 0 else replace(rows, hidden=plain["resid", layer - 1], arity=plain.arity["resid", layer - 1])
+    why = ""
     try:
         fast = fast.plan(adapter, by_split=True)
-        with torch.no_grad():
-            got = fast.forward_reads(adapter, site, layer, None, read_layer).float()
-        why = "" if torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max().clamp_min(1.0))) \
-            else "does not reproduce the full forward"
+        if verdict is None:
+            want = plain["resid", read_layer][rows.read_row, rows.read_col].float()
+            with torch.no_grad():
+                got = fast.forward_reads(adapter, site, layer, None, read_layer).float()
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max().clamp_min(1.0))):
+                why = "does not reproduce the full forward"
     except (TypeError, RuntimeError) as exc:  # a model whose forward takes or returns no KV cache
         why = f"fails ({exc})"
+    adapter.memo[memo_key] = not why
     if why:
         log.warning("%s: resuming the forward at block %d and after the cached positions %s; v* runs the whole "
                     "model every step (exact, slower)", adapter.family, layer, why)
         return rows.plan(adapter, by_split=False), plain
     return fast, plain
+
+
+def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixes: list[str]) -> tuple[_Rows, _Rows]:
+    """The rows the v* loss reads: every request's prefixed prompts + target (reads: the positions that
+    predict a target token; requests in order, ``prefixes`` within each, "" first) and its KL prompts
+    (reads: the subject's last token)."""
+    device = adapter.device
+    tok = adapter.tokenizer
+    n, n_pre, n_kl = len(items), len(prefixes), len(KL_TEMPLATES)
+    filled = [fill_template(pre + prompt, subject) for prompt, subject, _ in items for pre in prefixes]
+    targets = [target for _, _, target in items for _ in prefixes]
+    rw = encode_prompt_target(tok, [f[0] for f in filled], targets,
+                              subject_spans=[(f[1], f[2]) for f in filled], device=device)
+    mask, labels = rw.loss_mask()
+    tgt_rows, tgt_cols = torch.nonzero(mask, as_tuple=True)  # every position that predicts a target token
+    nll = _Rows(rw.input_ids, rw.attention_mask, torch.tensor(rw.subject_last, device=device),
+                torch.arange(n, device=device).repeat_interleave(n_pre), tgt_rows, tgt_cols,
+                labels[tgt_rows, tgt_cols], mask.sum(1))
+    kl = encode_prompts(tok, KL_TEMPLATES * n, [subject for _, subject, _ in items for _ in KL_TEMPLATES],
+                        padding_side="right", device=device)
+    kl_last = torch.tensor(kl.subject_last, device=device)
+    return nll, _Rows(kl.input_ids, kl.attention_mask, kl_last,
+                      torch.arange(n, device=device).repeat_interleave(n_kl), torch.arange(n * n_kl, device=device),
+                      kl_last, torch.zeros_like(kl_last), torch.ones(n * n_kl, device=device))
 
 
 def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], layer: int, site: str,
@@ -289,25 +324,10 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
         return [r for i in range(0, len(items), per)
                 for r in optimize_values(adapter, items[i:i + per], layer, site, hp, prefixes, chunk_rows)]
     device = adapter.device
-    tok = adapter.tokenizer
     n, n_pre, n_kl = len(items), len(prefixes), len(KL_TEMPLATES)
     last = adapter.n_layers - 1
     loss_layer = last if hp.v_loss_layer in (-1, last) else hp.v_loss_layer
-    filled = [fill_template(pre + prompt, subject) for prompt, subject, _ in items for pre in prefixes]
-    targets = [target for _, _, target in items for _ in prefixes]
-    rw = encode_prompt_target(tok, [f[0] for f in filled], targets,
-                              subject_spans=[(f[1], f[2]) for f in filled], device=device)
-    mask, labels = rw.loss_mask()
-    tgt_rows, tgt_cols = torch.nonzero(mask, as_tuple=True)  # every position that predicts a target token
-    all_nll = _Rows(rw.input_ids, rw.attention_mask, torch.tensor(rw.subject_last, device=device),
-                    torch.arange(n, device=device).repeat_interleave(n_pre), tgt_rows, tgt_cols,
-                    labels[tgt_rows, tgt_cols], mask.sum(1))
-    kl = encode_prompts(tok, KL_TEMPLATES * n, [subject for _, subject, _ in items for _ in KL_TEMPLATES],
-                        padding_side="right", device=device)
-    kl_last = torch.tensor(kl.subject_last, device=device)
-    all_kl = _Rows(kl.input_ids, kl.attention_mask, kl_last, torch.arange(n, device=device).repeat_interleave(n_kl),
-                   torch.arange(n * n_kl, device=device), kl_last, torch.zeros_like(kl_last),
-                   torch.ones(n * n_kl, device=device))
+    all_nll, all_kl = value_rows(adapter, items, prefixes)
     use_kl = hp.kl_factor > 0
 
     all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer)
@@ -315,7 +335,7 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     v0 = plain[site, layer][first, all_nll.subject_last[first]].clone()
     del plain
     if use_kl:
-        all_kl, plain_kl = _prepare_rows(adapter, all_kl, layer, site, last)
+        all_kl, plain_kl = _prepare_rows(adapter, all_kl, layer, site, last, keep_reads=True)
         with torch.no_grad():
             kl_ref = F.log_softmax(_head(adapter, plain_kl["resid", last][all_kl.read_row, all_kl.read_col]), dim=-1)
         kl_ref_rows, kl_rows = kl_ref, all_kl
