@@ -57,6 +57,32 @@ def print_summary(summary: dict, as_json: bool) -> None:
     emit({k: v for k, v in summary.items() if k not in ("pre", "post", "counts", "hparams", "model_identity")}, False)
 
 
+def check_known(adapter, reqs: list, only_known: bool, log) -> tuple[list, dict]:
+    """Measure which requests' target_true the model knows (top-1 rule of ``superedit data known``); warn
+    with the share it does not know, and with ``only_known`` drop those (an error if none is left)."""
+    from ..data.known import judge_known
+    from ..errors import SupereditError
+
+    with_true = [r for r in reqs if r.target_true]
+    if not with_true:
+        return reqs, {"n_checked": 0}
+    verdicts = judge_known(adapter, with_true, "top1")
+    unknown = {id(r) for r, v in zip(with_true, verdicts) if not v.known}
+    info = {"n_checked": len(with_true), "n_unknown": len(unknown), "share_unknown": len(unknown) / len(with_true)}
+    if unknown:
+        log.warning("the model does not know %d of %d requests' target_true (%.0f%%: its greedy next token is not "
+                    "the true object's first token)%s", len(unknown), len(with_true), 100 * info["share_unknown"],
+                    "; dropping them (--only-known)" if only_known else
+                    "; edits of facts it never knew measure little — pass --only-known to drop them, or filter "
+                    "with `superedit data known`")
+    if only_known:
+        reqs = [r for r in reqs if id(r) not in unknown]
+        info["dropped"] = len(unknown)
+        if not reqs:
+            raise SupereditError("--only-known: the model knows none of the requests' target_true; nothing to edit")
+    return reqs, info
+
+
 # ------------------------------------------------------------------------------------- command
 def register(app) -> None:
     @app.command("edit")
@@ -79,6 +105,10 @@ def register(app) -> None:
         gen_tokens: int = GenTokensOpt,
         greedy_tokens: int = GreedyTokensOpt,
         seed: int = SeedOpt,
+        only_known: bool = typer.Option(False, "--only-known", help="Drop the requests whose target_true the model "
+                                        "does not know (its greedy next token is not target_true's first token; "
+                                        "`superedit data known` documents the rule). Without it they are kept and "
+                                        "their share is reported."),
         device: str = DeviceOpt,
         as_json: bool = JsonOpt,
     ):
@@ -101,6 +131,7 @@ def register(app) -> None:
         profile = hparams_profile(adapter, model_dir)
         hp = build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)
         reqs = resolve_requests(model_dir, requests, fmt, limit, seed=seed)
+        reqs, known_info = check_known(adapter, reqs, only_known, log)
         stats = make_stats(adapter, hp, corpus=corpus) if entry.needs_stats else None
         out_dir = start_out_dir(out, f"edit-{method}")
         ledger = None
@@ -126,7 +157,7 @@ def register(app) -> None:
             else:
                 merged.meta["requests_file"] = str(requests) if requests else None
                 delta_path = str(merged.save(save_delta))
-        summary.update({"model": model, "profile": profile, "hparams": hp.to_dict(),
+        summary.update({"known_check": known_info, "model": model, "profile": profile, "hparams": hp.to_dict(),
                         "model_identity": adapter.identity(), "requests_file": requests, "limit": limit,
                         "gen_tokens": gen_tokens, "seed": seed, "out_dir": str(out_dir),
                         "records": str(out_dir / "records.jsonl"), "delta": delta_path,
