@@ -226,3 +226,25 @@ def test_fast_values_skip_what_cannot_change(adapter, monkeypatch):
     rows = [r for r, _, _ in steps_seen]
     assert rows[0] == 2 * n_pre and n_pre in rows and max(g.steps for g in got) >= 2
     assert all(computed < tokens for _, computed, tokens in steps_seen)  # fewer than the rows' real tokens
+
+
+def test_a_plan_that_does_not_reproduce_the_forward_is_not_used(monkeypatch, caplog):
+    """If resuming the forward gave different activations (simulated: a corrupted cached block
+    input), the check refuses the fast plan once per model, warns, and v* is still the plain path's."""
+    from superedit.editing import values
+
+    class Corrupted(StartAt):
+        def __init__(self, adapter, layer, hidden, arity=None):
+            super().__init__(adapter, layer, 2 * hidden, arity)
+
+    monkeypatch.setattr(values, "StartAt", Corrupted)
+    adapter = __import__("helpers").tiny_adapter("llama")
+    hp = MEMITHParams(layers=[2], kl_factor=0.0625, v_num_grad_steps=3, n_prefixes=2, context_lengths=[3])
+    prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
+    with caplog.at_level("WARNING", logger="superedit.editing.values"):
+        got = optimize_values(adapter, ITEMS, 2, "value", hp, prefixes)
+    assert "does not reproduce the full forward" in caplog.text
+    assert adapter.memo[("values.fast_plan_ok", 2, "value", adapter.n_layers - 1, "torch.float32", "cpu")] is False
+    want = reference_optimize_values(adapter, ITEMS, 2, "value", hp, prefixes)
+    for g, w in zip(got, want):
+        assert_same(g, w, 1e-5)
