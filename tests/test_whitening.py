@@ -80,7 +80,7 @@ ALLOWED_INVERSES = {("editing/methods/d4s.py", "cholesky_inverse"), ("lifelong/d
 def test_no_explicit_inverse_anywhere_in_the_package():
     src = Path(__file__).resolve().parents[1] / "src" / "superedit"
     pattern = re.compile(r"linalg\.inv\b|torch\.inverse\b|\.inverse\(\)|cholesky_inverse|linalg\.pinv|"
-                         r"spd_solve\([^)]*torch\.eye")
+                         r"spd_solve\([^,]*,\s*torch\.eye")  # solving against I (a ridge term inside A is fine)
     offenders = [f"{p.relative_to(src)}:{i}" for p in src.rglob("*.py")
                  for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
                  for m in [pattern.search(line)] if m and (str(p.relative_to(src)), m.group(0)) not in ALLOWED_INVERSES]
