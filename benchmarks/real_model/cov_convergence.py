@@ -46,7 +46,11 @@ def main() -> None:
     ap.add_argument("--n-keys", type=int, default=24)
     ap.add_argument("--ridge", type=float, default=0.0)
     ap.add_argument("--out", default="runs/real/cov-convergence")
+    ap.add_argument("--plot-only", action="store_true", help="Redraw the figure from OUT/convergence.json.")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(Path(args.out) / "convergence.json", Path(args.out) / "convergence.png")
+        return
     logging.basicConfig(level=logging.INFO)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,29 +91,55 @@ def main() -> None:
                 print(json.dumps(rows[-1]))
     (out / "convergence.json").write_text(json.dumps({"model": args.model, "reference_tokens": ref_n,
                                                      "ridge": args.ridge, "n_keys": len(reqs), "rows": rows}, indent=2))
+    plot(out / "convergence.json", out / "convergence.png")
+
+
+def plot(json_path: Path, png_path: Path) -> None:
+    """The convergence figure, drawn from the saved convergence.json only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for l in layers:
+    data = json.loads(Path(json_path).read_text())
+    rows, ref_n = data["rows"], data["reference_tokens"]
+    layers = sorted({r["layer"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, l in zip(colors, layers):
         r = [x for x in rows if x["layer"] == l and x["corpus"] == "model-sampled" and x["n_tokens"] < ref_n]
-        xs = [x["tokens_used"] for x in r]
-        axes[0].plot(xs, [x["rel_change_C"] for x in r], marker="o", label=f"layer {l}")
-        axes[1].plot(xs, [x["rel_change_u_median"] for x in r], marker="o", label=f"layer {l}: median over keys")
-        axes[1].plot(xs, [x["rel_change_u_max"] for x in r], marker="x", linestyle="--", label=f"layer {l}: worst key")
-    for ax, t in zip(axes, ["‖C_N − C_ref‖ / ‖C_ref‖", "‖u_N − u_ref‖ / ‖u_ref‖,  u = C⁻¹k*"]):
+        pd = [x for x in rows if x["layer"] == l and x["corpus"] == "package-docs"]
+        axes[0].plot([x["tokens_used"] for x in r], [x["rel_change_C"] for x in r], marker="o", color=c,
+                     label=f"layer {l}")
+        ok = [x for x in r if x["tokens_used"] >= 2000]  # N below d_mlp = 1536: C is singular, u meaningless
+        axes[1].plot([x["tokens_used"] for x in ok], [x["rel_change_u_median"] for x in ok], marker="o", color=c,
+                     label=f"layer {l}, median key")
+        axes[1].plot([x["tokens_used"] for x in ok], [x["rel_change_u_max"] for x in ok], marker="x", color=c,
+                     linestyle=":", label=f"layer {l}, worst key")
+        for x in pd:
+            axes[1].scatter([x["tokens_used"]], [x["rel_change_u_median"]], marker="s", color=c, s=36,
+                            edgecolor="k", zorder=3, label=f"layer {l}: package-docs text, median key")
+    axes[0].set_title("‖C_N − C_ref‖ / ‖C_ref‖", fontsize=10)
+    axes[1].set_title("‖u_N − u_ref‖ / ‖u_ref‖,  u = C⁻¹k*  (N ≥ 2,000)", fontsize=10)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ticks = sorted({x["tokens_used"] for x in rows})
+    for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("corpus tokens N (model-sampled text)")
-        ax.set_title(t, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=8)
-    fig.suptitle(f"{args.model}: convergence of the key covariance against {ref_n:,} tokens", fontsize=10)
+    axes[0].legend(frameon=False, fontsize=8)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=7.5)
+    ridge = data.get("ridge", 0.0)
+    fig.suptitle(f"{data['model']}: key covariance against {ref_n:,} model-sampled tokens "
+                 f"(ridge {ridge:g}·mean diag; {data['n_keys']} edit keys of the tuning split)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "convergence.png", dpi=120, bbox_inches="tight")
-
+    fig.savefig(png_path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()
