@@ -30,6 +30,19 @@ def register(app) -> None:
         text_field: str = typer.Option("text", "--text-field", help="JSON field holding the text in .jsonl/.json."),
         cache_dir: str = typer.Option(None, "--cache-dir", help="Cache directory (default $SUPEREDIT_HOME/stats)."),
         recompute: bool = typer.Option(False, "--recompute", help="Ignore cached matrices and overwrite them."),
+        until_converged: bool = typer.Option(False, "--until-converged", help="Stop each layer once C and C⁻¹p "
+                                             "for probe keys p change by less than --tol at --patience consecutive "
+                                             "checkpoints (every doubling of tokens); --tokens is then the most."),
+        tol: float = typer.Option(0.05, "--tol", help="With --until-converged: relative-change tolerance."),
+        first_check: int = typer.Option(4096, "--first-check", help="With --until-converged: tokens at the first "
+                                        "checkpoint."),
+        patience: int = typer.Option(2, "--patience", help="With --until-converged: consecutive checkpoints."),
+        probes: int = typer.Option(16, "--probes", help="With --until-converged: corpus keys held out as probes."),
+        probe_ridge: float = typer.Option(1e-3, "--probe-ridge", help="With --until-converged: ridge (fraction of "
+                                          "C's mean diagonal) of the probe solves C⁻¹p."),
+        distributed: bool = typer.Option(False, "--distributed", help="Shard the batches over the processes of a "
+                                         "torchrun launch (gloo on cpu, nccl on cuda) and all-reduce the sums; "
+                                         "rank 0 writes the cache and the output."),
         device: str = DeviceOpt,
         as_json: bool = JsonOpt,
     ):
@@ -39,27 +52,43 @@ def register(app) -> None:
         from ..models import load_model
         from ..stats import collect_covariances, default_cache_dir
         from ..stats.corpus import resolve_corpus
+        from ..stats.covariance import ConvergenceStop
+        from ..stats.distributed import LOCAL, destroy_shard, init_shard
 
-        adapter = load_model(model, device=device)
-        layer_list = parse_layers(layers, adapter.n_layers)
-        corp = resolve_corpus(adapter, corpus, field=text_field)
-        covs = collect_covariances(adapter, layer_list, corp, tokens, max_length=max_length,
-                                   batch_tokens=batch_tokens, cache_dir=cache_dir, recompute=recompute)
+        stop = (ConvergenceStop(tol=tol, first_check=first_check, patience=patience, n_probes=probes,
+                                ridge=probe_ridge) if until_converged else None)
+        shard = init_shard(device) if distributed else LOCAL
+        try:
+            adapter = load_model(model, device=shard.device if distributed else device)
+            layer_list = parse_layers(layers, adapter.n_layers)
+            corp = resolve_corpus(adapter, corpus, field=text_field)
+            covs = collect_covariances(adapter, layer_list, corp, tokens, max_length=max_length,
+                                       batch_tokens=batch_tokens, cache_dir=cache_dir, recompute=recompute,
+                                       stop=stop, shard=shard)
+        finally:
+            destroy_shard(shard)
+        if not shard.is_main:
+            return
         rows = []
         for layer, cov in covs.items():
             cond = cov.condition_number()
-            rows.append({"layer": layer, "path": str(cov.path), "count": cov.count, "dim": cov.dim,
-                         "trace": cov.trace(), "condition_number": cond if math.isfinite(cond) else None,
-                         "singular": not math.isfinite(cond), "cache_hit": cov.cache_hit})
+            row = {"layer": layer, "path": str(cov.path), "count": cov.count, "dim": cov.dim,
+                   "trace": cov.trace(), "condition_number": cond if math.isfinite(cond) else None,
+                   "singular": not math.isfinite(cond), "cache_hit": cov.cache_hit}
+            if cov.convergence is not None:
+                row["converged"] = cov.convergence["converged"]
+                row["checkpoints"] = cov.convergence["checkpoints"]
+            rows.append(row)
         result = {"model": model, "corpus": corp.source, "corpus_sha256": corp.fingerprint(),
                   "n_documents": len(corp), "tokens": tokens, "max_length": max_length,
-                  "cache_dir": str(cache_dir or default_cache_dir()), "layers": rows}
+                  "cache_dir": str(cache_dir or default_cache_dir()), "world_size": shard.world_size, "layers": rows}
         if as_json:
             emit(result, True)
             return
         for r in rows:
             cond = "inf (singular)" if r["singular"] else f"{r['condition_number']:.3e}"
-            typer.echo(f"layer {r['layer']:3d}  {'hit ' if r['cache_hit'] else 'miss'}  count={r['count']}  "
+            conv = "" if "converged" not in r else f"{'converged' if r['converged'] else 'NOT converged'}  "
+            typer.echo(f"layer {r['layer']:3d}  {'hit ' if r['cache_hit'] else 'miss'}  count={r['count']}  {conv}"
                        f"trace={r['trace']:.6g}  cond={cond}  {r['path']}", err=True)
         emit({k: v for k, v in result.items() if k != "layers"}, False)
 
