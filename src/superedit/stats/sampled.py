@@ -8,7 +8,8 @@ for (the keys the edit must not disturb). ``docs/results/real-model.md`` compare
 corpus on the same edits.
 
 Each batch of documents is sampled under its own seed (``seed + batch index``), so a long sampling run
-resumes after an interruption with the same text. The documents are cached as JSONL under ``$SUPEREDIT_HOME/corpora`` keyed by the model's identity
+resumes after an interruption with the same text. For a converted pretrained model whose corpus ships with superedit (``stats/corpora/``; matched by the
+GGUF file's sha256 and the settings) the shipped copy is used instead of sampling. The documents are cached as JSONL under ``$SUPEREDIT_HOME/corpora`` keyed by the model's identity
 (source, revision) and every sampling setting, so a changed model or setting samples anew, and the
 resulting :class:`~superedit.stats.corpus.Corpus` fingerprint (hence every covariance cache key)
 follows the text.
@@ -102,13 +103,48 @@ def sample_documents(adapter, settings: SamplingSettings, partial: Path | None =
     return [t for b in range(len(starts)) for t in done[b]]
 
 
+SHIPPED = Path(__file__).parent / "corpora"
+
+
+def shipped_corpus(adapter, settings: SamplingSettings) -> Path | None:
+    """A corpus shipped with superedit for this model and these settings, else None.
+
+    A shipped corpus (``stats/corpora/*.json`` + its JSONL) is what :func:`sample_documents` produced for a
+    converted pretrained model, recorded with the GGUF file's sha256 (from the model's provenance file)
+    and the sampling settings; it is used only when both match and its own sha256 checks out."""
+    from ..models.pretrained import read_provenance
+    from .corpus import _model_dir
+
+    prov = read_provenance(_model_dir(adapter))
+    if not prov or not SHIPPED.is_dir():
+        return None
+    for meta_file in sorted(SHIPPED.glob("*.json")):
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if meta.get("model_gguf_sha256") == prov.get("gguf_sha256") and meta.get("settings") == asdict(settings):
+            path = SHIPPED / meta["file"]
+            if hashlib.sha256(path.read_bytes()).hexdigest() != meta.get("sha256"):
+                log.warning("shipped corpus %s does not match its recorded sha256; sampling instead", path)
+                return None
+            return path
+    return None
+
+
 def sampled_corpus(adapter, settings: SamplingSettings | None = None) -> Corpus:
-    """The model-sampled corpus, read from the cache or sampled once and cached (atomic write)."""
+    """The model-sampled corpus: from the cache, else a shipped copy (:func:`shipped_corpus`), else sampled
+    once and cached (atomic write)."""
+    import shutil
+
     from ..utils.io import write_jsonl_atomic
 
     settings = settings or SamplingSettings()
     path = _cache_file(adapter, settings)
     if path.is_file():
+        return Corpus.from_path(path)
+    shipped = shipped_corpus(adapter, settings)
+    if shipped is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shipped, path)
+        log.info("model-sampled corpus: the copy shipped with superedit (%s)", shipped.name)
         return Corpus.from_path(path)
     log.info("sampling a %d-document corpus from %s for key statistics (cached in %s)", settings.n_docs,
              adapter.source, path)
