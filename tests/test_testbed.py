@@ -261,3 +261,18 @@ def test_wide_testbed_uses_the_small_hparams_profile(tmp_path):
         d.mkdir()
         (d / "testbed.json").write_text(json.dumps({"format": "superedit-testbed/1", "size": size}))
         assert hparams_profile(None, d) == want
+
+
+def test_same_build_command_gives_bit_identical_weights(tmp_path):
+    """Same size, seed and thread count (tests run on 1 thread) → the same weights, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from superedit.testbed.build import build_testbed
+
+    a = build_testbed("micro", tmp_path / "a", seed=3, epochs=2)
+    b = build_testbed("micro", tmp_path / "b", seed=3, epochs=2)
+    c = build_testbed("micro", tmp_path / "c", seed=4, epochs=2)
+    wa, wb, wc = (load_file(d / "model.safetensors") for d in (a, b, c))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa if wa[k].shape == wc[k].shape)
