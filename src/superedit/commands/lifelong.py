@@ -107,6 +107,9 @@ def register(app) -> None:
         stream_order: str = typer.Option("subject-rounds", "--stream-order", help="subject-rounds: distinct "
                                          "subjects first, a subject is re-edited only after all were edited; "
                                          "shuffled: the seeded shuffle as is (re-edits anywhere)."),
+        lm_eval_tasks: str = typer.Option(None, "--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks "
+                                          "measured at every checkpoint (needs superedit[ability]; a task whose "
+                                          "data is not available locally is reported as skipped)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last committed edit."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write report.html."),
         device: str = DeviceOpt,
@@ -169,6 +172,7 @@ def register(app) -> None:
                 texts = Corpus.coerce(corpus).texts[-40:]
             probe = requests_probe(heldout, texts, probe_n)
         probe.block_size, probe.max_neighbours = block_size, max_neighbours
+        probe.lm_eval_tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
         if not probe.facts:
             log.warning("no untouched facts for the retention probe (no held-out requests with target_true)")
         first = [adapter0]

@@ -10,11 +10,13 @@ Files (all appended/written atomically)::
 
     OUT/run.json                 the run's configuration (methods, sizes, hparams)
     OUT/stream.jsonl             the edit stream (requests in order)
-    OUT/probe.json               the fixed probe: untouched true facts (+ base-model recall), texts
+    OUT/probe.json               the fixed probe: untouched true facts (+ base-model recall), texts, the
+                                 general-ability items (lifelong.probe)
     OUT/metrics.jsonl            one record per (method, checkpoint)           ← the report reads this
     OUT/<method>/edit_probs.jsonl  per checkpoint: P(target_new) of every edit right after it and now
     OUT/<method>/steps.jsonl     per batch: value norms, edit time, P(new)/P(true) right after the edit
     OUT/<method>/ledger/         the ledger
+    OUT/summary.json             final figures per method and each method's collapse horizon
 
 A checkpoint (n = 0, every ``eval_every`` edits, and the end) records: efficacy/paraphrase/neighbourhood
 success (CounterFact rule: mean-token NLL(new) < NLL(true)) over all edits so far and over the last
@@ -22,7 +24,10 @@ block; per block of ``block_size`` edits the degree of forgetting (success right
 success now); recall and retention of the untouched probe facts (teacher-forced ``fact_recall``);
 perplexity of held-out text; on a testbed the recall of every fact; L1 (‖W‖₁/numel) and Frobenius
 norms of each edited layer and of its delta; the norms of the inserted values; and for single-layer
-rank-one methods the measured interference (:mod:`superedit.lifelong.interference`).
+rank-one methods the measured interference (:mod:`superedit.lifelong.interference`); and ``ability``:
+every general-ability metric with its n (:class:`superedit.eval.ability.GeneralAbility`: perplexity,
+fluency, known-fact multiple choice, MQD T/F and MC on unedited tuples, lm-eval tasks available offline).
+At the end the collapse horizon of each method (:mod:`superedit.lifelong.horizon`) goes into the summary.
 All evaluation is batched (many prompts per forward pass).
 """
 
@@ -30,9 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,7 +43,9 @@ import torch
 
 from ..errors import SupereditError
 from ..eval.metrics import batch_evaluate
-from ..eval.scoring import fact_recall, perplexity
+from ..eval.scoring import fact_recall
+from .horizon import DEFAULT_THRESHOLD, horizons
+from .probe import Probe, measure_probe, requests_probe, restrict_ability, retention_by_subject, testbed_probe
 from ..utils.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..utils.logs import get_logger
 from ..utils.progress import progress
@@ -51,72 +56,12 @@ RUN_FORMAT = "superedit-lifelong/1"
 #: metric fields that differ between otherwise identical runs (timings)
 TIMING_FIELDS = ("edit_s", "eval_s", "time_s", "timestamp")
 
+__all__ = ["run_lifelong", "Probe", "testbed_probe", "requests_probe", "retention_by_subject", "TIMING_FIELDS",
+           "COMPACT_KEYS"]
+
 
 def _after_commit(method: str, n_done: int) -> None:
     """Called right after each committed batch (tests patch it to simulate a crash)."""
-
-
-# ------------------------------------------------------------------------------------ probe
-@dataclass
-class Probe:
-    """What each checkpoint measures besides the edits themselves (fixed for the whole run).
-
-    facts: untouched true facts ``{"prompt", "target", "template", "subject"}`` (never edited).
-    texts: held-out text for perplexity.
-    all_facts: (testbed) every trained fact ``{"prompt", "target"}`` for the recall of all facts.
-    base_hits: the base model's ``fact_recall`` on ``facts`` (filled in by the runner).
-    """
-
-    facts: list[dict] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    all_facts: list[dict] = field(default_factory=list)
-    base_hits: list[bool] | None = None
-    max_neighbours: int = 5
-    eval_batch_size: int = 64
-    interference_keys: int = 50
-    block_size: int = 100
-    source: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Probe":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def testbed_probe(model_dir: str | Path, stream: Sequence, n: int = 200, seed: int = 0, n_texts: int = 40) -> Probe:
-    """Probe of a testbed: ``n`` true facts whose subject (failing that: subject+relation) is not edited,
-    held-out biographies (fresh phrasings) for perplexity, and every fact (first training template)."""
-    from ..testbed import load_world
-
-    world = load_world(model_dir)
-    edited_subjects = {r.subject for r in stream}
-    edited_pairs = {(r.subject, r.relation_id) for r in stream}
-    prompts = world.prompts("train", max_templates=1)
-    free = [p for p in prompts if p.subject not in edited_subjects]
-    pairs = [p for p in prompts if p.subject in edited_subjects and (p.subject, p.relation) not in edited_pairs]
-    rng = random.Random(f"lifelong-probe:{seed}")
-    rng.shuffle(free)
-    rng.shuffle(pairs)
-    chosen = (free + pairs)[:n]
-    if len(free) < n:
-        log.info("probe: only %d facts of unedited subjects; %d more from edited subjects' other relations",
-                 len(free), len(chosen) - len(free))
-    facts = [{"prompt": p.prompt, "target": p.target, "template": p.template, "subject": p.subject,
-              "relation": p.relation} for p in chosen]
-    docs = world.training_documents(random.Random(f"lifelong-ppl:{seed}"), filler_prob=0.0)[:n_texts]
-    all_facts = [{"prompt": p.prompt, "target": p.target} for p in prompts]
-    return Probe(facts=facts, texts=docs, all_facts=all_facts, source=f"testbed:{model_dir}")
-
-
-def requests_probe(heldout: Sequence, texts: Sequence[str] = (), n: int = 200) -> Probe:
-    """Probe from held-out requests of the same dataset (their TRUE facts, never edited)."""
-    facts = [{"prompt": r.filled_prompt(), "target": r.target_true, "template": r.prompt, "subject": r.subject}
-             for r in heldout if r.target_true][:n]
-    if not texts:  # fall back to the true statements themselves
-        texts = [f"{f['prompt']} {f['target']}." for f in facts]
-    return Probe(facts=facts, texts=list(texts), source="requests")
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -140,7 +85,7 @@ def _checkpoint_due(n: int, prev: int, total: int, every: int) -> bool:
 def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods: Sequence[str],
                  hparams_by_method: dict, stats, edits: int | None = None, batch_size: int = 1,
                  eval_every: int = 50, out_dir: str | Path = "runs/lifelong", probe: Probe | None = None,
-                 resume: bool = False, *, seed: int = 0) -> dict:
+                 resume: bool = False, *, seed: int = 0, horizon_threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Run every method over the first ``edits`` requests; see the module docstring.
 
     Args:
@@ -155,8 +100,11 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         out_dir: output directory.
         probe: untouched facts / texts (default: empty probe: no retention/perplexity figures).
         resume: continue the runs found in ``out_dir`` (required when it already holds one).
+        horizon_threshold: efficacy over all edits / untouched retention below which a method has
+            collapsed (:mod:`superedit.lifelong.horizon`).
 
-    Returns a summary: the final checkpoint's scalar figures per method and the file paths.
+    Returns a summary: the final checkpoint's scalar figures per method, the collapse horizon of every
+    method in ``metrics.jsonl`` (``horizon``, with its ``horizon_threshold``) and the file paths.
     """
     from ..editing.methods import get_method
 
@@ -171,6 +119,8 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         if m not in hparams_by_method:
             raise SupereditError(f"no hyperparameters for method {m!r}")
     probe = probe or Probe()
+    if not 0.0 < horizon_threshold <= 1.0:
+        raise SupereditError(f"horizon threshold must be in (0, 1] (got {horizon_threshold})")
     run_file = out / "run.json"
     config = {"format": RUN_FORMAT, "edits": len(stream), "batch_size": batch_size, "eval_every": eval_every,
               "block_size": probe.block_size, "seed": seed}
@@ -201,6 +151,8 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
     probe_file = out / "probe.json"
     if probe_file.exists():
         probe = Probe.from_dict(json.loads(probe_file.read_text()))
+    else:  # questions about tuples the stream edits measure the edits, not general ability
+        restrict_ability(probe, stream)
     # statistics of the BASE model, before any method touches weights
     if stats is not None:
         for m in methods:
@@ -214,7 +166,9 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
                                  out, probe, probe_file, resume)
         probe = Probe.from_dict(json.loads(probe_file.read_text())) if probe_file.exists() else probe
     summary = {"out_dir": str(out), "metrics": str(out / "metrics.jsonl"), "n_edits": len(stream),
-               "batch_size": batch_size, "eval_every": eval_every, "methods": results}
+               "batch_size": batch_size, "eval_every": eval_every, "methods": results,
+               "horizon_threshold": horizon_threshold,
+               "horizon": horizons(read_jsonl(out / "metrics.jsonl"), horizon_threshold)}
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -384,24 +338,6 @@ def _per_edit(steps: dict, n: int, key: str) -> list:
     return out
 
 
-def retention_by_subject(hits: Sequence[bool], base_hits: Sequence[bool], facts: Sequence[dict],
-                         edited: set[str]) -> dict:
-    """Untouched-fact retention split by whether the fact's subject has been edited so far.
-
-    A probe fact of an edited subject ("Anna Berg studied at", after an edit of "Anna Berg plays
-    the") is read from the same key as the edit; the subject's value at that key carries all its
-    facts, so an edit that rewrites it can change them without any interference between keys.
-    Facts of never-edited subjects are touched only through interference. Returns
-    ``untouched_retention_{edited_subjects,other_subjects}`` (None when a part is empty) and
-    ``untouched_n_*``, counted over the facts the base model recalled."""
-    out: dict[str, Any] = {}
-    for part, want in (("edited_subjects", True), ("other_subjects", False)):
-        sel = [h for h, b, f in zip(hits, base_hits, facts) if b and f.get("subject") and (f["subject"] in edited) == want]
-        out[f"untouched_retention_{part}"] = sum(sel) / len(sel) if sel else None
-        out[f"untouched_n_{part}"] = len(sel)
-    return out
-
-
 def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, probe, tracker, out: Path) -> dict:
     t0 = time.perf_counter()
     prev = max([k for k in recorded if k < n], default=0)
@@ -431,25 +367,8 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
     rec["forgetting_blocks"] = blocks
     rec["forgetting_mean"] = _mean([b["forgetting"] for b in blocks])
     rec["efficacy_at_edit_all"] = _mean(at_edit)
-    # untouched facts
-    if probe.facts:
-        hits = fact_recall(adapter, [f["prompt"] for f in probe.facts], [f["target"] for f in probe.facts],
-                           probe.eval_batch_size)
-        rec["untouched_recall"] = sum(hits) / len(hits)
-        if probe.base_hits:
-            kept = [h for h, b in zip(hits, probe.base_hits) if b]
-            rec["untouched_retention"] = sum(kept) / len(kept) if kept else None
-            rec["untouched_base_recall"] = sum(probe.base_hits) / len(probe.base_hits)
-            # a probe fact of an edited subject shares that subject's key with the edit (its value
-            # carries all the subject's facts): retention there and on never-edited subjects differ
-            rec.update(retention_by_subject(hits, probe.base_hits, probe.facts, {r.subject for r in done}))
-        rec["untouched_n"] = len(hits)
-    if probe.all_facts:
-        hits = fact_recall(adapter, [f["prompt"] for f in probe.all_facts], [f["target"] for f in probe.all_facts],
-                           probe.eval_batch_size)
-        rec["all_facts_recall"] = sum(hits) / len(hits)
-    if probe.texts:
-        rec["perplexity"] = perplexity(adapter, probe.texts)
+    # untouched facts, all facts, perplexity and general ability (lifelong.probe)
+    rec.update(measure_probe(adapter, probe, {r.subject for r in done}))
     # weights
     layers = {}
     for l in led.layers:
@@ -495,8 +414,22 @@ COMPACT_KEYS = ("n_edits", "efficacy_all", "efficacy_last_block", "paraphrase_al
                 "w_l1_rel_mean", "delta_fro_total", "v_target_norm_all", "edit_s")
 
 
+def ability_fields(rec: dict) -> dict:
+    """``ability_<metric>`` → value for every scalar general-ability metric of a checkpoint record
+    (lm-eval tasks: ``ability_lm_eval_<task>_<metric>``; skipped tasks are left out)."""
+    out = {}
+    for name, m in (rec.get("ability") or {}).items():
+        if name == "lm_eval":
+            for task, r in m.items():
+                out.update({f"ability_lm_eval_{task}_{k}": v for k, v in r.items() if k != "n" and k != "skipped"})
+        elif isinstance(m, dict) and "value" in m:
+            out[f"ability_{name}"] = m["value"]
+    return out
+
+
 def _compact(rec: dict) -> dict:
     out = {k: rec.get(k) for k in COMPACT_KEYS if k in rec}
+    out.update(ability_fields(rec))
     inter = rec.get("interference") or {}
     for s in ("o", "e"):
         if s in inter:

@@ -9,6 +9,11 @@ Rates (efficacy, paraphrase, neighbourhood, retention, recall) are drawn on 0–
 intervals over the trials behind each point (edits so far, edits of the latest block, probe facts
 the base model recalled): error bars, side by side per method, while there are few checkpoints; a
 shaded band when there are many.
+
+The collapse horizon (:mod:`superedit.lifelong.horizon`: edits until efficacy over all edits or untouched
+retention first falls below the threshold, 0.8 unless ``summary.json`` says otherwise) is drawn as one bar
+per method, hatched "> N" where no checkpoint fell below; general ability (``ability`` of each checkpoint:
+perplexity, fluency, multiple-choice accuracies, lm-eval tasks) as curves and a table.
 """
 
 from __future__ import annotations
@@ -138,6 +143,134 @@ def knowledge_quantities(runs: dict[str, list[dict]]) -> tuple[Quantity, ...]:
 KNOWLEDGE_CAPTION = ("Teacher-forced recall of facts no edit touched, as a share of those the unedited model "
                      "recalled (1 = nothing lost). Look for the method whose curve drops first; the gap between "
                      "methods is meaningful only where the intervals do not overlap.")
+
+
+def _ability_n(name: str) -> Callable[[dict], int | None]:
+    return lambda rec: _get(rec, f"ability.{name}.n") or None
+
+
+#: general-ability metrics drawn when a run has them: (name in ``ability``, panel title, y label, is a rate)
+ABILITY_METRICS = (("fluency", "generation fluency (n-gram entropy)", "bits", False),
+                   ("known_mc", "known facts: multiple choice (4 options)", "accuracy", True),
+                   ("mqd_tf", "MQD true/false, unedited tuples", "accuracy", True),
+                   ("mqd_mc", "MQD multiple choice, unedited tuples", "accuracy", True))
+
+
+def ability_quantities(runs: dict[str, list[dict]]) -> tuple[Quantity, ...]:
+    """Panels of the general-ability metrics some checkpoint carries (rates with Wilson intervals)."""
+    qs = []
+    for name, title, ylabel, rate in ABILITY_METRICS:
+        if any(_num(_get(r, f"ability.{name}.value")) is not None for recs in runs.values() for r in recs):
+            qs.append(Quantity(f"ability.{name}.value", title, ylabel, _ability_n(name) if rate else None))
+    return tuple(qs)
+
+
+ABILITY_CAPTION = ("What the model can still do besides the edited facts, measured on fixed items at every "
+                   "checkpoint: the entropy of its sampled continuations (falling: repetitive text), and its "
+                   "choice (highest log-probability option) on questions about facts and MQD tuples no edit "
+                   "touched. Chance is 0.25 for four options and 0.5 for true/false.")
+
+
+def horizon_figure(hz: dict[str, dict]):
+    """One horizontal bar per method: edits until collapse; "> N" (hatched) where it was not reached.
+
+    A whisker marks the bracket (last checkpoint above the threshold, first below): the horizon is known
+    to checkpoint resolution only. Returns the Figure, or None without methods."""
+    if not hz:
+        return None
+    methods = list(hz)
+    styles = _method_styles(hz)
+    fig = _figure(7.0, 0.55 * len(methods) + 1.3)
+    ax = fig.add_subplot(1, 1, 1)
+    right = max(h["n_edits"] if h["reached"] else h["within"] for h in hz.values()) or 1
+    for i, m in enumerate(methods):
+        h = hz[m]
+        color = styles[m]["color"]
+        if h["reached"]:
+            ax.barh(i, h["n_edits"], color=color, edgecolor=color, height=0.6)
+            lo = h["last_ok"] if h["last_ok"] is not None else 0
+            ax.errorbar([h["n_edits"]], [i], xerr=[[h["n_edits"] - lo], [0]], fmt="none", ecolor="k", capsize=3,
+                        lw=1)
+            label = f"{h['n_edits']} ({_HORIZON_NAMES.get(h['metric'], h['metric'])} {h['value']:.2f})"
+        else:
+            ax.barh(i, h["within"], color="white", edgecolor=color, hatch="///", height=0.6, lw=1.5)
+            label = f"> {h['within']} (not reached)"
+        ax.text((h["n_edits"] if h["reached"] else h["within"]) + 0.01 * right, i, label, va="center", fontsize=8)
+    ax.set_yticks(range(len(methods)))
+    ax.set_yticklabels(methods)
+    ax.invert_yaxis()
+    ax.set_xlim(0, right * 1.45)
+    ax.set_xlabel("edits until efficacy (all edits) or untouched retention < "
+                  f"{next(iter(hz.values()))['threshold']:g}")
+    integer_ticks(ax.xaxis)
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title("Collapse horizon", fontsize=11)
+    return fig
+
+
+_HORIZON_NAMES = {"efficacy_all": "efficacy", "untouched_retention": "retention"}
+
+
+def horizon_table(hz: dict[str, dict]) -> Table | None:
+    """Method, horizon ("> N" when not reached), what fell first and to what, the bracket."""
+    if not hz:
+        return None
+    rows = []
+    for m, h in hz.items():
+        rows.append({"method": m, "horizon": str(h["n_edits"]) if h["reached"] else f"> {h['within']}",
+                     "metric": _HORIZON_NAMES.get(h["metric"], h["metric"]) if h["reached"] else "–",
+                     "value": h["value"],
+                     "bracket": (f"{h['last_ok'] if h['last_ok'] is not None else '–'} → {h['n_edits']}"
+                                 if h["reached"] else "–"),
+                     "within": h["within"]})
+    thr = next(iter(hz.values()))["threshold"]
+    cols = [Column("method", "method", "text"), Column("horizon", "horizon (edits)", "text"),
+            Column("metric", "first below", "text"), Column("value", "its value"),
+            Column("bracket", "last checkpoint above → first below", "text"),
+            Column("within", "edits run", "int")]
+    return Table(cols, rows, f"Collapse horizon: edits until efficacy over all edits or untouched retention first "
+                             f"falls below {thr:g} (checkpoint resolution)")
+
+
+def run_horizons(out_dir: str | Path, runs: dict[str, list[dict]] | None = None) -> dict[str, dict]:
+    """Each method's collapse horizon, from ``metrics.jsonl`` with the threshold in ``summary.json``
+    (default 0.8)."""
+    from ..lifelong.horizon import DEFAULT_THRESHOLD, collapse_horizon
+
+    runs = load_metrics(out_dir) if runs is None else runs
+    thr = _num(_read_json(Path(out_dir) / "summary.json").get("horizon_threshold")) or DEFAULT_THRESHOLD
+    return {m: collapse_horizon(recs, thr) for m, recs in runs.items() if recs}
+
+
+def ability_table(runs: dict[str, list[dict]]) -> Table | None:
+    """First and last checkpoint's general-ability metrics per method (value and n; lm-eval tasks too)."""
+    rows, keys = [], []
+    for m, recs in runs.items():
+        for r in (recs[0], recs[-1]) if len(recs) > 1 else recs[-1:]:
+            ab = r.get("ability")
+            if not ab:
+                continue
+            row = {"method": m, "n_edits": r["n_edits"]}
+            for name, v in ab.items():
+                if name == "lm_eval":
+                    for task, tr in v.items():
+                        key = f"lm_eval:{task}"
+                        row[key] = "skipped: " + tr["skipped"] if "skipped" in tr else ", ".join(
+                            f"{k} {x:.3f}" for k, x in tr.items() if k != "n" and isinstance(x, float)) + (
+                            f" (n={tr['n']})" if tr.get("n") else "")
+                        keys.append((key, f"lm-eval {task}", "text"))
+                elif isinstance(v, dict) and "value" in v:
+                    row[name] = v["value"]
+                    row[f"{name}_n"] = v.get("n")
+                    keys.append((name, name.replace("_", " ")))
+                    keys.append((f"{name}_n", "n", "int"))
+            rows.append(row)
+    if not rows:
+        return None
+    cols = [Column("method", "method", "text"), Column("n_edits", "edits", "int")]
+    cols += [Column(*k) for k in dict.fromkeys(keys)]
+    return Table(cols, rows, "General ability before the first edit and at the last checkpoint (each value with "
+                             "the number of items behind it)")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -405,6 +538,14 @@ def render_plots(out_dir: str | Path) -> list[Figure]:
          "is the change since. Long downward stems, especially among the early edits (left), are forgetting.")
     spec = CURVE_FIGURES[2]
     keep(curves_figure(runs, spec.title, spec.quantities, ncols=2), spec.name, spec.title, spec.caption)
+    aq = ability_quantities(runs)
+    if aq:
+        keep(curves_figure(runs, "General ability", aq, ncols=min(2, len(aq))), "ability", "General ability",
+             ABILITY_CAPTION)
+    keep(horizon_figure(run_horizons(out_dir, runs)), "horizon", "Collapse horizon",
+         "Longer bars last longer. A solid bar ends at the first checkpoint where efficacy over all edits or "
+         "untouched retention fell below the threshold (the whisker reaches back to the last checkpoint above "
+         "it); a hatched bar \"> N\" means no checkpoint fell below within the N edits run.")
     keep(interference_figure(runs), "interference", "Interference",
          "Lines are the measured change of probe keys' values, hollow markers the prediction Σᵢ p(kᵢ,kⱼ)δᵢ. "
          "Hollow markers sitting on the lines (and a small error, right) confirm that the closed-form "
@@ -502,7 +643,10 @@ def write_report(out_dir: str | Path) -> Path:
             ("batch size", run.get("batch_size")), ("checkpoint every", run.get("eval_every")),
             ("block", run.get("block_size")), ("probe facts", probe.get("facts")), ("seed", run.get("seed"))]
     pick = lambda *names: [figures[n] for n in names if n in figures]  # noqa: E731
+    hz_table = horizon_table(run_horizons(out_dir, runs))
+    ab_table = ability_table(runs)
     sections = [
+        Section("horizon", "Collapse horizon", tables=[hz_table] if hz_table else [], figures=pick("horizon")),
         Section("final", "Final figures", tables=_tables(rows),
                 note="The last checkpoint of each method. Success is the CounterFact rule: mean-token NLL(new) < "
                      "NLL(true)."),
@@ -510,12 +654,16 @@ def write_report(out_dir: str | Path) -> Path:
         Section("knowledge", "Knowledge kept", figures=pick("knowledge")),
         Section("forgetting", "Forgetting", figures=pick("forgetting", "edit_probs")),
         Section("drift", "Weights and interference", figures=pick("drift", "interference")),
+        Section("ability", "General ability", tables=[ab_table] if ab_table else [], figures=pick("ability"),
+                note="Fixed probe items, the same at every checkpoint; perplexity and the edited layers' L1 norm "
+                     "are under Weights."),
     ]
     sections = [s for s in sections if s.tables or s.figures]
     sources = ["metrics.jsonl"] + [f"{m}/edit_probs.jsonl" for m in runs if (out_dir / m / "edit_probs.jsonl").is_file()]
-    sources += [n for n in ("run.json", "command.json") if (out_dir / n).is_file()]
+    sources += [n for n in ("run.json", "summary.json", "command.json") if (out_dir / n).is_file()]
     return render(Page("lifelong.html.j2", "Lifelong editing", "lifelong", out_dir, info, sections, sources))
 
 
 __all__: Sequence[str] = ["write_report", "render_plots", "load_metrics", "final_table", "summary_rows",
-                          "curves_figure", "forgetting_figure", "edit_probs_figure", "interference_figure"]
+                          "curves_figure", "forgetting_figure", "edit_probs_figure", "interference_figure",
+                          "horizon_figure", "horizon_table", "run_horizons", "ability_table", "ability_quantities"]
