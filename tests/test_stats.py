@@ -355,3 +355,30 @@ def test_shipped_corpus_is_used_only_for_its_model_and_settings(tmp_path, monkey
     assert other.texts != ["shipped document one", "shipped document two"]
     (shipped / "c.json").write_text(json.dumps({**meta, "sha256": "0" * 64}))  # a damaged copy is never used
     assert sampled.shipped_corpus(a, settings) is None
+
+
+def test_cli_stats_until_converged(tmp_path):
+    """--until-converged: the rows carry the convergence record, the matrix is cached under its own key
+    (a fixed-budget run of the same budget misses), and bad settings are a clean exit 2."""
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+
+    a = tiny_adapter("gpt2")
+    model_dir = tmp_path / "model"
+    a.model.save_pretrained(model_dir)
+    a.tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    base = ["stats", "--model", str(model_dir), "--layers", "2", "--corpus", str(corpus), "--tokens", "300",
+            "--max-length", "16", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    runner = CliRunner()
+    res = runner.invoke(app, base + ["--until-converged", "--tol", "0.5", "--first-check", "64", "--probes", "4"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout.strip().splitlines()[-1])["layers"][0]
+    assert isinstance(row["converged"], bool) and row["checkpoints"][-1]["tokens"] == row["count"]
+    assert KeyCovariance.load(row["path"]).convergence["checkpoints"] == row["checkpoints"]
+    plain = json.loads(runner.invoke(app, base).stdout.strip().splitlines()[-1])["layers"][0]
+    assert not plain["cache_hit"] and plain["path"] != row["path"] and "converged" not in plain
+    bad = runner.invoke(app, base + ["--until-converged", "--tol", "-1"])
+    assert bad.exit_code == 2 and "tol" in json.loads(bad.stdout.strip().splitlines()[-1])["error"]

@@ -143,15 +143,18 @@ def test_convergence_stop_key_and_metadata_round_trip(tmp_path):
 def test_caller_probes_enter_the_key_and_are_not_held_out():
     a = _double()
     probes = {2: torch.randn(3, a.d_mlp, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
-    stop = ConvergenceStop(tol=0.5, first_check=100, n_probes=4)
+    stop = ConvergenceStop(tol=1e-9, first_check=100, n_probes=4)  # never met: the budget runs out
     covs = collect_covariances(a, [2], TEXTS, 400, max_length=20, use_cache=False, stop=stop, probes=probes)
     rec = covs[2].convergence
     assert rec["probes"].startswith("sha256:") and rec["n_probes"] == 3
     held = collect_covariances(a, [2], TEXTS, 400, max_length=20, use_cache=False, stop=stop)
     assert held[2].convergence["probes"] == "heldout:4:0"
     assert held[2].key != covs[2].key
-    if not rec["converged"] and not held[2].convergence["converged"]:  # budget exhausted: probes held out or not
-        assert covs[2].count == 400 and held[2].count == 400 - 4
+    assert not rec["converged"] and not held[2].convergence["converged"]
+    assert covs[2].count == 400 and held[2].count == 400 - 4  # the caller's probes are not held out
+    assert rec["checkpoints"][-1]["tokens"] == 400  # a last record where the budget ran out
+    plain = collect_covariances(a, [2], TEXTS, 400, max_length=20, use_cache=False)
+    assert torch.allclose(covs[2].mom2, plain[2].mom2, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("bad, field", [(dict(tol=0), "tol"), (dict(tol=float("nan")), "tol"),

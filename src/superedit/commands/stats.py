@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import typer
 
@@ -62,9 +63,11 @@ def register(app) -> None:
             adapter = load_model(model, device=shard.device if distributed else device)
             layer_list = parse_layers(layers, adapter.n_layers)
             corp = resolve_corpus(adapter, corpus, field=text_field)
+            t0 = time.perf_counter()
             covs = collect_covariances(adapter, layer_list, corp, tokens, max_length=max_length,
                                        batch_tokens=batch_tokens, cache_dir=cache_dir, recompute=recompute,
                                        stop=stop, shard=shard)
+            seconds = time.perf_counter() - t0
         finally:
             destroy_shard(shard)
         if not shard.is_main:
@@ -81,7 +84,7 @@ def register(app) -> None:
             rows.append(row)
         result = {"model": model, "corpus": corp.source, "corpus_sha256": corp.fingerprint(),
                   "n_documents": len(corp), "tokens": tokens, "max_length": max_length,
-                  "cache_dir": str(cache_dir or default_cache_dir()), "world_size": shard.world_size, "layers": rows}
+                  "cache_dir": str(cache_dir or default_cache_dir()), "world_size": shard.world_size, "seconds": seconds, "layers": rows}
         if as_json:
             emit(result, True)
             return

@@ -20,7 +20,8 @@ of any of them never reuses an old matrix. ``batch_tokens`` and padding are not 
 do not change the result (beyond float rounding of the forward pass).
 
 Convergence stop (``stop=ConvergenceStop(...)``): ``n_tokens`` becomes the largest budget; at
-checkpoints every doubling of the accumulated tokens (``first_check``, 2·``first_check``, …) the
+checkpoints (after the first batch that reaches ``first_check``, 2·``first_check``, … accumulated tokens,
+and when the budget or the corpus runs out) the
 relative changes ‖C_j − C_{j−1}‖_F / ‖C_j‖_F and maxᵢ ‖uᵢ,j − uᵢ,j−1‖ / ‖uᵢ,j‖ with uᵢ = C_λ⁻¹ pᵢ for
 probe keys pᵢ (C_λ: the ridge rule of ``stats/whitening.py``) are measured; a layer whose two changes
 are both below ``tol`` at ``patience`` consecutive checkpoints is *frozen* there: its statistics are
@@ -472,6 +473,7 @@ def _collect(adapter: ModelAdapter, layers: list[int], corpus: Corpus, n_tokens:
     counts: dict[int, int] = {}
     total = 0  # tokens accumulated so far, all ranks together
     threshold = stop.first_check if stop is not None else None
+    last_check = 0  # tokens at the last checkpoint
     was_training = model.training
     model.eval()
     bar = (progress(total=n_tokens, desc=f"key stats L{','.join(map(str, layers))}", unit="tok") if shard.is_main
@@ -502,11 +504,16 @@ def _collect(adapter: ModelAdapter, layers: list[int], corpus: Corpus, n_tokens:
                 if threshold is not None and total >= threshold:
                     while threshold <= total:
                         threshold *= 2
+                    last_check = total
                     for l in _checkpoint(acc, active, total, conv, probes, shard, layers):
                         counts[l] = total
                         active.remove(l)
                     if not active:
                         break
+        if stop is not None and active and total > last_check:  # the budget or the corpus ran out: a last record
+            for l in _checkpoint(acc, active, total, conv, probes, shard, layers):
+                counts[l] = total
+                active.remove(l)
     finally:
         bar.close()
         if was_training:
