@@ -38,12 +38,12 @@ def saved_model(tmp_path_factory):
     return root
 
 
-def _torchrun(root, cache, extra=()):
+def _torchrun(root, cache, extra=(), layers="1,3"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SUPEREDIT_NO_PROGRESS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "SUPEREDIT_HOME": str(root / "home")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "superedit.stats.distributed",
-           "--model", str(root / "model"), "--corpus", str(root / "corpus.txt"), "--layers", "1,3",
+           "--model", str(root / "model"), "--corpus", str(root / "corpus.txt"), "--layers", layers,
            "--tokens", "1500", "--max-length", "24", "--batch-tokens", "96", "--device", "cpu",
            "--cache-dir", str(cache), "--json", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -53,24 +53,28 @@ def _torchrun(root, cache, extra=()):
     return json.loads(lines[0])
 
 
-def _reference(root, **kw):
+def _reference(root, layers=LAYERS, **kw):
     a = load_model(str(root / "model"), device="cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' setting: same kernels, same keys
     try:
-        return a, collect_covariances(a, LAYERS, str(root / "corpus.txt"), 1500, max_length=24, batch_tokens=96,
-                                      use_cache=False, **kw)
+        return a, collect_covariances(a, layers, str(root / "corpus.txt"), 1500, max_length=24, batch_tokens=96,
+                                      **{"use_cache": False, **kw})
     finally:
         torch.set_num_threads(threads)
 
 
 def test_two_processes_equal_one_process(saved_model, tmp_path):
     """torchrun --nproc-per-node 2 (gloo): the cached matrices equal one process's to 1e-10 (the float64
-    sums are added in another order, so not bit for bit), under the same cache key."""
-    out = _torchrun(saved_model, tmp_path / "cache")
+    sums are added in another order, so not bit for bit), under the same cache key. Layer 0 is in the
+    cache already: rank 0 reads it and broadcasts it, the others compute only layers 1 and 3."""
+    _, cached = _reference(saved_model, layers=[0], use_cache=True, cache_dir=tmp_path / "cache")
+    out = _torchrun(saved_model, tmp_path / "cache", layers="0,1,3")
     assert out["world_size"] == 2
+    assert [(r["layer"], r["cache_hit"]) for r in out["layers"]] == [(0, True), (1, False), (3, False)]
+    assert out["layers"][0]["path"] == str(cached[0].path)
     _, ref = _reference(saved_model)
-    for row in out["layers"]:
+    for row in out["layers"][1:]:
         layer = row["layer"]
         got = KeyCovariance.load(row["path"])
         assert got.key == ref[layer].key
