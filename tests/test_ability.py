@@ -183,3 +183,21 @@ def test_lifelong_checkpoints_record_ability_and_summary_has_horizons(tmp_path):
         assert ab["known_retention"]["value"] == r["untouched_retention"]
     assert summary["horizon"] == horizons(recs, 0.8)
     assert summary["methods"]["rome"]["ability_known_mc"] == recs[-1]["ability"]["known_mc"]["value"]
+
+
+def test_requests_probe_asks_mqd_items_only_about_tuples_the_stream_never_edits():
+    from superedit.lifelong.probe import requests_probe, restrict_ability
+
+    reqs = _mqd()
+    stream = reqs["dg"][:3]  # edits of three tuples' generation objective
+    heldout = reqs["tf"] + reqs["mc"]
+    probe = requests_probe(heldout, n=50)
+    before = {k: len(v) for k, v in probe.ability["choices"].items()}
+    assert before["mqd_tf"] == len(reqs["tf"]) and before["mqd_mc"] == len(reqs["mc"])
+    restrict_ability(probe, stream)
+    edited = {f"{r.subject}|{r.relation_id}" for r in stream}
+    kept = probe.ability["choices"]
+    assert not any(c["source"] in edited for items in kept.values() for c in items)
+    assert sum(len(v) for v in kept.values()) < sum(before.values())  # some were about edited tuples
+    for name, qtype in (("mqd_tf", "tf"), ("mqd_mc", "mc")):
+        assert len(kept.get(name, [])) == sum(f"{r.subject}|{r.relation_id}" not in edited for r in reqs[qtype])
