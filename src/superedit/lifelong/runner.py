@@ -44,11 +44,11 @@ import torch
 from ..errors import SupereditError
 from ..eval.metrics import batch_evaluate
 from ..eval.scoring import fact_recall
-from .horizon import DEFAULT_THRESHOLD, horizons
-from .probe import Probe, measure_probe, requests_probe, restrict_ability, retention_by_subject, testbed_probe
 from ..utils.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..utils.logs import get_logger
 from ..utils.progress import progress
+from .horizon import DEFAULT_THRESHOLD, horizons
+from .probe import Probe, measure_probe, requests_probe, restrict_ability, retention_by_subject, testbed_probe
 
 log = get_logger(__name__)
 F64 = torch.float64
@@ -66,7 +66,8 @@ def _after_commit(method: str, n_done: int) -> None:
 
 # ------------------------------------------------------------------------------------ evaluation
 # Every score here reduces over the one teacher-forced scorer (superedit.eval.scoring):
-# batch_evaluate = eval.metrics.evaluate_requests with the runner's options, perplexity and fact_recall.
+# batch_evaluate = eval.metrics.evaluate_requests with the runner's options, and (lifelong.probe) fact_recall,
+# perplexity and the general-ability set.
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
