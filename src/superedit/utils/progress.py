@@ -9,5 +9,6 @@ import sys
 def progress(iterable=None, total=None, desc: str | None = None, **kwargs):
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("SUPEREDIT_NO_PROGRESS", "") not in ("", "0") or kwargs.pop("disable", False)
+    asked = bool(kwargs.pop("disable", False))  # popped first: tqdm must not get it twice
+    disable = asked or os.environ.get("SUPEREDIT_NO_PROGRESS", "") not in ("", "0")
     return tqdm(iterable, total=total, desc=desc, file=sys.stderr, disable=disable, leave=False, dynamic_ncols=True, **kwargs)
