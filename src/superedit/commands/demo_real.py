@@ -74,6 +74,8 @@ def stage_real(ctx: dict) -> dict[str, Any]:
             ok = (kept_answer(a, req.neighborhood_answers[0], req.target_new) if kind == "neighbour"
                   else edit_success(a, req.target_new, req.target_true))
             said.append({"kind": kind, "prompt": p, "before": b, "after": a, "as_intended": ok})
+        gen_key = {"rewrite": "gen_efficacy", "paraphrase": "gen_paraphrase", "neighbour": "gen_neighborhood"}
+        post.update({gen_key[c["kind"]]: float(c["as_intended"]) for c in said})  # the generation-based scores
         rows.append({"case_id": req.case_id, "edit": f"{req.subject}: {req.target_true} → {req.target_new}",
                      "continuations": said, "pre": public(pre), "post": public(post),
                      "v_nll_end": (delta.meta.get("requests") or [{}])[0].get("v_nll_end")})
@@ -85,7 +87,7 @@ def stage_real(ctx: dict) -> dict[str, Any]:
                         "p_corrupt": tr.p_corrupt, "window": tr.window, "tokens": tr.tokens,
                         "subject_span": list(tr.subject_span), "scores": tr.scores.tolist()},
               "efficacy": sum(r["post"]["efficacy_score"] for r in rows) / len(rows),
-              "gen_efficacy": sum(r["post"].get("gen_efficacy", 0.0) for r in rows) / len(rows)}
+              "gen_efficacy": sum(r["post"]["gen_efficacy"] for r in rows) / len(rows)}
     write_json_atomic(out / "real.json", result)
     from ..report.real_report import write_report
 
