@@ -71,11 +71,12 @@ def stage_real(ctx: dict) -> dict[str, Any]:
         kinds = ["rewrite", "paraphrase", "neighbour"]
         said = []
         for kind, p, b, a in zip(kinds, prompts, before, after):
-            ok = (kept_answer(a, req.neighborhood_answers[0], req.target_new) if kind == "neighbour"
+            # a neighbour is as intended when it still says its answer, or says exactly what it said before
+            ok = ((a == b or kept_answer(a, req.neighborhood_answers[0], req.target_new)) if kind == "neighbour"
                   else edit_success(a, req.target_new, req.target_true))
             said.append({"kind": kind, "prompt": p, "before": b, "after": a, "as_intended": ok})
         gen_key = {"rewrite": "gen_efficacy", "paraphrase": "gen_paraphrase", "neighbour": "gen_neighborhood"}
-        post.update({gen_key[c["kind"]]: float(c["as_intended"]) for c in said})  # the generation-based scores
+        post.update({gen_key[c["kind"]]: float(c["as_intended"]) for c in said})  # generation-based, as shown
         rows.append({"case_id": req.case_id, "edit": f"{req.subject}: {req.target_true} → {req.target_new}",
                      "continuations": said, "pre": public(pre), "post": public(post),
                      "v_nll_end": (delta.meta.get("requests") or [{}])[0].get("v_nll_end")})
