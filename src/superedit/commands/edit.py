@@ -63,11 +63,12 @@ def check_known(adapter, reqs: list, only_known: bool, log) -> tuple[list, dict]
     from ..data.known import judge_known
     from ..errors import SupereditError
 
-    with_true = [r for r in reqs if r.target_true]
+    idx = [i for i, r in enumerate(reqs) if r.target_true]
+    with_true = [reqs[i] for i in idx]
     if not with_true:
         return reqs, {"n_checked": 0}
     verdicts = judge_known(adapter, with_true, "top1")
-    unknown = {id(r) for r, v in zip(with_true, verdicts) if not v.known}
+    unknown = {i for i, v in zip(idx, verdicts) if not v.known}
     info = {"n_checked": len(with_true), "n_unknown": len(unknown), "share_unknown": len(unknown) / len(with_true)}
     if unknown:
         log.warning("the model does not know %d of %d requests' target_true (%.0f%%: its greedy next token is not "
@@ -76,7 +77,7 @@ def check_known(adapter, reqs: list, only_known: bool, log) -> tuple[list, dict]
                     "; edits of facts it never knew measure little — pass --only-known to drop them, or filter "
                     "with `superedit data known`")
     if only_known:
-        reqs = [r for r in reqs if id(r) not in unknown]
+        reqs = [r for i, r in enumerate(reqs) if i not in unknown]
         info["dropped"] = len(unknown)
         if not reqs:
             raise SupereditError("--only-known: the model knows none of the requests' target_true; nothing to edit")
