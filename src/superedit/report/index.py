@@ -17,6 +17,7 @@ from .provenance import read_command
 
 #: results files → what kind of stage wrote them (the first one present names the stage)
 STAGE_FILES = {
+    "real.json": "a real model (SmolLM2-135M), edited",
     "metrics.jsonl": "lifelong editing",
     "scaling.json": "superposition scaling law",
     "stats.json": "knowledge in superposition",
