@@ -7,13 +7,11 @@ Reads only what :class:`superedit.robust.geometry.GeometryResult` saved — ``ge
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import FileFormatError
 from ..utils.io import read_jsonl
-from .page import Column, Figure, Page, Section, Table, render
+from .page import Column, Figure, Page, Section, Table, load_results, render
 from .plots import _figure, legend_outside, save_figure, series_style
 from .provenance import read_command
 
@@ -126,18 +124,7 @@ def value_norm_plot(norms: Sequence[dict], path) -> Path:
 
 
 def _load_geometry(out: Path) -> dict:
-    path = out / "geometry.json"
-    if not path.is_file():
-        raise FileFormatError(f"{path}: no such file; the key-geometry report is drawn from the files "
-                              f"`superedit keys --out {out}` writes: run it first")
-    try:
-        geo = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise FileFormatError(f"{path}: not valid JSON ({exc}); rerun `superedit keys`") from exc
-    for key in ("layer", "distributions", "same_subject", "random_pairs"):
-        if key not in geo:
-            raise FileFormatError(f"{path}: has no {key!r}; it was not written by `superedit keys`: rerun it")
-    return geo
+    return load_results(out, "geometry.json", "keys", ("layer", "distributions", "same_subject", "random_pairs"))
 
 
 def render_keys_plots(out_dir) -> list[Path]:

@@ -107,6 +107,27 @@ def cell(value: Any, kind: str) -> str:
     return fmt_num(value)
 
 
+def load_results(out: Path, name: str, command: str, required: Sequence[str] = ()) -> dict:
+    """The JSON results file ``out/name`` a command wrote, checked: missing, unreadable, or lacking a
+    ``required`` key are :class:`~superedit.errors.FileFormatError`s that say which command to rerun."""
+    import json
+
+    from ..errors import FileFormatError
+
+    path = Path(out) / name
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file; this report is drawn from the files `superedit {command} "
+                              f"--out {out}` writes: run it first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise FileFormatError(f"{path}: not valid JSON ({exc}); rerun `superedit {command}`") from exc
+    for key in required:
+        if not isinstance(data, dict) or key not in data:
+            raise FileFormatError(f"{path}: has no {key!r}; it was not written by `superedit {command}`: rerun it")
+    return data
+
+
 def environment():
     """The jinja2 environment of the report templates (autoescape on, undefined names are errors)."""
     import jinja2

@@ -6,20 +6,14 @@ and draws ``plots/trace_mlp.png`` from the trace grid saved there; template ``re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..errors import FileFormatError
-from .page import Column, Figure, Page, Section, Table, render
+from .page import Column, Figure, Page, Section, Table, load_results, render
 from .plots import _figure, save_figure
 
 
 def _load(out: Path) -> dict:
-    path = out / "real.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(f"{path}: unreadable ({exc}); rerun `superedit demo --stages real`") from exc
+    return load_results(out, "real.json", "demo --stages real", ("model", "edits"))
 
 
 def trace_figure(trace: dict):

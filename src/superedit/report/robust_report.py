@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import FileFormatError
-from .page import Column, Figure, Page, Section, Table, render
+from .page import Column, Figure, Page, Section, Table, load_results, render
 from .plots import _figure, dodge, legend_outside, rate_axis, save_figure, series_style, wilson
 from .provenance import read_command
 
@@ -104,17 +104,10 @@ def tau_sweep_plot(rows: Sequence[dict], path, settings: dict | None = None) -> 
 
 
 def _load_table(out: Path) -> dict:
-    path = out / "table.json"
-    if not path.is_file():
-        raise FileFormatError(f"{path}: no such file; the robust report is drawn from the table "
-                              f"`superedit robust --out {out}` writes: run it first")
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise FileFormatError(f"{path}: not valid JSON ({exc}); rerun `superedit robust`") from exc
-    if not isinstance(table, dict) or not isinstance(table.get("settings"), dict):
-        raise FileFormatError(f"{path}: has no 'settings' mapping; it was not written by `superedit robust`: "
-                              "rerun the command")
+    table = load_results(out, "table.json", "robust", ("settings",))
+    if not isinstance(table["settings"], dict):
+        raise FileFormatError(f"{Path(out) / 'table.json'}: 'settings' is not a mapping; it was not written by "
+                              "`superedit robust`: rerun the command")
     return table
 
 
