@@ -117,3 +117,14 @@ def shared_data_dir():
 
 
 SHARED_DATA = shared_data_dir()
+
+
+def saved_tiny_model(directory, family: str = "gpt2", seed: int = 0):
+    """A tiny random model of ``family`` saved as an HF directory (model + tokenizer); returns the path."""
+    from pathlib import Path
+
+    a = tiny_adapter(family, seed)
+    directory = Path(directory)
+    a.model.save_pretrained(directory)
+    a.tokenizer.save_pretrained(directory)
+    return directory

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import SHARED_DATA, tiny_adapter
+from helpers import SHARED_DATA, saved_tiny_model, tiny_adapter
 from superedit.data import EditRequest
 from superedit.data.known import judge_known, known_report, split_known
 from superedit.errors import SupereditError
@@ -65,10 +65,7 @@ def test_known_command_writes_unchanged_records(tmp_path):
 
     from superedit.cli import app
 
-    a = tiny_adapter("gpt2")
-    model_dir = tmp_path / "m"
-    a.model.save_pretrained(model_dir)
-    a.tokenizer.save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path / "m")
     src = SHARED_DATA / "counterfact_sample.json"
     if not src.is_file():
         pytest.skip(f"shared data missing: {src}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import tiny_adapter
+from helpers import saved_tiny_model, tiny_adapter
 from superedit.analysis.locate import locate_fact, run_locate, summarise_locate
 from superedit.analysis.tracing import restored_probs, window_layers
 
@@ -55,10 +55,7 @@ def test_locate_command_writes_summary_and_figure(tmp_path):
     src = SHARED_DATA / "counterfact_sample.json"
     if not src.is_file():
         pytest.skip(f"shared data missing: {src}")
-    a = tiny_adapter("gpt2")
-    model_dir = tmp_path / "m"
-    a.model.save_pretrained(model_dir)
-    a.tokenizer.save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path / "m")
     args = ["locate", "--model", str(model_dir), "--requests", str(src), "--n", "2", "--samples", "1",
             "--out", str(tmp_path / "loc"), "--json"]
     res = CliRunner().invoke(app, args)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import tiny_adapter
+from helpers import saved_tiny_model, tiny_adapter
 from superedit.errors import StatsError
 from superedit.models import Trace
 from superedit.stats import (Corpus, KeyCovariance, StatsKey, collect_covariances,
@@ -272,10 +272,7 @@ def test_cli_stats(tmp_path):
 
     from superedit.cli import app
 
-    a = tiny_adapter("gpt2")
-    model_dir = tmp_path / "model"
-    a.model.save_pretrained(model_dir)
-    a.tokenizer.save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path / "model")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     args = ["stats", "--model", str(model_dir), "--layers", "1,3", "--corpus", str(corpus), "--tokens", "200",
@@ -364,10 +361,7 @@ def test_cli_stats_until_converged(tmp_path):
 
     from superedit.cli import app
 
-    a = tiny_adapter("gpt2")
-    model_dir = tmp_path / "model"
-    a.model.save_pretrained(model_dir)
-    a.tokenizer.save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path / "model")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     base = ["stats", "--model", str(model_dir), "--layers", "2", "--corpus", str(corpus), "--tokens", "300",
