@@ -238,6 +238,46 @@ def test_cli_superposition_on_saved_tiny_model(gpt2, gpt2_cov, tmp_path, monkeyp
     assert r.exit_code == 2 and "--requests is required" in r.output
 
 
+def test_cli_scaling_from_saved_runs(tmp_path):
+    """--from-runs builds the law from saved stats.json files (each model with its own items), checks every
+    folder before writing, and refuses a folder that is not a run."""
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+
+    runs = []
+    for n_layers, n_params, d, source in ((2, 1000, 6, "builtin:tiny"), (3, 9000, 8, "pretrained:x")):
+        keys = {l: torch.randn(10, d, dtype=torch.float64, generator=torch.Generator().manual_seed(l))
+                for l in range(n_layers)}
+        res = analyze_keys(keys, {l: spd(d, seed=l) for l in range(n_layers)},
+                           model={"source": source, "n_params": n_params, "n_layers": n_layers,
+                                  "training": {"epochs": 7, "recall": 0.5} if n_layers == 2 else None},
+                           config={"m": 10, "seed": 0, "fact_token": "subject_last", "ridge": 0.0})
+        runs.append(tmp_path / source.replace(":", "_"))
+        res.save(runs[-1])
+    out = tmp_path / "law"
+    r = CliRunner().invoke(app, ["superposition", "--from-runs", ",".join(map(str, runs)), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "scaling.json").read_text())
+    assert [m["model"] for m in data["models"]] == ["builtin:tiny", "pretrained:x"]
+    assert [m["n_params"] for m in data["models"]] == [1000, 9000]
+    assert data["models"][0]["train_epochs"] == 7 and "train_epochs" not in data["models"][1]
+    assert len(data["rows"]) == 5 and data["rows"][-1]["relative_depth"] == 1.0
+    kurt = json.loads((runs[1] / "stats.json").read_text())["kurtosis_by_layer"]
+    assert [r["kurtosis"] for r in data["rows"][2:]] == pytest.approx([kurt[str(l)] for l in range(3)])
+    html = (out / "report.html").read_text()
+    assert "../pretrained_x/report.html" in html and (out / "plots" / "scaling_kurtosis.png").is_file()
+    bad = tmp_path / "not-a-run"
+    bad.mkdir()
+    out2 = tmp_path / "law2"
+    r = CliRunner().invoke(app, ["superposition", "--from-runs", f"{runs[0]},{bad}", "--out", str(out2)])
+    assert r.exit_code == 2 and "no stats.json" in r.output and not out2.exists()
+    r = CliRunner().invoke(app, ["superposition", "--from-runs", str(runs[0]), "--out", str(out2)])
+    assert r.exit_code == 2 and "at least two" in r.output
+    r = CliRunner().invoke(app, ["superposition", "--from-runs", f"{runs[0]},{runs[0]}", "--out", str(out2)])
+    assert r.exit_code == 2 and "same model twice" in r.output and not out2.exists()
+
+
 # ------------------------------------------------------------------------------------------ forecast
 def test_forecast_recommends_a_layer_and_checks_it(gpt2, gpt2_cov):
     from superedit.analysis.forecast import check_forecast, forecast_interference

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -443,18 +444,40 @@ def analyze_superposition(adapter, requests: Sequence, cov, layers: Sequence[int
 # ---------------------------------------------------------------------------------------- scaling law
 def scaling_records(results: Sequence[SuperpositionResult]) -> list[dict[str, Any]]:
     """One row per (model, layer): n_params, relative depth l/(L-1), kurtosis and friends."""
-    rows = []
-    for res in results:
-        n_layers = int(res.model.get("n_layers", 1))
-        for l, v in res.layers.items():
-            rows.append({"model": res.model.get("source"), "n_params": res.model.get("n_params"),
-                         "n_layers": n_layers, "layer": l,
-                         "relative_depth": l / (n_layers - 1) if n_layers > 1 else 0.0,
-                         "kurtosis": v.stats["kurtosis"], "mean_abs": v.stats["mean_abs"], "std": v.stats["std"],
-                         "frac_abs_gt": v.stats["frac_abs_gt"], "m": v.stats["m"],
-                         **{f"train_{k}": v2 for k, v2 in (res.model.get("training") or {}).items()
-                            if k in ("epochs", "recall", "paraphrase_recall")}})
-    return rows
+    return [row for res in results for row in scaling_rows(res.summary())]
+
+
+def scaling_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scaling-law rows of one model from its summary (``SuperpositionResult.summary()``, i.e. a saved
+    ``stats.json``): one per layer, with the testbed training budget when ``model.training`` has it."""
+    model = summary.get("model") or {}
+    n_layers = int(model.get("n_layers", 1))
+    training = {f"train_{k}": v for k, v in (model.get("training") or {}).items()
+                if k in ("epochs", "recall", "paraphrase_recall")}
+    return [{"model": model.get("source"), "n_params": model.get("n_params"), "n_layers": n_layers,
+             "layer": int(r["layer"]), "relative_depth": r["layer"] / (n_layers - 1) if n_layers > 1 else 0.0,
+             "kurtosis": r.get("kurtosis"), "mean_abs": r.get("mean_abs"), "std": r.get("std"),
+             "frac_abs_gt": r.get("frac_abs_gt"), "m": r.get("m"), **training}
+            for r in summary.get("layers", [])]
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The ``stats.json`` of a saved single-model run, checked; a clear error names what is missing."""
+    path = Path(run_dir) / "stats.json"
+    if not path.is_file():
+        raise SuperpositionError(f"{run_dir}: no stats.json — pass the --out folder of a single-model "
+                                 "`superedit superposition` run")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SuperpositionError(f"{path}: cannot be read as JSON ({e}); re-run that analysis") from e
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not data.get("layers"):
+        raise SuperpositionError(f"{path}: not a superposition summary (needs 'model' and 'layers'); "
+                                 "pass the --out folder of a single-model `superedit superposition` run")
+    for key in ("source", "n_params", "n_layers"):
+        if key not in data["model"]:
+            raise SuperpositionError(f"{path}: model.{key} is missing; re-run that analysis with this version")
+    return data
 
 
 def save_scaling(rows: list[dict[str, Any]], out_dir: str | Path, config: dict | None = None) -> list[Path]:

@@ -7,6 +7,10 @@ One model::
 Several models (scaling law of the kurtosis against parameter count)::
 
     superedit superposition --models builtin:tiny,builtin:small,builtin:base --m 128 --out runs/sp-scaling
+
+The same law from runs already made (each model with its own items, e.g. testbeds and real models)::
+
+    superedit superposition --from-runs runs/sp-small,runs/sp-smollm2,runs/sp-gemma --out runs/sp-scaling
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def _slug(spec: str) -> str:
 
 
 def run_one(adapter, requests: list, cov, out: Path, layers: list[int], m: int, seed: int, fact_token: str,
-            ridge: float, top_k: int, top_by: str):
+            ridge: float, top_k: int, top_by: str, training: dict | None = None):
     """Analysis + files + plots + report for one model; returns the SuperpositionResult."""
     from ..analysis.superposition import analyze_superposition
     from ..report.provenance import record_command
@@ -37,6 +41,7 @@ def run_one(adapter, requests: list, cov, out: Path, layers: list[int], m: int, 
 
     res = analyze_superposition(adapter, requests, cov, layers=layers, m=m, seed=seed, fact_token=fact_token,
                                 ridge=ridge, top_k=top_k, top_by=top_by)
+    res.model["training"] = training
     res.save(out)
     record_command(out)
     render_plots(out)
@@ -58,6 +63,9 @@ def register(app) -> None:
         model: str = ModelOpt,
         models: Optional[str] = typer.Option(None, "--models", help="Comma-separated model specs: run each and "
                                                                     "write the kurtosis-vs-size scaling plot."),
+        from_runs: Optional[str] = typer.Option(None, "--from-runs", help="Comma-separated --out folders of "
+                                                "single-model runs: write the scaling law from their saved "
+                                                "statistics (each model keeps its own items; nothing is recomputed)."),
         requests: Optional[str] = typer.Option(None, "--requests", help="Dataset file with the items "
                                                                         "(default on testbed models: its edit requests)."),
         m: int = typer.Option(128, "--m", help="Number of items (seeded choice; smaller m = nested prefix)."),
@@ -80,6 +88,12 @@ def register(app) -> None:
         from ..models import load_model
         from ..report.superposition_report import render_scaling
 
+        if from_runs is not None:
+            if models:
+                raise SuperpositionError("--from-runs and --models exclude each other: --models computes every "
+                                         "model, --from-runs reads runs already made")
+            emit(scaling_from_runs(from_runs, Path(out)), as_json)
+            return
         if m < 2:
             raise SuperpositionError(f"--m must be ≥ 2 (got {m})")
         dev = default_device(device)
@@ -94,8 +108,8 @@ def register(app) -> None:
             reqs = resolve_requests(local_model_dir(spec), requests, seed=seed, default_n=m)
             cov = CorpusCovariance(adapter, corpus or None, n_tokens=mom2_tokens, layers=chosen)
             target = out_dir if not models else out_dir / "models" / _slug(spec)
-            res = run_one(adapter, reqs, cov, target, chosen, m, seed, fact_token, ridge, top_k, top_by)
-            res.model["training"] = testbed_budget(local_model_dir(spec))
+            res = run_one(adapter, reqs, cov, target, chosen, m, seed, fact_token, ridge, top_k, top_by,
+                          training=testbed_budget(local_model_dir(spec)))
             results.append(res)
             model_dirs[spec] = str(target.relative_to(out_dir)) if models else "."
             del adapter, cov
@@ -115,6 +129,45 @@ def register(app) -> None:
             result.update({"model": model, "n_params": res.model["n_params"], "layers": _layer_summary(res),
                            "report": str(out_dir / "report.html")})
         emit(result, as_json)
+
+
+def scaling_from_runs(from_runs: str, out_dir: Path) -> dict:
+    """Scaling law from saved single-model runs: reads each ``stats.json``, writes scaling.json/.csv, the
+    plot and the report under ``out_dir`` (links to each run's own report)."""
+    import os
+
+    from ..analysis.superposition import SuperpositionError, load_summary, save_scaling, scaling_rows
+    from ..report.provenance import record_command
+    from ..report.superposition_report import render_scaling
+
+    dirs = [Path(d.strip()) for d in from_runs.split(",") if d.strip()]
+    if len(dirs) < 2:
+        raise SuperpositionError(f"--from-runs needs at least two run folders, comma-separated (got {from_runs!r})")
+    summaries = [load_summary(d) for d in dirs]  # all checked before anything is written
+    sources = [s["model"]["source"] for s in summaries]
+    if len(set(sources)) < len(sources):
+        raise SuperpositionError(f"--from-runs names the same model twice ({', '.join(sources)}); one run per model")
+    rows, model_dirs = [], {}
+    for d, summ in zip(dirs, summaries):
+        model = summ["model"]
+        if model.get("training") is None and not str(model["source"]).startswith("pretrained:"):
+            try:  # runs saved before stats.json carried the training budget: read the testbed's own record
+                model["training"] = testbed_budget(local_model_dir(model["source"]))
+            except Exception as e:  # noqa: BLE001 - a model that cannot be resolved has no testbed budget
+                log.info("scaling: no training budget for %s (%s)", model["source"], e)
+        rows.extend(scaling_rows(summ))
+        model_dirs[model["source"]] = os.path.relpath(d, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfgs = [s.get("config") or {} for s in summaries]
+    same = lambda key: cfgs[0].get(key) if len({str(c.get(key)) for c in cfgs}) == 1 else "differs"  # noqa: E731
+    save_scaling(rows, out_dir, config={"models": sources, "m": same("m"), "seed": same("seed"),
+                                        "fact_token": same("fact_token"), "ridge": same("ridge"),
+                                        "model_dirs": model_dirs, "from_runs": [str(d) for d in dirs]})
+    record_command(out_dir)
+    render_scaling(out_dir)
+    log.warning("scaling from saved runs: each model was analysed on its own items; the models differ in "
+                "more than size (data, architecture, training)")
+    return {"out": str(out_dir), "models": sources, "scaling": rows, "report": str(out_dir / "report.html")}
 
 
 def testbed_budget(model_dir) -> dict | None:
