@@ -325,6 +325,18 @@ class AlphaEditHParams(MEMITHParams):
     L2: Float = _f(10.0, "α in (K_p K_pᵀ P + K₁ K₁ᵀ P + α I).", gt=0)
 
 
+class KeelHParams(AlphaEditHParams):
+    """keel (superedit): cumulative least squares in the preserved-knowledge null space.
+
+    ``W_l = W₀,l + S_rk P (P S_kk P + α I)⁻¹ P`` over the running sums of every edit so far (residuals
+    against W₀), P the null-space projector of C built as AlphaEdit's (same threshold options);
+    ``mom2_update_weight`` is not used. See ``editing.methods.keel``.
+    """
+
+    L2: Float = _f(10.0, "α, the ridge in (P S_kk P + α I): how far the joint fit of all edits may move W in C's "
+                         "null space (larger: smaller, less exact updates).", gt=0)
+
+
 class UltraEditHParams(HParams):
     """UltraEdit (Gu et al. 2025): a training-free closed form with a lifelong normaliser, no key statistics.
 

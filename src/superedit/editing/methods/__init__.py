@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ...errors import SupereditError
-from ..hparams import AlphaEditHParams, D4SHParams, FTHParams, HParams, MEMITHParams, ROMEHParams, UltraEditHParams
+from ..hparams import (AlphaEditHParams, D4SHParams, FTHParams, HParams, KeelHParams, MEMITHParams, ROMEHParams,
+                       UltraEditHParams)
 
 
 def _load(path: str) -> Callable:
@@ -97,3 +98,7 @@ register(MethodEntry("alphaedit", AlphaEditHParams, f"{_M}.alphaedit:alphaedit_s
 register(MethodEntry("ultraedit", UltraEditHParams, f"{_M}.ultraedit:ultraedit_step", False,
                      "UltraEdit: closed-form edits from hidden states and gradients under a lifelong normaliser, "
                      "no key statistics (Gu et al. 2025).", state=f"{_M}.ultraedit:make_ultraedit_state"))
+register(MethodEntry("keel", KeelHParams, f"{_M}.keel:keel_step", True,
+                     "keel (superedit): all edits so far as one least-squares solve against the original weights in "
+                     "the null space of the preserved keys' covariance (AlphaEdit's fixed point; undo of any edit).",
+                     state=f"{_M}.keel:make_keel_state", undo="any"))

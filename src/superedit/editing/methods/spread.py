@@ -1,4 +1,4 @@
-"""The MEMIT layer loop (Meng et al. 2023, Alg. 1), written once for MEMIT, D4S and AlphaEdit.
+"""The MEMIT layer loop (Meng et al. 2023, Alg. 1), written once for MEMIT, D4S, AlphaEdit and keel.
 
 1. z_i: the residual stream after the last edited layer L at the subject's last token that makes the
    model say target_new (``editing.values`` at site "resid"), one per request, on the model as it is;
