@@ -19,6 +19,12 @@ MODEL_HELP = ("HF model directory, hub id, 'pretrained:NAME' (a real model insta
 ModelOpt = typer.Option("builtin", "--model", "-m", help=MODEL_HELP)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object with the results as the last line of stdout.")
 DeviceOpt = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu).")
+DtypeOpt = typer.Option(None, "--dtype", help="Weights' dtype: float32 (default), bfloat16 or float16 (bf16, fp16); "
+                        "keys, values and solves still gather in float64 and are cast back to the weight's dtype.")
+DeviceMapOpt = typer.Option(None, "--device-map", help="Place a model that does not fit one device with "
+                            "accelerate/transformers: 'auto', 'balanced', 'balanced_low_0', 'sequential', one device, or "
+                            "a JSON object module → device. Every edited layer must stay resident (no disk/CPU "
+                            "offload); instead of --device. Needs accelerate (pip install accelerate).")
 
 
 def method_choices() -> str:
@@ -42,9 +48,12 @@ def size_choices() -> str:
     return ", ".join(SIZES)
 
 
-def default_device(device: str | None) -> str:
+def default_device(device: str | None, device_map: str | None = None) -> str | None:
+    """``--device`` as given, else cuda when available, else cpu; None when ``--device-map`` places the model."""
     if device:
         return device
+    if device_map is not None:
+        return None
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,7 +7,7 @@ import typer
 
 from typing import List
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, emit
 
 
 def register(app) -> None:
@@ -26,6 +26,8 @@ def register(app) -> None:
         tune_fraction: float = typer.Option(0.3, "--tune-fraction", help="Share of known records for the tuning split."),
         seed: int = typer.Option(0, "--seed", help="Seed of the split's shuffle."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Keep the records whose target_true the model knows (rule in the help), then split them with a
@@ -46,7 +48,7 @@ def register(app) -> None:
         if rule not in RULES:  # checked before the model loads
             raise SupereditError(f"--rule {rule!r}: choose one of {', '.join(RULES)}")
         split_known([], tune_fraction)  # raises for a bad --tune-fraction
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         verdicts = judge_known(adapter, reqs, rule, margin)
         rec_index = [int(r.source.rsplit("#", 1)[1]) for r in reqs]
         known_records = sorted({rec_index[v.index] for v in verdicts if v.known})
@@ -103,6 +105,8 @@ def register(app) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the per-type sample."),
         batch_size: int = typer.Option(32, "--batch-size", help="Rows per forward pass."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Perplexity of each request's editing objective (target_new) after its prompt under the unedited model,
@@ -127,7 +131,7 @@ def register(app) -> None:
         if per_type:
             by_type = {q: sample_requests(rs, min(per_type, len(rs)), seed) for q, rs in by_type.items()}
         chosen = [r for q in sorted(by_type) for r in by_type[q]]
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         rows = objective_perplexities(adapter, chosen, batch_size)
         summary = summarize_perplexities(rows)
         out_dir = Path(out)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, emit
 
 
 def stage_recall(ctx: dict) -> dict[str, Any]:
@@ -156,6 +156,8 @@ def register(app) -> None:
         quick: bool = typer.Option(False, "--quick", help="Smaller samples everywhere (smoke test)."),
         seed: int = typer.Option(0, "--seed"),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Edit a real model (SmolLM2-135M), then run the whole pipeline on the built-in testbed; writes a
@@ -177,7 +179,7 @@ def register(app) -> None:
             raise SupereditError(f"the demo runs on a testbed model (with testbed.json); {model!r} is not one")
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        ctx = dict(model=model, model_dir=model_dir, adapter=load_model(model, device=device), out=out_dir,
+        ctx = dict(model=model, model_dir=model_dir, adapter=load_model(model, device=device, dtype=dtype, device_map=device_map), out=out_dir,
                    n_trace=n_trace if not quick else min(n_trace, 4), quick=quick, seed=seed,
                    n_edit=min(n_edit, 4) if quick else n_edit, n_lifelong=min(n_lifelong, 8) if quick else n_lifelong,
                    m=min(m, 16) if quick else m, n_robust=min(n_robust, 2) if quick else n_robust)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, emit, format_choices, hparams_profile,
+from .common import (DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, build_hparams, command, emit, format_choices, hparams_profile,
                      local_model_dir, make_stats, method_choices, resolve_requests)
 
 RequestsOpt = typer.Option(None, "--requests", "-r", help="Dataset file (CounterFact, MQuAKE, EasyEdit, zsRE-MEND, "
@@ -111,6 +111,8 @@ def register(app) -> None:
                                         "`superedit data known` documents the rule). Without it they are kept and "
                                         "their share is reported."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Edit facts with ROME, MEMIT, FT, D4S or AlphaEdit; evaluate each edit before/after (efficacy,
@@ -127,7 +129,7 @@ def register(app) -> None:
         if batch_size < 1:
             raise ValueError(f"--batch-size must be ≥ 1 (got {batch_size})")
         seed_everything(seed)
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         model_dir = local_model_dir(model)
         profile = hparams_profile(adapter, model_dir)
         hp = build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)

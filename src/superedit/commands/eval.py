@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command
 from .edit import FormatOpt, GenTokensOpt, GreedyTokensOpt, LimitOpt, RequestsOpt, SeedOpt
 
 
@@ -22,6 +22,8 @@ def register(app) -> None:
         greedy_tokens: int = GreedyTokensOpt,
         seed: int = SeedOpt,
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Evaluate a saved delta on edit requests: every metric without (pre) and with (post) the delta."""
@@ -36,7 +38,7 @@ def register(app) -> None:
 
         seed_everything(seed)
         wd = WeightDelta.load(delta)  # its hashes verified, its tensors finite (else exit 2 naming the file)
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         with wd.applied(adapter):  # W₀ + ΔW can still overflow the model's dtype
             check_finite({f"layer {l} down-projection weight": adapter.down_weight(l) for l in sorted(wd.layers)},
                          f"{delta}: the model with this delta applied", DeltaError)

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, parse_layers
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, default_device, emit, parse_layers
 
 
 def register(app) -> None:
@@ -39,6 +39,8 @@ def register(app) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the --protected-n choice."),
         out: Optional[str] = typer.Option(None, "--out", help="Folder for forecast.json (and check.json)."),
         device: Optional[str] = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Interference forecast p(k*, kⱼ)·δ of a pending ROME edit on protected facts; recommends the layer with
@@ -57,7 +59,7 @@ def register(app) -> None:
         n_protect = 20 if protected_n is None else protected_n
         if n_protect < 1:
             raise SupereditError(f"--protected-n must be ≥ 1 (got {n_protect})")
-        adapter = load_model(model, device=default_device(device))
+        adapter = load_model(model, device=default_device(device, device_map), dtype=dtype, device_map=device_map)
         cand = parse_layers(layers, adapter.n_layers)
         reqs = resolve_requests(local_model_dir(model), requests, seed=seed,
                                 default_n=max(request_index + 1 + n_protect, 64))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, emit
 
 
 def register(app) -> None:
     @app.command("info")
     @command
-    def info(model: str = ModelOpt, device: str = DeviceOpt, as_json: bool = JsonOpt):
+    def info(model: str = ModelOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: str = DeviceMapOpt,
+             as_json: bool = JsonOpt):
         """Show a model's family, layers, d_model, d_mlp (key size) and the site paths."""
         from ..models import load_model
 
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         result = {
             "model": model,
             "family": adapter.family,

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, default_device, emit
 
 
 def register(app) -> None:
@@ -35,7 +35,8 @@ def register(app) -> None:
              mom2_tokens: Optional[int] = typer.Option(None, "--mom2-tokens", help="Corpus tokens for C."),
              stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help="Covariance cache directory."),
              seed: int = typer.Option(0, "--seed"),
-             device: str = DeviceOpt, as_json: bool = JsonOpt,
+             device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: str = DeviceMapOpt,
+               as_json: bool = JsonOpt,
              verbose: bool = typer.Option(False, "--verbose", "-v")):
         """Whitening similarities of a subject's variants, similar-but-unrelated corpus keys, value norms."""
         from ..models import load_model
@@ -44,7 +45,7 @@ def register(app) -> None:
         from .common import build_hparams, hparams_profile, local_model_dir, make_stats, resolve_requests
         from ..stats.corpus import resolve_corpus
 
-        adapter = load_model(model, device=default_device(device))
+        adapter = load_model(model, device=default_device(device, device_map), dtype=dtype, device_map=device_map)
         mdir = local_model_dir(model)
         profile = hparams_profile(adapter, mdir)
         hp = build_hparams("rome", profile, hparams, adapter.n_layers, str(layer) if layer is not None else None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, command, emit
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, command, emit
 
 LedgerOpt = typer.Option(..., "--ledger", "-l", help="Ledger directory (holds ledger.json).")
 ModelOpt = typer.Option(None, "--model", "-m", help="Base model (default: the model the ledger was created on).")
@@ -42,10 +42,10 @@ def _summary(led) -> dict:
             "edits": edits}
 
 
-def _load_base(led, model: str | None, device: str | None):
+def _load_base(led, model: str | None, device: str | None, dtype: str | None = None, device_map: str | None = None):
     from ..models import load_model
 
-    return load_model(model or led.info["model"]["source"], device=device)
+    return load_model(model or led.info["model"]["source"], device=device, dtype=dtype, device_map=device_map)
 
 
 def register(app) -> None:
@@ -96,13 +96,15 @@ def register(app) -> None:
              corpus: str = typer.Option(None, "--corpus", help="Corpus of the key covariance (D4S; default: the "
                                         "ledger's hparams mom2_corpus, else the testbed's own)."),
              device: str = DeviceOpt,
+             dtype: str = DtypeOpt,
+             device_map: str = DeviceMapOpt,
              as_json: bool = JsonOpt):
         """Undo one edit and commit (D4S: any edit, exactly; other methods: only the last applied one)."""
         from ..lifelong.ledger import Ledger
 
         with Ledger.open(ledger, lock=True) as led:  # refused here when another process writes to it
             if led.entry.stateful:
-                adapter = _load_base(led, model, device)
+                adapter = _load_base(led, model, device, dtype, device_map)
                 stats = None
                 if led.entry.needs_stats:  # lazy: computed (or read from the cache) on first use only
                     from ..editing.covariance import CorpusCovariance
@@ -125,6 +127,8 @@ def register(app) -> None:
                                         "model: the edited model as an HF directory (needs the base model)."),
                model: str = ModelOpt,
                device: str = DeviceOpt,
+               dtype: str = DtypeOpt,
+               device_map: str = DeviceMapOpt,
                as_json: bool = JsonOpt):
         """Export the ledger's total delta, or the edited model."""
         from ..errors import LedgerError
@@ -135,7 +139,7 @@ def register(app) -> None:
             raise LedgerError(f"--mode must be 'deltas' or 'model' (got {mode!r})")
         adapter = None
         if mode == "model" or not led.tensors:
-            adapter = _load_base(led, model, device)
+            adapter = _load_base(led, model, device, dtype, device_map)
             if mode == "deltas":
                 led.base_weights(adapter)  # no edit committed yet: the shapes come from the base model
         path = led.export(out, mode=mode, adapter=adapter)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit, format_choices, method_choices
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, emit, format_choices, method_choices
 
 DEFAULT_METHODS = "rome,memit,d4s,alphaedit"
 
@@ -113,6 +113,8 @@ def register(app) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last committed edit."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write report.html."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Lifelong editing: apply N edits in sequence with each method (never reverted), checkpoint the
@@ -143,7 +145,7 @@ def register(app) -> None:
             raise SupereditError(f"--edits must be ≥ 1 (got {edits})")
         out_dir = Path(out) if out else Path("runs") / f"lifelong-{time.strftime('%Y%m%d-%H%M%S')}"
         seed_everything(seed)
-        adapter0 = load_model(model, device=device)
+        adapter0 = load_model(model, device=device, dtype=dtype, device_map=device_map)
         model_dir = local_model_dir(model)
         profile = hparams_profile(adapter0, model_dir)
         hps = {m: build_hparams(m, profile, hparams or method_hparams_path(hparams_dir, m, profile), adapter0.n_layers,
@@ -178,7 +180,7 @@ def register(app) -> None:
         first = [adapter0]
 
         def factory():
-            return first.pop() if first else load_model(model, device=device)
+            return first.pop() if first else load_model(model, device=device, dtype=dtype, device_map=device_map)
 
         log.info("lifelong: %s × %d edits (batch %d, checkpoint every %d), profile %s → %s", ",".join(names),
                  len(stream), batch_size, eval_every, profile, out_dir)

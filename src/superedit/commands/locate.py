@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, emit
 
 
 def register(app) -> None:
@@ -24,6 +24,8 @@ def register(app) -> None:
         out: str = typer.Option(..., "--out", "-o", help="Directory: locate.jsonl (one line per fact; a rerun resumes), "
                                 "summary.json, locate.png."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Average causal trace over many facts at the token groups ROME's figure needs (resumable)."""
@@ -44,7 +46,7 @@ def register(app) -> None:
         facts = [r for r in load_requests(requests) if r.target_true][:n]
         if not facts:
             raise SupereditError(f"{requests}: no record has a target_true to trace")
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
         windows = {k: window for k in kind_list} if window else None

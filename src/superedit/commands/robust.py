@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
-from .common import (DeviceOpt, JsonOpt, ModelOpt, build_hparams, command, default_device, emit, hparams_profile,
+from .common import (DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, build_hparams, command, default_device, emit, hparams_profile,
                      local_model_dir, make_stats, resolve_requests)
 
 
@@ -64,7 +64,8 @@ def register(app) -> None:
                stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help="Covariance cache directory."),
                save_edits: bool = typer.Option(False, "--save-edits", help="Save each delta + adaptor under OUT/edits/."),
                seed: int = typer.Option(0, "--seed"),
-               device: str = DeviceOpt, as_json: bool = JsonOpt,
+               device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: str = DeviceMapOpt,
+               as_json: bool = JsonOpt,
                verbose: bool = typer.Option(False, "--verbose", "-v")):
         """Robust Edit Pathway: edits vs edits + gated key adaptor on rephrased, shuffled and long-context queries."""
         from ..models import load_model
@@ -84,7 +85,7 @@ def register(app) -> None:
         if adaptor not in ("on", "off", "both"):
             raise UsageError(f"--adaptor must be on, off or both (got {adaptor!r})")
         taus = parse_taus(tau_sweep)
-        adapter = load_model(model, device=default_device(device))
+        adapter = load_model(model, device=default_device(device, device_map), dtype=dtype, device_map=device_map)
         mdir = local_model_dir(model)
         profile = hparams_profile(adapter, mdir)
         hp = build_hparams(method, profile, hparams, adapter.n_layers, layers, mom2_tokens, corpus)

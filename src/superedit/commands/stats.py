@@ -8,7 +8,8 @@ import time
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit, parse_layers
+from ..errors import UsageError
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, emit, parse_layers
 
 
 def register(app) -> None:
@@ -45,6 +46,8 @@ def register(app) -> None:
                                          "torchrun launch (gloo on cpu, nccl on cuda) and all-reduce the sums; "
                                          "rank 0 writes the cache and the output."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Compute (or load from the cache) the key covariance C = E(k kᵀ), k = MLP down-projection input, per layer."""
@@ -60,7 +63,10 @@ def register(app) -> None:
                                 ridge=probe_ridge) if until_converged else None)
         shard = init_shard(device) if distributed else LOCAL
         try:
-            adapter = load_model(model, device=shard.device if distributed else device)
+            if distributed and device_map is not None:
+                raise UsageError("--distributed places one model copy per process; it does not take --device-map")
+            adapter = load_model(model, device=shard.device if distributed else device, dtype=dtype,
+                                 device_map=device_map)
             layer_list = parse_layers(layers, adapter.n_layers)
             corp = resolve_corpus(adapter, corpus, field=text_field)
             t0 = time.perf_counter()
@@ -105,13 +111,15 @@ def register(app) -> None:
                                    "cached one)."),
         cache_dir: str = typer.Option(None, "--cache-dir", help="Cache directory (default $SUPEREDIT_HOME/stats)."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Write the cached covariances of MODEL at LAYERS into one self-describing, hashed bundle file."""
         from ..models import load_model
         from ..stats.bundle import export_bundle
 
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         result = export_bundle(adapter, parse_layers(layers, adapter.n_layers), out, cache_dir=cache_dir,
                                n_tokens=tokens)
         if not as_json:
@@ -127,13 +135,15 @@ def register(app) -> None:
         model: str = ModelOpt,
         cache_dir: str = typer.Option(None, "--cache-dir", help="Cache directory (default $SUPEREDIT_HOME/stats)."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Verify BUNDLE (hashes, the model's identity, d_mlp, tokenizer) and put its matrices into the cache."""
         from ..models import load_model
         from ..stats.bundle import import_bundle
 
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         result = import_bundle(bundle, adapter, cache_dir=cache_dir)
         if not as_json:
             for e in result["entries"]:

@@ -22,7 +22,7 @@ from typing import Optional
 import typer
 
 from ..utils.logs import get_logger
-from .common import (DeviceOpt, JsonOpt, ModelOpt, command, default_device, emit, local_model_dir, parse_layers,
+from .common import (DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, default_device, emit, local_model_dir, parse_layers,
                      resolve_requests, testbed_meta)
 
 log = get_logger(__name__)
@@ -79,6 +79,8 @@ def register(app) -> None:
         top_by: str = typer.Option("value", "--top-by", help="Rank pairs by 'value' of p or by 'abs' |p|."),
         out: str = typer.Option(..., "--out", help="Output folder."),
         device: Optional[str] = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Superposition of fact keys in the whitening space C^-1/2: P/Q/cosine matrices, kurtosis, angles,
@@ -96,14 +98,14 @@ def register(app) -> None:
             return
         if m < 2:
             raise SuperpositionError(f"--m must be ≥ 2 (got {m})")
-        dev = default_device(device)
+        dev = default_device(device, device_map)
         out_dir = Path(out)
         specs = [s.strip() for s in models.split(",") if s.strip()] if models else [model]
         if models and not specs:
             raise SuperpositionError("--models is empty; give comma-separated model specs")
         results, model_dirs = [], {}
         for spec in specs:
-            adapter = load_model(spec, device=dev)
+            adapter = load_model(spec, device=dev, dtype=dtype, device_map=device_map)
             chosen = parse_layers(layers, adapter.n_layers)
             reqs = resolve_requests(local_model_dir(spec), requests, seed=seed, default_n=m)
             cov = CorpusCovariance(adapter, corpus or None, n_tokens=mom2_tokens, layers=chosen)

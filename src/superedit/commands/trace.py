@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from ..analysis.trace_study import TESTBED_DEFAULT_N
-from .common import DeviceOpt, JsonOpt, ModelOpt, command, emit
+from .common import DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, command, emit
 
 
 # ----------------------------------------------------------------------------------------- rendering
@@ -101,6 +101,8 @@ def register(app) -> None:
         out: str = typer.Option("runs/trace", "--out", help="Output directory (trace.json and PNGs)."),
         batch_size: int = typer.Option(256, "--batch-size", help="Max rows per forward pass."),
         device: str = DeviceOpt,
+        dtype: str = DtypeOpt,
+        device_map: str = DeviceMapOpt,
         as_json: bool = JsonOpt,
     ):
         """Causal tracing (ROME): which hidden states carry a fact; optionally the state-swap test."""
@@ -118,7 +120,7 @@ def register(app) -> None:
         is_testbed = prompt is None and subject is None and requests is None
         fact_args = dict(model=model, prompt=prompt, subject=subject, target=target, requests=requests, n=n, seed=seed)
         facts = None if is_testbed else load_facts(**fact_args)
-        adapter = load_model(model, device=device)
+        adapter = load_model(model, device=device, dtype=dtype, device_map=device_map)
         if facts is None:
             facts = load_facts(**fact_args)
         study = trace_study(adapter, facts, kinds=kind_list, window=window, noise=noise, samples=samples, seed=seed,

@@ -47,5 +47,5 @@ class CorpusCovariance:
             covs = collect_covariances(self.adapter, wanted, corpus, n_tokens=self.n_tokens,
                                        max_length=self.max_length, cache_dir=self.cache_dir)
             for l, c in covs.items():
-                self._mats[l] = c.matrix(device=self.adapter.device, dtype=torch.float64)
+                self._mats[l] = c.matrix(device=self.adapter.layer_device(l), dtype=torch.float64)
         return self._mats[layer]

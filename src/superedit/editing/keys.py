@@ -36,8 +36,9 @@ def keys_at(adapter: ModelAdapter, templates: list[str], subjects: list[str], la
         rows = torch.arange(len(idx), device=adapter.device)
         with Trace(adapter, reads=[(site, l) for l in layers], stop_after=True) as tr:
             adapter.model(**b.model_inputs())
-        for l in layers:
-            out[l].append(tr[site, l][rows, idx])
+        for l in layers:  # read where layer l runs (with a --device-map, maybe not the input's device)
+            t = tr[site, l]
+            out[l].append(t[rows.to(t.device), idx.to(t.device)])
     return {l: torch.cat(v) for l, v in out.items()}
 
 

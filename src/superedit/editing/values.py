@@ -222,7 +222,7 @@ class _Rows:
             with start, Trace(adapter, reads=[("resid", read_layer)], edits=edits, stop_after=True,
                               detach=False) as tr:
                 adapter.model(input_ids=ids, **kwargs)
-            parts.append(tr["resid", read_layer][g.read_row, g.read_col])
+            parts.append(_take(tr["resid", read_layer], g.read_row, g.read_col, self.input_ids.device))
             order.append(g.reads)
         out = torch.cat(parts)
         return out[torch.argsort(torch.cat(order))]
@@ -239,8 +239,15 @@ def _cache_kwarg(model) -> str:
 
 
 def _head(adapter: ModelAdapter, h: torch.Tensor) -> torch.Tensor:
-    """Logits (reads, vocab) of residual vectors (reads, d_model): final norm, then the LM head."""
-    return adapter.lm_head()(adapter.final_norm()(h))
+    """Logits (reads, vocab) of residual vectors (reads, d_model): final norm, then the LM head; on ``h``'s
+    device (with a ``--device-map`` the head may run elsewhere)."""
+    return adapter.lm_head()(adapter.final_norm()(h)).to(h.device)
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, device) -> torch.Tensor:
+    """``t[rows, cols]`` read where ``t`` is (a layer's device under a ``--device-map``), returned on ``device``
+    (the inputs' device, where the loss is formed); keeps autograd."""
+    return t[rows.to(t.device), cols.to(t.device)].to(device)
 
 
 def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, read_layer: int,
@@ -261,12 +268,13 @@ def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, rea
         adapter.model(**rows.inputs())
     if verdict is False:
         return rows.plan(adapter, by_split=False), plain
-    fast = rows if layer == 0 else replace(rows, hidden=plain["resid", layer - 1], arity=plain.arity["resid", layer - 1])
+    fast = rows if layer == 0 else replace(rows, hidden=plain["resid", layer - 1].to(rows.input_ids.device),
+                                           arity=plain.arity["resid", layer - 1])
     why = ""
     try:
         fast = fast.plan(adapter, by_split=True)
         if verdict is None:
-            want = plain["resid", read_layer][rows.read_row, rows.read_col].float()
+            want = _take(plain["resid", read_layer], rows.read_row, rows.read_col, rows.input_ids.device).float()
             with torch.no_grad():
                 got = fast.forward_reads(adapter, site, layer, None, read_layer).float()
             # a plan that misplaces positions or masks is off by O(1); rounding by ~eps · depth
@@ -340,12 +348,13 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
 
     all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer)
     first = torch.arange(n, device=device) * n_pre  # each request's unprefixed row ("" comes first)
-    v0 = plain[site, layer][first, all_nll.subject_last[first]].clone()
+    v0 = _take(plain[site, layer], first, all_nll.subject_last[first], device).clone()
     del plain
     if use_kl:
         all_kl, plain_kl = _prepare_rows(adapter, all_kl, layer, site, last, keep_reads=True)
         with torch.no_grad():
-            kl_ref = F.log_softmax(_head(adapter, plain_kl["resid", last][all_kl.read_row, all_kl.read_col]), dim=-1)
+            kl_ref = F.log_softmax(_head(adapter, _take(plain_kl["resid", last], all_kl.read_row, all_kl.read_col,
+                                                        device)), dim=-1)
         kl_ref_rows, kl_rows = kl_ref, all_kl
         del plain_kl
     fast = all_nll.hidden is not None or any(g.start > 0 for g in all_nll.groups)

@@ -72,11 +72,35 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the token embedding's device (with a ``--device-map`` the model's parts may sit
+        on several devices; a tensor that meets layer l's weights goes to :meth:`layer_device` instead)."""
+        w = getattr(self.embedding(), "weight", None)
+        return w.device if isinstance(w, torch.Tensor) else next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device of layer ``layer``'s down-projection weight: keys, values, covariances and solves of
+        that layer gather here. Raises UsageError when the weight is offloaded (meta/disk): superedit
+        edits weights in place, so every edited layer must be resident on a device."""
+        dev = self.down_weight_param(layer).device
+        if dev.type == "meta":
+            from ..errors import UsageError
+
+            raise UsageError(f"layer {layer}'s down-projection is offloaded (its weight is on the meta device): "
+                             "superedit edits weights in place; give --device-map devices with room for it "
+                             "(no 'disk' or CPU offload of edited layers) or edit other --layers")
+        return dev
+
+    def layer_dtype(self, layer: int) -> torch.dtype:
+        """The dtype of layer ``layer``'s down-projection weight (float64 solves are cast back to it)."""
+        return self.down_weight_param(layer).dtype
+
+    def on_layer(self, layer: int, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``t`` moved to :meth:`layer_device` (and ``dtype`` if given); no copy when already there."""
+        return t.to(device=self.layer_device(layer), dtype=dtype or t.dtype)
 
     @property
     def max_positions(self) -> int:

@@ -151,14 +151,15 @@ class StartAt:
     returns ``(hidden, None, ...)``; pass ``use_cache=False``). Read it from ``Trace.arity``.
 
     The stand-ins check that the batch they receive has ``hidden``'s (batch, seq) and raise
-    ValueError otherwise. The original blocks are restored on exit, also when the forward raises.
+    ValueError otherwise. The original blocks are restored on exit, also when the forward raises
+    (a forward accelerate set on the instance for a ``--device-map`` is put back as it was).
     ``layer == 0`` changes nothing (no block below).
     """
 
     def __init__(self, adapter: ModelAdapter, layer: int, hidden: torch.Tensor, arity: int | None = None):
         adapter.check_layer(layer)
         self.adapter, self.layer, self.hidden, self.arity = adapter, layer, hidden, arity
-        self._patched: list = []
+        self._patched: list = []  # (block, the instance's own forward before, or None)
 
     def _stand_in(self, *args, **kwargs):
         x = args[0] if args else kwargs.get("hidden_states")
@@ -168,22 +169,27 @@ class StartAt:
         h = self.hidden
         return h if self.arity is None else (h,) + (None,) * (self.arity - 1)
 
+    _stand_in._superedit_stand_in = True  # how a nested StartAt is recognised
+
     def __enter__(self) -> "StartAt":
         blocks = self.adapter.blocks()
         try:
             for i in range(self.layer):
-                if "forward" in vars(blocks[i]):
-                    raise RuntimeError(f"block {i} already has a patched forward (nested StartAt?)")
+                own = vars(blocks[i]).get("forward")
+                if getattr(own, "_superedit_stand_in", False):
+                    raise RuntimeError(f"block {i} already has a StartAt stand-in (nested StartAt?)")
                 blocks[i].forward = self._stand_in
-                self._patched.append(blocks[i])
+                self._patched.append((blocks[i], own))
         except BaseException:
             self._restore()
             raise
         return self
 
     def _restore(self) -> None:
-        for block in self._patched:
+        for block, own in reversed(self._patched):
             vars(block).pop("forward", None)
+            if own is not None:  # e.g. accelerate's device-aligning forward
+                block.forward = own
         self._patched.clear()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -201,7 +207,8 @@ def at_positions(positions, new: torch.Tensor) -> Edit:
     def fn(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         rows = torch.arange(t.shape[0], device=t.device)
-        t[rows, _positions(positions, t)] = new.to(t.dtype).expand(t.shape[0], -1) if new.dim() == 1 else new.to(t.dtype)
+        new_t = new.to(t.device, t.dtype)  # with a --device-map, t sits where its layer runs
+        t[rows, _positions(positions, t)] = new_t.expand(t.shape[0], -1) if new.dim() == 1 else new_t
         return t
 
     return fn
@@ -216,7 +223,7 @@ def add_at_positions(positions, delta: torch.Tensor) -> Edit:
         rows = torch.arange(t.shape[0], device=t.device)
         mask = torch.zeros(t.shape[:2], dtype=t.dtype, device=t.device)
         mask[rows, _positions(positions, t)] = 1
-        d = delta.to(t.dtype)
+        d = delta.to(t.device, t.dtype)  # keeps the graph; with a --device-map, t sits where its layer runs
         if d.dim() == 2:
             if d.shape[0] != t.shape[0]:
                 raise ValueError(f"{d.shape[0]} delta rows for a batch of {t.shape[0]} rows")

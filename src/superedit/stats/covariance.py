@@ -394,11 +394,13 @@ def _check_probes(probes, layers: list[int], dim: int) -> dict[int, torch.Tensor
 
 
 class _Accumulator:
-    """Σ k kᵀ and Σ k over the accumulated tokens of each layer, float64 on the model's device."""
+    """Σ k kᵀ and Σ k over the accumulated tokens of each layer, float64 on the model's device (``device``:
+    one device or {layer: device}, with a ``--device-map`` where each layer's keys are)."""
 
     def __init__(self, layers: list[int], dim: int, device):
-        self.mom2 = {l: torch.zeros(dim, dim, dtype=torch.float64, device=device) for l in layers}
-        self.sum = {l: torch.zeros(dim, dtype=torch.float64, device=device) for l in layers}
+        where = device if isinstance(device, dict) else {l: device for l in layers}
+        self.mom2 = {l: torch.zeros(dim, dim, dtype=torch.float64, device=where[l]) for l in layers}
+        self.sum = {l: torch.zeros(dim, dtype=torch.float64, device=where[l]) for l in layers}
         self.mask: torch.Tensor | None = None  # bool (batch, seq): tokens of the current batch that enter the sums
         self.probe_mask: torch.Tensor | None = None  # bool (batch, seq): held-out probe tokens, or None
         self.probes: dict[int, torch.Tensor] = {}  # layer -> (n_probes, d) float64 held-out keys
@@ -406,8 +408,8 @@ class _Accumulator:
     def observer(self, layer: int):
         def fn(t: torch.Tensor) -> torch.Tensor:
             if self.probe_mask is not None:
-                self.probes[layer] = t[self.probe_mask].to(torch.float64)
-            k = t[self.mask].to(torch.float64)  # (n_real, d); pad rows and held-out probes never enter
+                self.probes[layer] = t[self.probe_mask.to(t.device)].to(torch.float64)
+            k = t[self.mask.to(t.device)].to(self.mom2[layer].device, torch.float64)  # (n_real, d); pad rows and held-out probes never enter
             self.mom2[layer].addmm_(k.T, k)
             self.sum[layer].add_(k.sum(0))
             return t
@@ -465,7 +467,7 @@ def _collect(adapter: ModelAdapter, layers: list[int], corpus: Corpus, n_tokens:
     shard = shard or LOCAL
     model, tok = adapter.model, adapter.tokenizer
     device = adapter.device
-    acc = _Accumulator(layers, adapter.d_mlp, device)
+    acc = _Accumulator(layers, adapter.d_mlp, {l: adapter.layer_device(l) for l in layers})
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     held_out = stop is not None and probes is None
     conv = _Convergence(stop, layers) if stop is not None and shard.is_main else None

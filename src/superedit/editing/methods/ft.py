@@ -53,7 +53,7 @@ def ft_delta(adapter: ModelAdapter, requests: list, hparams: FTHParams, stats=No
         with torch.no_grad():
             for l, p in params.items():
                 d = (p.detach() - originals[l]).to(torch.float64)
-                deltas[l] = LayerDelta(dense_=(d.T if adapter.spec.down_orientation == "in_out" else d).to(adapter.dtype))
+                deltas[l] = LayerDelta(dense_=(d.T if adapter.spec.down_orientation == "in_out" else d).to(adapter.layer_dtype(l)))
     finally:
         with torch.no_grad():
             for l, p in params.items():

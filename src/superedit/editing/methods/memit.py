@@ -24,9 +24,10 @@ from .spread import spread_update
 def memit_delta(adapter: ModelAdapter, requests: list, hparams: MEMITHParams, stats: CovarianceSource,
                 state=None) -> StepResult:
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor):
-        C = with_ridge(stats.mom2(layer).to(adapter.device, torch.float64), hparams.mom2_ridge)
+        C = with_ridge(adapter.on_layer(layer, stats.mom2(layer), torch.float64), hparams.mom2_ridge)
         left, right = memit_solve(R, K, C, hparams.mom2_update_weight)
-        return LayerDelta(left.to(adapter.dtype), right.to(adapter.dtype)), {}
+        wdt = adapter.layer_dtype(layer)  # solved in float64, cast back to the weight's dtype
+        return LayerDelta(left.to(wdt), right.to(wdt)), {}
 
     sp = spread_update(adapter, requests, hparams, solve)
     return StepResult(WeightDelta(sp.deltas, "memit", {"model": adapter.identity(), "hparams": hparams.to_dict(),

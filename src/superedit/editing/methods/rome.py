@@ -31,7 +31,7 @@ def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stat
                state=None) -> StepResult:
     layer = hparams.layers[0]
     adapter.check_layer(layer)
-    C = with_ridge(stats.mom2(layer).to(adapter.device, torch.float64), hparams.mom2_ridge)
+    C = with_ridge(adapter.on_layer(layer, stats.mom2(layer), torch.float64), hparams.mom2_ridge)
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
     timings = {"keys": 0.0, "values": 0.0, "solve": 0.0}
     total: LayerDelta | None = None
@@ -41,6 +41,7 @@ def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stat
         for req in progress(requests, desc="ROME", total=len(requests)):
             t0 = time.perf_counter()
             k = compute_keys(adapter, [req.prompt], [req.subject], [layer], prefixes, hparams.fact_token)[layer][0]
+            k = adapter.on_layer(layer, k)
             t1 = time.perf_counter()
             val = optimize_value(adapter, req.prompt, req.subject, req.target_new, layer, "value", hparams, prefixes)
             target, info = val.target, {}
@@ -49,11 +50,12 @@ def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stat
                 info = nas_info(float(val.target.to(torch.float64).norm()), hparams.norm_anchor)
             t2 = time.perf_counter()
             W = adapter.down_weight(layer)
-            left, right = rome_solve(W, C, k, target, adapter.down_bias(layer))
+            left, right = rome_solve(W, C, k, adapter.on_layer(layer, target), adapter.down_bias(layer))
             timings["keys"] += t1 - t0
             timings["values"] += t2 - t1
             timings["solve"] += time.perf_counter() - t2
-            d = LayerDelta(left.to(adapter.dtype), right.to(adapter.dtype))
+            wdt = adapter.layer_dtype(layer)  # solved in float64, cast back to the weight's dtype
+            d = LayerDelta(left.to(wdt), right.to(wdt))
             adapter.add_to_down_weight(layer, d.dense(torch.float64))  # later requests see this edit
             total = d if total is None else total + d
             per_request.append({"case_id": req.case_id, "layer": layer, "key_norm": float(k.norm()),

@@ -91,11 +91,12 @@ def spread_update(adapter: ModelAdapter, requests: list, hparams, solve_layer: L
     try:
         for i, layer in enumerate(layers):
             t1 = time.perf_counter()
-            K = compute_keys(adapter, prompts, subjects, [layer], prefixes, hparams.fact_token)[layer].T.to(F64)
+            dev = adapter.layer_device(layer)  # K, R and the solve gather at the edited weight
+            K = compute_keys(adapter, prompts, subjects, [layer], prefixes, hparams.fact_token)[layer].T.to(dev, F64)
             cur = keys_at(adapter, prompts, subjects, [layers[-1]], hparams.fact_token, site="resid")[layers[-1]]
             t2 = time.perf_counter()
             timings["keys"] += t2 - t1
-            R = (zs - cur).T.to(F64) / (len(layers) - i)  # (d_model, n)
+            R = (zs.to(dev) - cur.to(dev)).T.to(F64) / (len(layers) - i)  # (d_model, n)
             d, extra = solve_layer(layer, K, R)
             adapter.add_to_down_weight(layer, d.dense(F64))
             deltas[layer] = d

@@ -207,8 +207,8 @@ def edit_features(adapter: ModelAdapter, requests: list, layers: list[int],
         where = mask > 0 if positions == "target" else batch.attention_mask > 0
         rows_per_request += where.sum(dim=1).tolist()
         for l, gl in zip(layers, g):
-            keys[l].append(tr["key", l][where].to(F64))
-            grads[l].append(gl[where].to(F64))
+            keys[l].append(tr["key", l][where.to(gl.device)].to(adapter.device, F64))  # one device for the state
+            grads[l].append(gl[where.to(gl.device)].to(adapter.device, F64))
     return ({l: torch.cat(v) for l, v in keys.items()}, {l: torch.cat(v) for l, v in grads.items()},
             rows_per_request)
 
@@ -235,7 +235,7 @@ def ultraedit_step(adapter: ModelAdapter, requests: list, hparams: UltraEditHPar
         R = (-hparams.lr * (k_hat * k_hat).sum(dim=1, keepdim=True) * g_hat).T  # (d_model, N)
         K = keys[l].T  # (d_mlp, N)
         Y = ultraedit_solve(K, R, hparams.ridge)
-        deltas[l] = LayerDelta(R.to(adapter.dtype), Y.to(adapter.dtype))
+        deltas[l] = LayerDelta(R.to(adapter.layer_dtype(l)), Y.to(adapter.layer_dtype(l)))
         journal[f"layer.{l}.rows"] = torch.tensor([batch[0]], dtype=torch.int64)
         journal[f"layer.{l}.counts"] = torch.tensor([len(requests)], dtype=torch.int64)
         journal[f"layer.{l}.mean"], journal[f"layer.{l}.m2"] = batch[1], batch[2]
