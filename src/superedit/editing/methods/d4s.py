@@ -118,13 +118,14 @@ class D4SSums:
     Args:
         layer: layer index (bookkeeping only).
         W0: the original weights (d_model, d_mlp) in the adapter's orientation (kept as given).
-        C: E[k kᵀ] (d_mlp, d_mlp). With the null-space projection pass the identity and λ = α.
+        C: E[k kᵀ] (d_mlp, d_mlp), or None for the identity (the null-space projection: λC = α·I is then
+            kept as the scalar, not as a dense d_mlp × d_mlp matrix).
         lam: λ (MEMIT's ``mom2_update_weight``).
         factor: "cholesky" or "inverse" (see module docstring).
         refresh_every: re-solve densely from the sums every N ``add`` calls (0: never).
     """
 
-    def __init__(self, layer: int, W0: torch.Tensor, C: torch.Tensor, lam: float, factor: str = "cholesky",
+    def __init__(self, layer: int, W0: torch.Tensor, C: torch.Tensor | None, lam: float, factor: str = "cholesky",
                  refresh_every: int = 0):
         if factor not in ("cholesky", "inverse"):
             raise ValueError(f"factor must be 'cholesky' or 'inverse', got {factor!r}")
@@ -132,16 +133,18 @@ class D4SSums:
         self.W0 = W0.detach()
         dev = W0.device
         d_model, d_mlp = W0.shape
-        if tuple(C.shape) != (d_mlp, d_mlp):
+        if C is not None and tuple(C.shape) != (d_mlp, d_mlp):
             raise ValueError(f"C has shape {tuple(C.shape)}, expected ({d_mlp}, {d_mlp}) for W0 {tuple(W0.shape)}")
-        self.A0 = self.lam * C.detach().to(dev, F64)
+        self._A0 = None if C is None else self.lam * C.detach().to(dev, F64)
         self.S_rk = torch.zeros(d_model, d_mlp, dtype=F64, device=dev)
         self._S_kk = torch.zeros(d_mlp, d_mlp, dtype=F64, device=dev)
         self._pending: list[torch.Tensor] = []  # key columns not yet folded into S_kk (see S_kk)
         self.X = torch.zeros(d_model, d_mlp, dtype=F64, device=dev)
         self.n_terms = 0
         self.steps = 0
-        self.projector: torch.Tensor | None = None  #: P when keys are projected on C's null space (from C; not saved)
+        #: P (a factorised :class:`~.alphaedit.NullSpaceProjector`) when keys are projected on C's null space
+        #: (from C; not saved)
+        self.projector = None
         self.F = torch.empty(0)
         self._refactor()
 
@@ -163,17 +166,33 @@ class D4SSums:
 
     # ----- factor -------------------------------------------------------------------------
     @property
+    def A0(self) -> torch.Tensor:
+        """λC (d_mlp, d_mlp); for C = I (null-space projection) formed on demand from the scalar λ."""
+        if self._A0 is not None:
+            return self._A0
+        return torch.diag(torch.full((self.X.shape[1],), self.lam, dtype=F64, device=self.X.device))
+
+    @property
     def A(self) -> torch.Tensor:
-        return self.A0 + self.S_kk
+        """λC + S_kk, a new d_mlp × d_mlp tensor (only for re-factoring: refresh, an ill-conditioned downdate)."""
+        if self._A0 is not None:
+            return self._A0 + self.S_kk
+        A = self.S_kk.clone()
+        A.diagonal().add_(self.lam)
+        return A
 
     def _refactor(self) -> None:
+        """Factor A from the sums. Peak beyond the sums: two d_mlp² float64 (the old factor is dropped first,
+        A before U is copied out of L)."""
         A = self.A
+        self.F = torch.empty(0)
         if self.factor_kind == "cholesky":
             L, info = torch.linalg.cholesky_ex(A)
+            del A
             if int(info) != 0:
                 raise FloatingPointError(f"layer {self.layer}: λC + S_kk is not positive definite (λ={self.lam}); "
                                          "raise mom2_update_weight or add a ridge to C")
-            self.F = L.T.contiguous()  # upper U, A = UᵀU
+            self.F = L.T.contiguous()  # upper U, A = UᵀU (contiguous: the rank-1 updates run on its rows)
         else:
             self.F = torch.cholesky_inverse(torch.linalg.cholesky(A))
 
@@ -358,7 +377,7 @@ def make_d4s_state(adapter: ModelAdapter, hparams: D4SHParams, stats: Covariance
 
     C is ``stats.mom2(l)`` with ``mom2_ridge``; with ``project_nullspace`` the keys are projected on C's
     null space (the projector is computed here, once, and lives on the state) and λC becomes α·I."""
-    from .alphaedit import nullspace_projector
+    from .alphaedit import nullspace_basis
 
     layers = {}
     for l in sorted(hparams.layers):
@@ -366,9 +385,8 @@ def make_d4s_state(adapter: ModelAdapter, hparams: D4SHParams, stats: Covariance
         W0 = (base[l] if base is not None else adapter.down_weight(l)).detach().clone()
         C = with_ridge(stats.mom2(l).to(W0.device, F64), hparams.mom2_ridge)
         if hparams.project_nullspace:
-            sums = D4SSums(l, W0, torch.eye(C.shape[0], dtype=F64, device=W0.device), hparams.L2,
-                           hparams.factor, hparams.refresh_every)
-            sums.projector = nullspace_projector(C, hparams.nullspace_threshold, hparams.nullspace_relative)
+            sums = D4SSums(l, W0, None, hparams.L2, hparams.factor, hparams.refresh_every)  # λC = α·I
+            sums.projector = nullspace_basis(C, hparams.nullspace_threshold, hparams.nullspace_relative)
         else:
             sums = D4SSums(l, W0, C, hparams.mom2_update_weight, hparams.factor, hparams.refresh_every)
         layers[l] = sums
