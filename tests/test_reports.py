@@ -260,6 +260,24 @@ def test_lifelong_curves_read_at_a_glance(tmp_path):
         assert ax.get_ylim()[0] <= 0 and ax.get_ylim()[1] >= 1
 
 
+def test_lifelong_final_table_gives_every_share_its_n_and_interval(tmp_path):
+    """Issue #13 item 5: a share in the report comes with its n and a 95% interval."""
+    from superedit.report.lifelong_report import final_table, load_metrics, write_report
+    from superedit.report.plots import wilson
+
+    out = lifelong_dir(tmp_path, edited_subject_facts=5)
+    row = final_table(load_metrics(out))[0]  # rome after 6 edits; last block 4 → 6
+    assert row["efficacy_last_block_n"] == 2
+    lo, hi = wilson(row["efficacy_last_block"], 2)
+    assert row["efficacy_last_block_ci"] == f"{lo:.2f}–{hi:.2f}"
+    assert row["untouched_retention_n"] == 40 and row["untouched_recall_n"] == 50
+    for key in ("efficacy_ci", "untouched_retention_ci", "untouched_recall_ci",
+                "untouched_retention_other_subjects_ci", "untouched_retention_edited_subjects_ci"):
+        assert isinstance(row[key], str) and "–" in row[key], key
+    text = " ".join("".join(parse(write_report(out)).text).split())
+    assert "n, last block" in text and "n (facts recalled before)" in text and "n (probe facts)" in text
+
+
 def test_retention_split_only_when_it_differs_from_the_total(tmp_path):
     from superedit.report.lifelong_report import knowledge_quantities, load_metrics
 

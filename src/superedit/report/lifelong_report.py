@@ -242,6 +242,9 @@ def run_horizons(out_dir: str | Path, runs: dict[str, list[dict]] | None = None)
     return {m: collapse_horizon(recs, thr) for m, recs in runs.items() if recs}
 
 
+RATE_ABILITIES = frozenset({"known_retention"})  # ability values that are shares of their n items
+
+
 def ability_table(runs: dict[str, list[dict]]) -> Table | None:
     """First and last checkpoint's general-ability metrics per method (value and n; lm-eval tasks too)."""
     rows, keys = [], []
@@ -264,6 +267,9 @@ def ability_table(runs: dict[str, list[dict]]) -> Table | None:
                     row[f"{name}_n"] = v.get("n")
                     keys.append((name, name.replace("_", " ")))
                     keys.append((f"{name}_n", "n", "int"))
+                    if name in RATE_ABILITIES or "chance" in v:  # a share of n items: its 95% interval
+                        row[f"{name}_ci"] = _ci_text(v["value"], v.get("n"))
+                        keys.append((f"{name}_ci", "95% interval", "text"))
             rows.append(row)
     if not rows:
         return None
@@ -579,7 +585,16 @@ def final_table(runs: dict[str, list[dict]]) -> list[dict]:
         row = {"method": m, "n_edits": r["n_edits"]}
         row.update({k: r.get(k) for k, _ in TABLE_COLS})
         row["efficacy_ci"] = _ci_text(r.get("efficacy_all"), n_edits(r))
+        row["efficacy_last_block_n"] = n_last_block(r)
+        row["efficacy_last_block_ci"] = _ci_text(r.get("efficacy_last_block"), n_last_block(r))
+        row["untouched_retention_n"] = n_recalled(r)
         row["untouched_retention_ci"] = _ci_text(r.get("untouched_retention"), n_recalled(r))
+        for part in ("other", "edited"):
+            n_part = r.get(f"untouched_n_{part}_subjects") or None
+            row[f"untouched_retention_{part}_subjects_ci"] = _ci_text(
+                r.get(f"untouched_retention_{part}_subjects"), n_part)
+        row["untouched_recall_n"] = r.get("untouched_n") or None
+        row["untouched_recall_ci"] = _ci_text(r.get("untouched_recall"), row["untouched_recall_n"])
         inter = r.get("interference") or {}
         for s in ("o", "e"):
             if s in inter:
@@ -597,16 +612,22 @@ def summary_rows(out_dir: str | Path) -> list[dict]:
 def _tables(rows: list[dict]) -> list[Table]:
     key = [Column("method", "method", "text"), Column("n_edits", "edits", "int")]
     groups = [
-        ("Edits: success rates after the last edit (95% Wilson interval over the edits)",
+        ("Edits: success rates after the last edit; n is the edits column (95% Wilson interval over the edits; "
+         "paraphrase and neighbourhood are means of per-edit shares over the same edits, without an interval)",
          [("efficacy_all", "efficacy"), ("efficacy_ci", "efficacy 95% interval", "text"),
-          ("efficacy_last_block", "efficacy, last block"), ("paraphrase_all", "paraphrase"),
+          ("efficacy_last_block", "efficacy, last block"), ("efficacy_last_block_n", "n, last block", "int"),
+          ("efficacy_last_block_ci", "95% interval, last block", "text"), ("paraphrase_all", "paraphrase"),
           ("neighborhood_all", "neighbourhood"), ("score_all", "S (harmonic mean)"),
           ("forgetting_mean", "forgetting")]),
-        ("Knowledge the edits did not target",
-         [("untouched_retention", "untouched retention"), ("untouched_retention_ci", "95% interval", "text"),
+        ("Knowledge the edits did not target (95% Wilson interval over the probe facts the base model recalled)",
+         [("untouched_retention", "untouched retention"), ("untouched_retention_n", "n (facts recalled before)", "int"),
+          ("untouched_retention_ci", "95% interval", "text"),
           ("untouched_retention_other_subjects", "never-edited subjects"),
+          ("untouched_retention_other_subjects_ci", "95% interval", "text"),
           ("untouched_retention_edited_subjects", "edited subjects' other facts"),
-          ("untouched_recall", "untouched recall"), ("all_facts_recall", "all-facts recall"),
+          ("untouched_retention_edited_subjects_ci", "95% interval", "text"),
+          ("untouched_recall", "untouched recall"), ("untouched_recall_n", "n (probe facts)", "int"),
+          ("untouched_recall_ci", "95% interval", "text"), ("all_facts_recall", "all-facts recall"),
           ("perplexity", "perplexity")]),
         ("Weights, values and cost",
          [("w_l1_rel_mean", "‖W‖₁ / original"), ("delta_fro_total", "‖W − W₀‖_F"), ("v_target_norm_all", "mean ‖v*‖"),
@@ -617,7 +638,8 @@ def _tables(rows: list[dict]) -> list[Table]:
     ]
     if not any(r.get("untouched_retention_edited_subjects") is not None for r in rows):
         # no probe fact of an edited subject: "never-edited subjects" is the total again, shown once
-        drop = {"untouched_retention_other_subjects", "untouched_retention_edited_subjects"}
+        drop = {"untouched_retention_other_subjects", "untouched_retention_edited_subjects",
+                "untouched_retention_other_subjects_ci", "untouched_retention_edited_subjects_ci"}
         groups = [(cap, [c for c in cols if c[0] not in drop]) for cap, cols in groups]
     tables = []
     for caption, cols in groups:
