@@ -373,7 +373,9 @@ def test_index_links_every_stage(tmp_path):
     robust_report(rob)
     edit = tmp_path / "edit-rome"
     edit.mkdir()
-    (edit / "summary.json").write_text(json.dumps({"post": {"efficacy_score": 0.75, "case": EVIL}}))
+    (edit / "summary.json").write_text(json.dumps({"post": {"efficacy_score": 0.75, "case": EVIL},
+                                                   "post_ci": {"efficacy_score": [0.5, 1.0]},
+                                                   "counts": {"efficacy_score": 4}}))
     write_jsonl(edit / "records.jsonl", [{}])
     trace = tmp_path / "trace"
     trace.mkdir()
@@ -393,6 +395,7 @@ def test_index_links_every_stage(tmp_path):
     assert_nav_targets(tags)
     assert_escaped(page)
     assert "train_recall" in " ".join(tags.text) and "0.970" in " ".join(tags.text)
+    assert "0.750 (n 4, 95% CI 0.50–1.00)" in " ".join(tags.text)  # an edit's rate with its n and interval
 
 
 def test_command_line_records_non_default_options(tmp_path):

@@ -72,6 +72,21 @@ def _scalars(d: dict, limit: int = 8) -> list[tuple[str, object]]:
     return out
 
 
+def _with_intervals(means: dict, cis, counts) -> dict:
+    """Each mean that has its n and 95% interval in the summary as "0.980 (n 100, 95% CI 0.95–1.00)"."""
+    cis = cis if isinstance(cis, dict) else {}
+    counts = counts if isinstance(counts, dict) else {}
+    out = {}
+    for k, v in means.items():
+        ci, n = cis.get(k), counts.get(k)
+        if (isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(n, int) and n > 0
+                and isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)):
+            out[k] = f"{v:.3f} (n {n}, 95% CI {ci[0]:.2f}–{ci[1]:.2f})"
+        else:
+            out[k] = v
+    return out
+
+
 def _headline(folder: Path, marker: str) -> list[tuple[str, object]]:
     """A few scalar figures from the stage's own results file (edit summaries: the post-edit means)."""
     if marker not in ("summary.json", "trace.json", "table.json") or not (folder / marker).is_file():
@@ -84,7 +99,8 @@ def _headline(folder: Path, marker: str) -> list[tuple[str, object]]:
         return []
     if marker == "summary.json" and isinstance(data.get("post"), dict):
         post = data["post"]
-        return _scalars({k: post[k] for k in EDIT_HEADLINE if k in post} or post)
+        return _scalars(_with_intervals({k: post[k] for k in EDIT_HEADLINE if k in post} or post,
+                                        data.get("post_ci"), data.get("counts")))
     if marker == "trace.json" and isinstance(data.get("summary"), dict):
         return _scalars(data["summary"])
     if marker == "table.json":
