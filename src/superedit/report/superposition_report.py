@@ -202,8 +202,9 @@ def scaling_figure(rows: Sequence[dict]):
     ax.set_ylabel("excess kurtosis of off-diagonal P")
     ax.set_title("Superposition scaling law", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.25)  # room for the model names at the rightmost points
     fig.colorbar(sc, ax=ax, label="relative depth l/(L−1)")
-    legend_outside(fig, [ax])
+    ax.legend(loc="upper left", fontsize=8, frameon=False)  # the upper left stays empty: small models first
     return fig
 
 

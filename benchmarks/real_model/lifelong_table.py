@@ -1,0 +1,59 @@
+"""One Markdown table of the last checkpoint of every method in one or more `superedit lifelong` runs.
+
+Runs on the same stream may be split over several output folders (e.g. ROME one edit at a time in one,
+the batch methods in batches of 10 in another); the script refuses runs whose streams differ::
+
+    python benchmarks/real_model/lifelong_table.py runs/real/lifelong-50 runs/real/lifelong-50-b10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from superedit.report.lifelong_report import final_table, load_metrics
+
+COLUMNS = [("efficacy_all", "efficacy, all"), ("efficacy_ci", "95% CI"), ("paraphrase_all", "paraphrase"),
+           ("neighborhood_all", "neighbourhood"), ("forgetting_mean", "forgetting / block"),
+           ("untouched_retention", "untouched retention"), ("untouched_retention_ci", "95% CI"),
+           ("perplexity", "perplexity"), ("w_l1_rel_mean", "L1 / original"), ("edit_s", "edit s")]
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) >= 10 else f"{v:.2f}"
+    return str(v)
+
+
+def stream_of(run: Path) -> list:
+    return [json.loads(line)["prompt"] + "|" + json.loads(line)["subject"]
+            for line in (run / "stream.jsonl").read_text().splitlines() if line]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="output folders of `superedit lifelong`")
+    args = ap.parse_args()
+    runs = [Path(r) for r in args.runs]
+    first = stream_of(runs[0])
+    for r in runs[1:]:
+        if stream_of(r) != first:
+            raise SystemExit(f"{r}: its edit stream differs from {runs[0]}'s; the table needs one stream")
+    rows = []
+    for r in runs:
+        batch = json.loads((r / "run.json").read_text()).get("batch_size")
+        for row in final_table(load_metrics(r)):
+            rows.append({**row, "batch": batch})
+    head = ["method", "edits", "batch"] + [c[1] for c in COLUMNS]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        cells = [row["method"], str(row["n_edits"]), str(row["batch"])] + [fmt(row.get(k)) for k, _ in COLUMNS]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
