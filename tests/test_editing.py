@@ -221,21 +221,22 @@ def test_rome_module_output_at_k_star_is_v_star_with_biases(adapter):
         assert float((out - b.double() - v_star).norm() / v_star.norm()) > 1e-3
 
 
-@pytest.mark.parametrize("method", ["memit", "d4s", "alphaedit"])
+@pytest.mark.parametrize("method", ["memit", "d4s", "alphaedit", "keel"])
 def test_memit_family_lands_on_z_with_biases(adapter, method):
-    """MEMIT, D4S and AlphaEdit measure their residual on the real output (resid = … + W k + b), so a
+    """MEMIT, D4S, AlphaEdit and keel measure their residual on the real output (resid = … + W k + b), so a
     down-projection bias cannot slip in: with one request, one layer and a vanishing ridge the edited
     model's residual at the subject's last token is z itself."""
     if adapter.family == "gemma3_text":
         pytest.skip("Gemma 3 normalises the MLP output before the residual: resid is not affine in W k + b")
-    from superedit.editing.hparams import AlphaEditHParams, D4SHParams
+    from superedit.editing.hparams import AlphaEditHParams, D4SHParams, KeelHParams
     from superedit.editing.keys import keys_at
     from superedit.editing.methods.spread import memit_targets
 
     randomize_biases(adapter, seed=1)
     tiny = dict(layers=[1], v_num_grad_steps=4, n_prefixes=0, context_lengths=[], mom2_update_weight=1e-8)
     hp = {"memit": MEMITHParams(**tiny), "d4s": D4SHParams(**tiny),
-          "alphaedit": AlphaEditHParams(**tiny, L2=1e-8, nullspace_threshold=2.0, nullspace_relative=True)}[method]
+          "alphaedit": AlphaEditHParams(**tiny, L2=1e-8, nullspace_threshold=2.0, nullspace_relative=True),
+          "keel": KeelHParams(**tiny, L2=1e-8, nullspace_threshold=2.0, nullspace_relative=True)}[method]
     stats = corpus_cov(adapter, [1])
     req = REQS[0]
     z = memit_targets(adapter, [req], hp, context_prefixes(adapter, [], 0))[0][0].double()

@@ -7,13 +7,13 @@ from importlib import resources
 import pytest
 import yaml
 
-from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, HParams, HParamsError, MEMITHParams,
-                                       ROMEHParams, load_hparams)
+from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, HParams, HParamsError, KeelHParams,
+                                       MEMITHParams, ROMEHParams, load_hparams)
 from superedit.editing.methods import REGISTRY
 from superedit.errors import SupereditError
 from superedit.robust.adaptor import AdaptorHParams
 
-ALL = [ROMEHParams, MEMITHParams, FTHParams, D4SHParams, AlphaEditHParams, AdaptorHParams]
+ALL = [ROMEHParams, MEMITHParams, FTHParams, D4SHParams, AlphaEditHParams, KeelHParams, AdaptorHParams]
 
 
 def _write(tmp_path, text: str):

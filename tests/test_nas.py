@@ -7,7 +7,8 @@ import torch
 from helpers import corpus_cov, tiny_adapter
 from superedit.data import EditRequest
 from superedit.editing.contexts import context_prefixes
-from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, HParamsError, MEMITHParams, ROMEHParams)
+from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, HParamsError, KeelHParams, MEMITHParams,
+                                      ROMEHParams)
 from superedit.editing.keys import compute_keys
 from superedit.editing.methods import get_method
 from superedit.editing.methods.anchors import (anchored, reference_value_norm, trimmed_mean, value_norms,
@@ -94,6 +95,7 @@ def test_memit_targets_anchor_the_value_part_and_are_untouched_when_off(tiny):
     ("memit", MEMITHParams(layers=[1, 2], mom2_update_weight=10.0, **FAST)),
     ("d4s", D4SHParams(layers=[1, 2], mom2_update_weight=10.0, **FAST)),
     ("alphaedit", AlphaEditHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, **FAST)),
+    ("keel", KeelHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, **FAST)),
 ])
 def test_every_spread_method_takes_the_anchor(tiny, method, hp):
     a, stats = tiny

@@ -11,7 +11,8 @@ import torch
 
 from helpers import CORPUS, corpus_cov, tiny_adapter
 from superedit.data import EditRequest
-from superedit.editing.hparams import AlphaEditHParams, D4SHParams, FTHParams, MEMITHParams, ROMEHParams, UltraEditHParams
+from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, KeelHParams, MEMITHParams, ROMEHParams,
+                                      UltraEditHParams)
 from superedit.editing.methods import REGISTRY, get_method
 from superedit.editing.methods.protocol import StepResult
 from superedit.editing.run import run_edits
@@ -32,6 +33,7 @@ HPARAMS = {
     "d4s": D4SHParams(layers=[1, 2], mom2_update_weight=10.0, **FAST),
     "alphaedit": AlphaEditHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, **FAST),
     "ultraedit": UltraEditHParams(layers=[1, 2], lr=1e-3, positions="all"),
+    "keel": KeelHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, **FAST),
 }
 
 
