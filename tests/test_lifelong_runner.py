@@ -91,6 +91,9 @@ def test_lifelong_run_checkpoints_and_report(full_run):
             assert set(r["layers"]) == ({"1"} if r["method"] == "rome" else {"1", "2"})
             assert r["layers"]["1"]["delta_fro"] > 0 and r["v_target_norm_all"] > 0
             assert len(r["forgetting_blocks"]) == r["n_edits"] // 2
+            for name in ("paraphrase", "neighborhood"):  # per-edit shares → a bootstrap interval over the edits
+                lo, hi = r[f"{name}_all_ci"]
+                assert r[f"{name}_all_n"] == r["n_edits"] and lo <= r[f"{name}_all"] <= hi
     final = {r["method"]: r for r in recs if r["final"]}
     assert final["rome"]["efficacy_all"] >= 0.5 and final["d4s"]["efficacy_all"] >= 0.5
     assert "interference" in final["rome"] and "interference" not in final["d4s"]

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import SupereditError
-from ..eval.metrics import batch_evaluate
+from ..eval.metrics import batch_evaluate, bootstrap_ci
 from ..eval.scoring import fact_recall
 from ..utils.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
 from ..utils.logs import get_logger
@@ -350,6 +350,10 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
                       ("neighborhood_score", "neighborhood"), ("efficacy_magnitude", "efficacy_magnitude")):
         rec[f"{name}_all"] = _mean([r.get(key) for r in res])
         rec[f"{name}_last_block"] = _mean([r.get(key) for r in res[prev:n]])
+    for key, name in (("paraphrase_score", "paraphrase"), ("neighborhood_score", "neighborhood")):
+        vals = [r[key] for r in res if r.get(key) is not None]  # per-edit shares: a bootstrap over the edits
+        rec[f"{name}_all_n"] = len(vals)
+        rec[f"{name}_all_ci"] = bootstrap_ci(vals) if vals else None
     parts = [rec["efficacy_all"], rec["paraphrase_all"], rec["neighborhood_all"]]
     if all(p is not None for p in parts):
         from ..eval.metrics import harmonic_mean

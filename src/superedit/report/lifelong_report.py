@@ -587,6 +587,9 @@ def final_table(runs: dict[str, list[dict]]) -> list[dict]:
         row["efficacy_ci"] = _ci_text(r.get("efficacy_all"), n_edits(r))
         row["efficacy_last_block_n"] = n_last_block(r)
         row["efficacy_last_block_ci"] = _ci_text(r.get("efficacy_last_block"), n_last_block(r))
+        for name in ("paraphrase", "neighborhood"):  # bootstrap over the per-edit shares (runs since they are saved)
+            ci = r.get(f"{name}_all_ci")
+            row[f"{name}_all_ci"] = f"{ci[0]:.2f}–{ci[1]:.2f}" if ci and None not in ci else None
         row["untouched_retention_n"] = n_recalled(r)
         row["untouched_retention_ci"] = _ci_text(r.get("untouched_retention"), n_recalled(r))
         for part in ("other", "edited"):
@@ -612,12 +615,13 @@ def summary_rows(out_dir: str | Path) -> list[dict]:
 def _tables(rows: list[dict]) -> list[Table]:
     key = [Column("method", "method", "text"), Column("n_edits", "edits", "int")]
     groups = [
-        ("Edits: success rates after the last edit; n is the edits column (95% Wilson interval over the edits; "
-         "paraphrase and neighbourhood are means of per-edit shares over the same edits, without an interval)",
+        ("Edits: success rates after the last edit; n is the edits column (efficacy: 95% Wilson interval over the "
+         "edits; paraphrase and neighbourhood: means of per-edit shares, 95% bootstrap interval over the edits)",
          [("efficacy_all", "efficacy"), ("efficacy_ci", "efficacy 95% interval", "text"),
           ("efficacy_last_block", "efficacy, last block"), ("efficacy_last_block_n", "n, last block", "int"),
           ("efficacy_last_block_ci", "95% interval, last block", "text"), ("paraphrase_all", "paraphrase"),
-          ("neighborhood_all", "neighbourhood"), ("score_all", "S (harmonic mean)"),
+          ("paraphrase_all_ci", "paraphrase 95% interval", "text"), ("neighborhood_all", "neighbourhood"),
+          ("neighborhood_all_ci", "neighbourhood 95% interval", "text"), ("score_all", "S (harmonic mean)"),
           ("forgetting_mean", "forgetting")]),
         ("Knowledge the edits did not target (95% Wilson interval over the probe facts the base model recalled)",
          [("untouched_retention", "untouched retention"), ("untouched_retention_n", "n (facts recalled before)", "int"),
