@@ -293,3 +293,32 @@ def test_testbed_world_facts(model_dir, tmp_path):
     assert len(facts) == 5 and facts == load_facts(model=str(d), n=5, seed=0)
     for f in facts:
         assert "{}" in f.prompt and f.target and f.subject in [s.name for s in world.subjects]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
+def test_noise_is_sized_to_the_embedding_module_output(family):
+    """The noise is added to the embedding module's output, so its std is that output's: Gemma's module
+    scales the rows by √d_model (the noise was 25× too weak on Gemma-3-270M); plain embeddings keep the
+    matrix std exactly."""
+    from superedit.analysis import embedding_noise_std
+
+    a = tiny_adapter(family)
+    w = a.embedding().weight.detach().float()
+    got = embedding_noise_std(a)
+    if family == "gemma3_text":
+        assert got == pytest.approx(float(w.std()) * a.model.config.hidden_size ** 0.5, rel=1e-3)
+    else:
+        assert got == float(w.std())
+
+
+def test_locate_warns_when_the_noise_does_not_corrupt(caplog):
+    import logging
+
+    from superedit.analysis.locate import summarise_locate
+
+    recs = [{"p_clean": 0.5, "p_corrupt": 0.45, "windows": {}, "layers": [0], "ie": {"mlp": {"last token": [0.0]}}}]
+    with caplog.at_level(logging.WARNING, logger="superedit"):
+        summ = summarise_locate(recs)
+    assert "barely corrupts" in summ["warning"] and "barely corrupts" in caplog.text
+    recs[0]["p_corrupt"] = 0.05
+    assert "warning" not in summarise_locate(recs)

@@ -26,7 +26,10 @@ from typing import Any, Sequence
 
 import torch
 
+from ..utils.logs import get_logger
 from .tracing import as_fact, default_window, restored_probs, window_layers
+
+log = get_logger(__name__)
 
 GROUPS = ("last subject token", "other subject tokens", "last token")
 
@@ -108,6 +111,10 @@ def summarise_locate(records: Sequence[dict], min_p_clean: float = 0.0) -> dict:
                            "layers": recs[0].get("layers") if recs else [], "aie": {}}
     if not recs:
         return out
+    if out["mean_p_corrupt"] > 0.5 * out["mean_p_clean"]:
+        out["warning"] = (f"the noise barely corrupts the facts (mean p_corrupt {out['mean_p_corrupt']:.3f} against "
+                          f"p_clean {out['mean_p_clean']:.3f}): restorations have little to restore; raise the noise")
+        log.warning("locate: %s", out["warning"])
     for kind in recs[0]["ie"]:
         out["aie"][kind] = {}
         for g in GROUPS:
