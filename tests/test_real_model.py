@@ -91,3 +91,25 @@ def test_one_rome_edit_changes_the_fact_and_revert_is_exact(smollm2):
     assert pre_new.logprob < pre_true.logprob and post_new.logprob > post_true.logprob
     assert post_new.hit  # teacher-forced: " Rome" is now the argmax
     assert torch.equal(before, after)  # every logit restored bit-exactly
+
+
+def test_demo_lifelong_stage_on_smollm2(smollm2, tmp_path):
+    """The demo's real lifelong stage (quick: 3 edits): ROME and AlphaEdit on the packaged known-facts
+    sample, a checkpoint after the stream for each, and the report written from the saved files."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+    from superedit.utils.io import read_jsonl
+
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["--threads", "1", "demo", "--quick", "--stages", "lifelong-real", "--out", str(out),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    final = {rec["method"]: rec for rec in read_jsonl(out / "lifelong-real" / "metrics.jsonl") if rec["final"]}
+    assert set(final) == {"rome", "alphaedit"} and all(rec["n_edits"] == 3 for rec in final.values())
+    assert all(0.0 <= rec["efficacy_all"] <= 1.0 and rec["untouched_n"] >= 1 for rec in final.values())
+    assert (out / "lifelong-real" / "report.html").is_file() and (out / "index.html").is_file()
+    stage = json.loads((out / "demo.json").read_text())["stages"]["lifelong-real"]
+    assert set(stage["final"]) == {"rome", "alphaedit"} and stage["model"] == "pretrained:smollm2-135m"

@@ -4,13 +4,16 @@ Stages (each writes into --out and adds a section to demo.json):
   0. real          — counterfactual ROME edits of SmolLM2-135M (``pretrained:smollm2-135m``, installed and
                      converted on first use) with its greedy continuations before and after, and a
                      causal-trace heatmap (``commands/demo_real.py``);
+  0b. lifelong-real — a short lifelong comparison on SmolLM2: ROME against AlphaEdit on one stream of 6
+                     known facts, with a retention probe of 12 others (the packaged sample
+                     ``data/samples/smollm2_known.jsonl``);
   1. recall        — the testbed's recall of trained facts and of held-out paraphrase templates;
   2. trace         — causal tracing over a sample of facts and the last-subject-token state swap;
   3. edit          — independent ROME, MEMIT (one batch) and FT edits with CounterFact metrics;
   4. lifelong      — sequential ROME vs MEMIT vs D4S vs AlphaEdit on one edit stream (report.html);
   5. superposition — P matrices, kurtosis by layer and whitening-space angles (report.html);
   6. robust        — ROME with and without the REP key adaptor on rephrased/shuffled/long queries.
-Stages 3-6 run the real commands in-process and read back the files those commands write, so the
+Stages 0b and 3-6 run the real commands in-process and read back the files those commands write, so the
 demo exercises exactly what a user runs. At the end ``OUT/index.html`` links every stage's report,
 files and figures (its path is printed).
 """
@@ -128,8 +131,16 @@ def stage_real(ctx: dict) -> dict[str, Any]:
     return run(ctx)
 
 
+def stage_lifelong_real(ctx: dict) -> dict[str, Any]:
+    """SmolLM2-135M: a short lifelong comparison, ROME against AlphaEdit on one stream of known facts."""
+    from .demo_real import stage_lifelong_real as run
+
+    return run(ctx)
+
+
 STAGES: list[tuple[str, Callable[[dict], dict]]] = [
     ("real", stage_real),
+    ("lifelong-real", stage_lifelong_real),
     ("recall", stage_recall),
     ("trace", stage_trace),
     ("edit", stage_edit),
@@ -147,7 +158,7 @@ def register(app) -> None:
         out: str = typer.Option("runs/demo", "--out", help="Output directory."),
         n_trace: int = typer.Option(20, "--n-trace", help="Facts traced by the causal-tracing stage."),
         n_edit: int = typer.Option(20, "--n-edit", help="Requests edited independently by each method."),
-        n_lifelong: int = typer.Option(40, "--n-lifelong", help="Sequential edits per method in the lifelong stage "
+        n_lifelong: int = typer.Option(24, "--n-lifelong", help="Sequential edits per method in the testbed's lifelong stage "
                                        "(`superedit lifelong` runs longer streams)."),
         m: int = typer.Option(64, "--m", help="Facts in the superposition matrices."),
         n_robust: int = typer.Option(6, "--n-robust", help="Requests in the robust-keys comparison."),

@@ -96,3 +96,29 @@ def stage_real(ctx: dict) -> dict[str, Any]:
     del adapter
     return {k: v for k, v in result.items() if k not in ("trace", "provenance")} | {"report": str(report)}
 
+
+
+#: 18 CounterFact records SmolLM2-135M knows (the first of its evaluation split; `superedit data known`),
+#: shipped so that the demo's real lifelong stage needs no dataset file: the first ones are the edit
+#: stream, the rest the retention probe.
+KNOWN_SAMPLE = "data/samples/smollm2_known.jsonl"
+
+
+def stage_lifelong_real(ctx: dict) -> dict[str, Any]:
+    """A short lifelong comparison on SmolLM2: ROME (one edit at a time) against AlphaEdit (batches) on one
+    stream of known facts, never reverted; the figures are the last checkpoint of each method."""
+    from importlib.resources import as_file, files
+
+    from ..report.lifelong_report import final_table, load_metrics
+    from .demo import _run_command
+
+    d = ctx["out"] / "lifelong-real"
+    n = 3 if ctx["quick"] else 6
+    with as_file(files("superedit") / KNOWN_SAMPLE) as requests:
+        _run_command(["lifelong", "--model", MODEL, "--requests", str(requests), "--methods", "rome,alphaedit",
+                      "--edits", str(n), "--batch-size", "3", "--eval-every", "3", "--block-size", "3",
+                      "--probe-n", "12", "--max-neighbours", "2", "--seed", str(ctx["seed"]), "--out", str(d)])
+    keep = ("n_edits", "efficacy_all", "paraphrase_all", "neighborhood_all", "untouched_retention", "perplexity",
+            "w_l1_rel_mean")
+    table = {row["method"]: {k: row.get(k) for k in keep} for row in final_table(load_metrics(d))}
+    return {"model": MODEL, "final": table, "report": str(d / "report.html")}
