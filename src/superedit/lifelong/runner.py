@@ -14,7 +14,8 @@ Files (all appended/written atomically)::
                                  general-ability items (lifelong.probe)
     OUT/metrics.jsonl            one record per (method, checkpoint)           ← the report reads this
     OUT/<method>/edit_probs.jsonl  per checkpoint: P(target_new) of every edit right after it and now
-    OUT/<method>/steps.jsonl     per batch: value norms, edit time, P(new)/P(true) right after the edit
+    OUT/<method>/steps.jsonl     per batch: value norms, edit time, P(new)/P(true) right after the edit,
+                                 each edited layer's L1 after it and the L1 the batch added
     OUT/<method>/ledger/         the ledger
     OUT/summary.json             final figures per method and each method's collapse horizon
 
@@ -260,6 +261,7 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
 
     bar = progress(total=total, desc=f"lifelong {method}", initial=n_done)
     last_eff = None
+    w_prev = {l: adapter.down_weight(l).detach().to(F64).clone() for l in led.layers}
     try:
         prev = n_done - (len(led.edits[-1]["requests"]) if led.edits else 0)
         if _checkpoint_due(n_done, prev, total, eval_every) and n_done not in recorded:
@@ -285,6 +287,7 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
                 ld = result.delta.layers[tracker.layer]
                 tracker.add_increment(ld.left, ld.right, adapter.down_weight(tracker.layer))
             _after_commit(method, n_done)
+            w_prev = _record_weights(adapter, led.layers, w_prev, base, start, len(batch), steps_path, steps)
             probs = _record_probs(adapter, batch, start, index, steps_path, steps, probe)
             last_eff = _mean(probs["success"])
             bar.update(len(batch))
@@ -317,6 +320,25 @@ def _replay_tracker(tracker, led, W0: torch.Tensor, dtype: torch.dtype) -> None:
         D = D + left.to(F64) @ right.to(F64).T
         W_after = (W0.to(F64) + D).to(dtype)  # what Ledger.apply_to puts into the model
         tracker.add_increment(left, right, W_after)
+
+
+def _record_weights(adapter, layers, w_prev: dict, base: dict, start: int, n: int, steps_path, steps) -> dict:
+    """Per batch: each edited layer's L1 (‖W‖₁/numel) after it, that relative to W₀, and what the batch
+    changed (``step_delta_l1`` = ‖W − W_prev‖₁/numel; ``step_w_l1_change`` = L1 after − L1 before).
+    Returns the weights after the batch (the next batch's W_prev)."""
+    now = {l: adapter.down_weight(l).detach().to(F64).clone() for l in layers}
+    rec = {"start": start, "end": start + n, "w_l1": {}, "w_l1_rel": {}, "step_delta_l1": {},
+           "step_w_l1_change": {}}
+    for l in layers:
+        W, P = now[l], w_prev[l].to(now[l].device)
+        l1, l1_prev, l1_base = float(W.abs().mean()), float(P.abs().mean()), float(base[l].abs().mean())
+        rec["w_l1"][str(l)] = l1
+        rec["w_l1_rel"][str(l)] = l1 / l1_base if l1_base else None
+        rec["step_delta_l1"][str(l)] = float((W - P).abs().mean())
+        rec["step_w_l1_change"][str(l)] = l1 - l1_prev
+    append_jsonl(steps_path, rec)
+    steps.setdefault(start, {}).update(rec)
+    return now
 
 
 def _record_probs(adapter, batch, start, index, steps_path, steps, probe) -> dict:
