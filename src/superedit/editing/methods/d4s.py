@@ -44,11 +44,11 @@ import torch
 from ...models import ModelAdapter
 from ...utils.logs import get_logger
 from ..covariance import CovarianceSource
-from ..delta import LayerDelta, WeightDelta
+from ..delta import LayerDelta
 from ..hparams import D4SHParams
 from ..solve import spd_solve, with_ridge
-from .protocol import StepResult, total_key
-from .spread import spread_update
+from .protocol import PerLayerSums, StepResult, total_key
+from .spread import residual_against_w0, sums_step
 
 log = get_logger(__name__)
 F64 = torch.float64
@@ -318,7 +318,7 @@ class D4SSums:
 
 
 # ------------------------------------------------------------------ the method state
-class D4SState:
+class D4SState(PerLayerSums):
     """The D4S state of every edited layer (layer → :class:`D4SSums`); see the method protocol.
 
     Journal of a step: ``layer.<l>.R`` (d_model, k) residuals against W₀ and ``layer.<l>.K`` (d_mlp, k)
@@ -326,25 +326,6 @@ class D4SState:
     """
 
     SUM_NAMES = ("S_rk", "S_kk")
-
-    def __init__(self, layers: dict[int, D4SSums]):
-        self.layers = dict(layers)
-
-    def __getitem__(self, layer: int) -> D4SSums:
-        return self.layers[layer]
-
-    def _terms(self, journal: dict[str, torch.Tensor]):
-        for l, sums in self.layers.items():
-            if f"layer.{l}.R" in journal:
-                yield sums, journal[f"layer.{l}.R"], journal[f"layer.{l}.K"]
-
-    def add(self, journal: dict[str, torch.Tensor]) -> None:
-        for sums, R, K in self._terms(journal):
-            sums.add(R, K)
-
-    def remove(self, journal: dict[str, torch.Tensor]) -> None:
-        for sums, R, K in self._terms(journal):
-            sums.remove(R, K)
 
     def total_delta(self, layer: int) -> torch.Tensor:
         return self.layers[layer].delta()
@@ -408,8 +389,7 @@ def d4s_step(adapter: ModelAdapter, requests: list, hparams: D4SHParams, stats: 
 
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor):
         sums = state[layer]
-        W_cur = adapter.down_weight(layer).detach().to(F64)
-        R0 = R + (W_cur - sums.W0.to(W_cur.device, F64)) @ K
+        R0 = residual_against_w0(adapter, layer, sums.W0, K, R)
         Kin = sums.projector.to(K.device) @ K if sums.projector is not None else K
         X_old = sums.delta().clone()
         sums.add(R0, Kin)
@@ -417,11 +397,4 @@ def d4s_step(adapter: ModelAdapter, requests: list, hparams: D4SHParams, stats: 
         inc = LayerDelta(dense_=sums.delta() - X_old)
         return inc, {"residual_w0_norm": float(R0.norm(dim=0).mean()), "n_terms": sums.n_terms}
 
-    try:
-        sp = spread_update(adapter, requests, hparams, solve)
-    except BaseException:
-        state.remove(journal)
-        raise
-    return StepResult(WeightDelta(sp.deltas, "d4s", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                                     "requests": sp.requests, "layers": sp.layers,
-                                                     "timings": sp.timings}), journal)
+    return sums_step(adapter, requests, hparams, solve, state, journal, "d4s")

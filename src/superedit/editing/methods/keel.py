@@ -77,12 +77,12 @@ import torch
 
 from ...models import ModelAdapter
 from ..covariance import CovarianceSource
-from ..delta import LayerDelta, WeightDelta
+from ..delta import LayerDelta
 from ..hparams import KeelHParams
 from ..solve import spd_solve, with_ridge
 from .alphaedit import nullspace_projector
-from .protocol import StepResult, total_key
-from .spread import spread_update
+from .protocol import PerLayerSums, StepResult, total_key
+from .spread import residual_against_w0, sums_step
 
 F64 = torch.float64
 
@@ -157,30 +157,11 @@ class KeelSums:
         return (self.W0.to(F64) + self.delta).to(self.W0.dtype)
 
 
-class KeelState:
+class KeelState(PerLayerSums):
     """keel's state for every edited layer (layer → :class:`KeelSums`); see the method protocol.
 
     ``state_dict``: ``layer.<l>.S_rk``, ``layer.<l>.S_kk``, ``layer.<l>.counts`` ([keys, steps]) and Δ under
     :func:`~.protocol.total_key`."""
-
-    def __init__(self, layers: dict[int, KeelSums]):
-        self.layers = dict(layers)
-
-    def __getitem__(self, layer: int) -> KeelSums:
-        return self.layers[layer]
-
-    def _terms(self, journal: dict[str, torch.Tensor]):
-        for l, sums in self.layers.items():
-            if f"layer.{l}.R" in journal:
-                yield sums, journal[f"layer.{l}.R"], journal[f"layer.{l}.K"]
-
-    def add(self, journal: dict[str, torch.Tensor]) -> None:
-        for sums, R, K in self._terms(journal):
-            sums.add(R, K)
-
-    def remove(self, journal: dict[str, torch.Tensor]) -> None:
-        for sums, R, K in self._terms(journal):
-            sums.remove(R, K)
 
     def total_delta(self, layer: int) -> torch.Tensor:
         return self.layers[layer].delta
@@ -240,8 +221,7 @@ def keel_step(adapter: ModelAdapter, requests: list, hparams: KeelHParams, stats
 
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor):
         sums = state[layer]
-        W_cur = adapter.down_weight(layer).detach().to(F64)
-        R0 = R + (W_cur - sums.W0.to(W_cur.device, F64)) @ K
+        R0 = residual_against_w0(adapter, layer, sums.W0, K, R)
         old = sums.delta.clone()
         sums.add(R0, K)
         journal[f"layer.{layer}.R"], journal[f"layer.{layer}.K"] = R0, K
@@ -251,11 +231,4 @@ def keel_step(adapter: ModelAdapter, requests: list, hparams: KeelHParams, stats
             "nullspace_dim": int(round(float(sums.P.trace()))),
             "batch_misfit": float(fit.norm(dim=0).mean())}
 
-    try:
-        sp = spread_update(adapter, requests, hparams, solve)
-    except BaseException:
-        state.remove(journal)
-        raise
-    return StepResult(WeightDelta(sp.deltas, "keel", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                                      "requests": sp.requests, "layers": sp.layers,
-                                                      "timings": sp.timings}), journal)
+    return sums_step(adapter, requests, hparams, solve, state, journal, "keel")

@@ -64,3 +64,29 @@ class MethodState(Protocol):
 
     def total_delta(self, layer: int) -> torch.Tensor | None:
         """W − W₀ at ``layer`` (float64) when the state determines it (D4S), else None."""
+
+
+class PerLayerSums:
+    """A method state made of running sums per edited layer (D4S, keel): ``layers`` maps a layer to an
+    object with ``add(R, K)`` / ``remove(R, K)``, and a step's journal holds ``layer.<l>.R`` (residuals
+    against W₀) and ``layer.<l>.K`` (keys) for each layer it touched. Subclasses add the solve and the
+    state dict."""
+
+    def __init__(self, layers: dict):
+        self.layers = dict(layers)
+
+    def __getitem__(self, layer: int):
+        return self.layers[layer]
+
+    def _terms(self, journal: dict[str, torch.Tensor]):
+        for l, sums in self.layers.items():
+            if f"layer.{l}.R" in journal:
+                yield sums, journal[f"layer.{l}.R"], journal[f"layer.{l}.K"]
+
+    def add(self, journal: dict[str, torch.Tensor]) -> None:
+        for sums, R, K in self._terms(journal):
+            sums.add(R, K)
+
+    def remove(self, journal: dict[str, torch.Tensor]) -> None:
+        for sums, R, K in self._terms(journal):
+            sums.remove(R, K)

@@ -107,3 +107,28 @@ def spread_update(adapter: ModelAdapter, requests: list, hparams, solve_layer: L
         for l, w in originals.items():
             adapter.set_down_weight(l, w)
     return Spread(deltas, summaries, info, timings)
+
+
+def sums_step(adapter: ModelAdapter, requests, hparams, solve: Callable, state, journal: dict, method: str):
+    """One step of a running-sums method (D4S, keel): the MEMIT spread with ``solve`` adding each layer's
+    terms to ``state`` and ``journal``; if anything fails, the terms added so far are taken out again, so
+    the state is as before the step. Returns the :class:`~.protocol.StepResult`."""
+    from ..delta import WeightDelta
+    from .protocol import StepResult
+
+    try:
+        sp = spread_update(adapter, requests, hparams, solve)
+    except BaseException:
+        state.remove(journal)
+        raise
+    return StepResult(WeightDelta(sp.deltas, method, {"model": adapter.identity(), "hparams": hparams.to_dict(),
+                                                      "requests": sp.requests, "layers": sp.layers,
+                                                      "timings": sp.timings}), journal)
+
+
+def residual_against_w0(adapter: ModelAdapter, layer: int, W0: torch.Tensor, K: torch.Tensor,
+                        R: torch.Tensor) -> torch.Tensor:
+    """R₀ = R + (W_cur − W₀) K (d_model, k), float64: the residual ``R`` measured on the model as it is
+    (carrying W₀ + Δ_old), re-expressed against the original weights W₀ — what running-sums methods add."""
+    W_cur = adapter.down_weight(layer).detach().to(torch.float64)
+    return R + (W_cur - W0.to(W_cur.device, torch.float64)) @ K
