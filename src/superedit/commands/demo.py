@@ -59,10 +59,32 @@ def stage_trace(ctx: dict) -> dict[str, Any]:
 
 
 def _run_command(args: list[str]) -> None:
-    """Run a superedit command in-process (its human output goes to stderr)."""
-    from ..cli import app
+    """Run a superedit command in-process (its human output goes to stderr). A command that fails stops
+    the demo with an error naming it: a stage never reports the files of an earlier run as its own."""
+    import click
 
-    app(args, standalone_mode=False, prog_name="superedit")
+    from ..cli import app
+    from ..errors import SupereditError
+
+    try:
+        code = app(args, standalone_mode=False, prog_name="superedit")
+    except click.exceptions.Exit as exc:  # typer.Exit raised inside the command (click passes it through)
+        code = exc.exit_code
+    if code not in (None, 0):
+        raise SupereditError(f"demo: `superedit {' '.join(args)}` failed (exit {code}); its error is printed above")
+
+
+def fresh_stage_dir(d: Path) -> Path:
+    """The demo's own stage folder, emptied: a demo run starts its stages over (a lifelong run left there by
+    an earlier demo would otherwise refuse to start, or be resumed with other settings)."""
+    import shutil
+
+    if d.exists():
+        from ..utils.logs import get_logger
+
+        get_logger("superedit.demo").info("demo: replacing the earlier run in %s", d)
+        shutil.rmtree(d)
+    return d
 
 
 def _read_json(path: Path) -> dict:
@@ -92,7 +114,7 @@ def stage_lifelong(ctx: dict) -> dict[str, Any]:
     """A short lifelong comparison; the figures are the last checkpoint of each method."""
     from ..report.lifelong_report import final_table, load_metrics
 
-    d = ctx["out"] / "lifelong"
+    d = fresh_stage_dir(ctx["out"] / "lifelong")
     n = ctx["n_lifelong"]
     _run_command(["lifelong", "--model", ctx["model"], "--methods", "rome,memit,d4s,alphaedit", "--edits", str(n),
                   "--eval-every", str(max(1, n // 4)), "--block-size", str(max(1, n // 2)), "--probe-n", "200",

@@ -110,9 +110,9 @@ def stage_lifelong_real(ctx: dict) -> dict[str, Any]:
     from importlib.resources import as_file, files
 
     from ..report.lifelong_report import final_table, load_metrics
-    from .demo import _run_command
+    from .demo import _run_command, fresh_stage_dir
 
-    d = ctx["out"] / "lifelong-real"
+    d = fresh_stage_dir(ctx["out"] / "lifelong-real")
     n = 3 if ctx["quick"] else 6
     with as_file(files("superedit") / KNOWN_SAMPLE) as requests:
         _run_command(["lifelong", "--model", MODEL, "--requests", str(requests), "--methods", "rome,alphaedit",
