@@ -66,12 +66,12 @@ def _run_command(args: list[str]) -> None:
     from ..cli import app
     from ..errors import SupereditError
 
-    try:
-        code = app(args, standalone_mode=False, prog_name="superedit")
-    except click.exceptions.Exit as exc:  # typer.Exit raised inside the command (click passes it through)
-        code = exc.exit_code
-    if code not in (None, 0):
-        raise SupereditError(f"demo: `superedit {' '.join(args)}` failed (exit {code}); its error is printed above")
+    try:  # without standalone mode click returns the command's own value, or an Exit's code as an int
+        result = app(args, standalone_mode=False, prog_name="superedit")
+    except click.exceptions.Exit as exc:
+        result = exc.exit_code
+    if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+        raise SupereditError(f"demo: `superedit {' '.join(args)}` failed (exit {result}); its error is printed above")
 
 
 def fresh_stage_dir(d: Path) -> Path:
