@@ -271,7 +271,7 @@ def test_cli_scaling_from_saved_runs(tmp_path):
     bad.mkdir()
     out2 = tmp_path / "law2"
     r = CliRunner().invoke(app, ["superposition", "--from-runs", f"{runs[0]},{bad}", "--out", str(out2)])
-    assert r.exit_code == 2 and "no stats.json" in r.output and not out2.exists()
+    assert r.exit_code == 2 and "stats.json: no such file" in r.output and not out2.exists()
     r = CliRunner().invoke(app, ["superposition", "--from-runs", str(runs[0]), "--out", str(out2)])
     assert r.exit_code == 2 and "at least two" in r.output
     r = CliRunner().invoke(app, ["superposition", "--from-runs", f"{runs[0]},{runs[0]}", "--out", str(out2)])

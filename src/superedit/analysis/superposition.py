@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -459,25 +458,6 @@ def scaling_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
              "kurtosis": r.get("kurtosis"), "mean_abs": r.get("mean_abs"), "std": r.get("std"),
              "frac_abs_gt": r.get("frac_abs_gt"), "m": r.get("m"), **training}
             for r in summary.get("layers", [])]
-
-
-def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    """The ``stats.json`` of a saved single-model run, checked; a clear error names what is missing."""
-    path = Path(run_dir) / "stats.json"
-    if not path.is_file():
-        raise SuperpositionError(f"{run_dir}: no stats.json — pass the --out folder of a single-model "
-                                 "`superedit superposition` run")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SuperpositionError(f"{path}: cannot be read as JSON ({e}); re-run that analysis") from e
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not data.get("layers"):
-        raise SuperpositionError(f"{path}: not a superposition summary (needs 'model' and 'layers'); "
-                                 "pass the --out folder of a single-model `superedit superposition` run")
-    for key in ("source", "n_params", "n_layers"):
-        if key not in data["model"]:
-            raise SuperpositionError(f"{path}: model.{key} is missing; re-run that analysis with this version")
-    return data
 
 
 def save_scaling(rows: list[dict[str, Any]], out_dir: str | Path, config: dict | None = None) -> list[Path]:

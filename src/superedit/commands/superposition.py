@@ -138,14 +138,14 @@ def scaling_from_runs(from_runs: str, out_dir: Path) -> dict:
     plot and the report under ``out_dir`` (links to each run's own report)."""
     import os
 
-    from ..analysis.superposition import SuperpositionError, load_summary, save_scaling, scaling_rows
+    from ..analysis.superposition import SuperpositionError, save_scaling, scaling_rows
     from ..report.provenance import record_command
     from ..report.superposition_report import render_scaling
 
     dirs = [Path(d.strip()) for d in from_runs.split(",") if d.strip()]
     if len(dirs) < 2:
         raise SuperpositionError(f"--from-runs needs at least two run folders, comma-separated (got {from_runs!r})")
-    summaries = [load_summary(d) for d in dirs]  # all checked before anything is written
+    summaries = [_saved_run(d) for d in dirs]  # all checked before anything is written
     sources = [s["model"]["source"] for s in summaries]
     if len(set(sources)) < len(sources):
         raise SuperpositionError(f"--from-runs names the same model twice ({', '.join(sources)}); one run per model")
@@ -170,6 +170,20 @@ def scaling_from_runs(from_runs: str, out_dir: Path) -> dict:
     log.warning("scaling from saved runs: each model was analysed on its own items; the models differ in "
                 "more than size (data, architecture, training)")
     return {"out": str(out_dir), "models": sources, "scaling": rows, "report": str(out_dir / "report.html")}
+
+
+def _saved_run(run_dir: Path) -> dict:
+    """The ``stats.json`` of a single-model run, checked (the shared results loader, plus the model fields
+    the scaling law reads)."""
+    from ..analysis.superposition import SuperpositionError
+    from ..report.page import load_results
+
+    data = load_results(run_dir, "stats.json", "superposition", ("model", "layers"))
+    missing = [k for k in ("source", "n_params", "n_layers") if k not in (data.get("model") or {})]
+    if missing:
+        raise SuperpositionError(f"{run_dir}/stats.json: model.{missing[0]} is missing; re-run that analysis "
+                                 "with this version")
+    return data
 
 
 def testbed_budget(model_dir) -> dict | None:

@@ -9,13 +9,11 @@ read, so a report can be rebuilt from a copied output folder. matplotlib (Agg) i
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import FileFormatError
-from .page import Column, Figure, Page, Section, Table, render
+from .page import Column, Figure, Page, Section, Table, load_results, render
 from .plots import _figure, integer_ticks, legend_outside, save_figure
 from .provenance import read_command
 
@@ -217,16 +215,6 @@ def _num(x) -> float:
 
 
 # ---------------------------------------------------------------------------------------- run folders
-def _load_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise FileFormatError(f"{path}: no such file; the report is drawn from the files {what} writes: "
-                              f"run it with --out {path.parent} first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise FileFormatError(f"{path}: not valid JSON ({exc}); rerun {what} or repair the file") from exc
-
-
 CAPTIONS = {
     "kurtosis_by_layer": "0 is a Gaussian spread of p(kᵢ,kⱼ); large values mean most pairs of facts are nearly "
                          "orthogonal in the whitening space and a few strongly superposed. Look for the layers that "
@@ -256,8 +244,8 @@ def render_plots(out_dir: str | Path) -> list[Path]:
     import numpy as np
 
     out = Path(out_dir)
-    stats = _load_json(out / "stats.json", "`superedit superposition`")
-    kdes = _load_json(out / "kde.json", "`superedit superposition`")
+    stats = load_results(out, "stats.json", "superposition")
+    kdes = load_results(out, "kde.json", "superposition")
     plots = out / "plots"
     written = []
     for row in stats["layers"]:
@@ -288,8 +276,8 @@ LAYER_COLUMNS = [Column("layer", "layer", "int"), Column("m", "items", "int"), C
 def write_report(out_dir: str | Path) -> Path:
     """``out_dir/report.html`` from stats.json, top_pairs.json and plots/*.png."""
     out = Path(out_dir)
-    stats = _load_json(out / "stats.json", "`superedit superposition`")
-    pairs = _load_json(out / "top_pairs.json", "`superedit superposition`")
+    stats = load_results(out, "stats.json", "superposition")
+    pairs = load_results(out, "top_pairs.json", "superposition")
     model, cfg = stats.get("model", {}), stats.get("config", {})
     plots = out / "plots"
 
@@ -342,7 +330,7 @@ def write_report(out_dir: str | Path) -> Path:
 def render_scaling(out_dir: str | Path) -> list[Path]:
     """``plots/scaling_kurtosis.png`` and ``report.html`` from ``scaling.json`` (and the per-model reports)."""
     out = Path(out_dir)
-    data = _load_json(out / "scaling.json", "`superedit superposition --models`")
+    data = load_results(out, "scaling.json", "superposition --models")
     png = scaling_plot(data["rows"], out / "plots" / "scaling_kurtosis.png")
     sub = data.get("config", {}).get("model_dirs", {})
     sections = [
