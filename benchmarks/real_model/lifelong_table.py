@@ -29,8 +29,9 @@ def fmt(v) -> str:
 
 
 def stream_of(run: Path) -> list:
-    return [json.loads(line)["prompt"] + "|" + json.loads(line)["subject"]
-            for line in (run / "stream.jsonl").read_text().splitlines() if line]
+    from superedit.utils.io import read_jsonl
+
+    return [(r["prompt"], r["subject"], r["target_new"]) for r in read_jsonl(run / "stream.jsonl")]
 
 
 def main() -> None:
