@@ -225,9 +225,9 @@ def test_rome_module_output_at_k_star_is_v_star_with_biases(adapter):
 def test_memit_family_lands_on_z_with_biases(adapter, method):
     """MEMIT, D4S, AlphaEdit and keel measure their residual on the real output (resid = … + W k + b), so a
     down-projection bias cannot slip in: with one request, one layer and a vanishing ridge the edited
-    model's residual at the subject's last token is z itself."""
-    if adapter.family == "gemma3_text":
-        pytest.skip("Gemma 3 normalises the MLP output before the residual: resid is not affine in W k + b")
+    model's residual at the subject's last token is z itself. For Gemma 3, whose residual adds N(W k)
+    (a norm on the MLP output), the spread maps the residual target through N's inverse
+    (editing/out_norm.py); without it the residual would miss z (checked below)."""
     from superedit.editing.hparams import AlphaEditHParams, D4SHParams, KeelHParams
     from superedit.editing.keys import keys_at
     from superedit.editing.methods.spread import memit_targets
@@ -246,3 +246,43 @@ def test_memit_family_lands_on_z_with_biases(adapter, method):
         got = keys_at(adapter, [req.prompt], [req.subject], [1], site="resid")[1][0].double()
     assert float((got - z).norm() / (z - cur).norm()) < 1e-3
     assert float((z - cur).norm()) > 1e-3 * float(cur.norm())  # the edit had somewhere to go
+    if adapter.spec.mlp_out_norm is not None:  # the same solve with the norm ignored misses z
+        import dataclasses
+
+        spec = adapter.spec
+        adapter.spec = dataclasses.replace(spec, mlp_out_norm=None)
+        try:
+            naive = get_method(method).fn(adapter, [req], hp, stats).delta
+        finally:
+            adapter.spec = spec
+        with naive.applied(adapter):
+            got_naive = keys_at(adapter, [req.prompt], [req.subject], [1], site="resid")[1][0].double()
+        assert float((got_naive - z).norm() / (z - cur).norm()) > 1e-2
+
+
+def test_value_targets_through_norm_inverts_a_gained_rmsnorm():
+    """editing/out_norm.py: for a reachable residual move r = N(m') − N(m) the solved Δm gives
+    N(m + Δm) − N(m) = r; a move off the norm's output set is reported by its relative error, not hidden."""
+    from superedit.editing.out_norm import value_targets_through_norm
+
+    class GainRMSNorm(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(-0.5, 0.5, d, dtype=torch.float64))
+
+        def forward(self, x):
+            return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * (1 + self.weight)
+
+    g = torch.Generator().manual_seed(0)
+    norm, d = GainRMSNorm(16), 16
+    m = torch.randn(3, d, generator=g, dtype=torch.float64)
+    m2 = m + 0.3 * torch.randn(3, d, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        r = norm(m2) - norm(m)
+    dm, err = value_targets_through_norm(norm, m, r)
+    with torch.no_grad():
+        got = norm(m + dm) - norm(m)
+    assert float((got - r).norm() / r.norm()) < 1e-6 and float(err.max()) < 1e-6
+    far = 50 * torch.ones(1, d, dtype=torch.float64)  # no normalised output is that far away
+    _, err_far = value_targets_through_norm(norm, m[:1], far)
+    assert float(err_far[0]) > 0.5

@@ -122,6 +122,13 @@ class ModelAdapter:
     def down_proj(self, layer: int) -> nn.Module:
         return get_submodule(self.block(layer), self.spec.mlp_down)
 
+    def mlp_out_norm(self, layer: int) -> nn.Module | None:
+        """The norm that reads the down-projection's output before the residual (the family table's
+        ``mlp_out_norm``), or None where the output is added to the residual as it is."""
+        if self.spec.mlp_out_norm is None:
+            return None
+        return get_submodule(self.block(layer), self.spec.mlp_out_norm)
+
     def attn(self, layer: int) -> nn.Module:
         return get_submodule(self.block(layer), self.spec.attn)
 
@@ -157,6 +164,7 @@ class ModelAdapter:
             "final_norm": self.spec.final_norm,
             "lm_head": self.spec.lm_head,
             "down_orientation": self.spec.down_orientation,
+            **({"mlp_out_norm": f"{b}.{{l}}.{self.spec.mlp_out_norm}"} if self.spec.mlp_out_norm else {}),
         }
 
     def check_layer(self, layer: int) -> None:

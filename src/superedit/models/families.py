@@ -17,7 +17,7 @@ only ever sees W as (d_model, d_mlp) with value = W @ key (see ``ModelAdapter.do
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ..errors import UnsupportedFamilyError
@@ -38,6 +38,10 @@ class FamilySpec:
     down_orientation: Orientation  #: how the down-projection weight is stored
     n_layers_attr: str  #: config attribute with the number of blocks
     d_model_attr: str  #: config attribute with the residual width
+    #: norm that reads the down-projection's output before it joins the residual, relative to a block
+    #: (None: the output is added to the residual as it is). Residual-space targets (MEMIT's spread) are
+    #: mapped through its inverse (:mod:`superedit.editing.out_norm`).
+    mlp_out_norm: str | None = None
 
 
 _LLAMA_LIKE = FamilySpec(
@@ -93,7 +97,7 @@ FAMILY_TABLE: dict[str, FamilySpec] = {
     # (post_feedforward_layernorm) before adding it to the residual, so the "value" site, the
     # down-projection's output, is the MLP's write *before* that norm; embeddings are scaled by
     # √d_model inside ``embed_tokens``.
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma3_text": replace(_LLAMA_LIKE, mlp_out_norm="post_feedforward_layernorm"),
 }
 
 

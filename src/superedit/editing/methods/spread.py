@@ -11,7 +11,10 @@
 3. Every weight is restored; the increments are returned.
 
 R is measured on the model's actual output (the resid site), so a down-projection bias b cancels
-out of every residual: no solver ever needs it.
+out of every residual: no solver ever needs it. Where the family normalises the MLP output before the
+residual (``mlp_out_norm``, Gemma 3), each layer's R is mapped to the value move whose normalised
+output moves the residual by R (:mod:`superedit.editing.out_norm`) before the solve, and z comes from
+a value-site optimisation (:func:`memit_targets`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ...utils.progress import progress
 from ..contexts import context_prefixes
 from ..delta import LayerDelta
 from ..keys import compute_keys, keys_at
+from ..out_norm import value_targets_through_norm
 from ..values import optimize_values, requests_per_pass
 from .anchors import anchor_residual_targets
 
@@ -40,17 +44,36 @@ LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], "tuple[LayerDelta, dic
 def memit_targets(adapter: ModelAdapter, requests: list, hparams, prefixes: list[str]):
     """z_i (n, d_model) at the last edited layer's resid, plus per-request value summaries.
 
+    For a family with an ``mlp_out_norm`` (Gemma 3) z = h_L + N(v*) − N(v₀), v* optimised at the value
+    site (reachable through the norm by construction; the clamp bounds ‖v* − v₀‖ as in ROME).
+
     With ``hparams.norm_anchor`` > 0 each z is NAS-anchored (:mod:`.anchors`: the value part v* = v₀ + δ
     rescaled to that norm) and returned in float64; with 0 the optimised z as they are."""
     z_layer = sorted(hparams.layers)[-1]
+    out_norm = adapter.mlp_out_norm(z_layer)
+    if out_norm is not None and hparams.norm_anchor > 0:
+        from ...errors import UsageError
+
+        raise UsageError(f"norm_anchor (NAS) {hparams.norm_anchor}: this family ({adapter.family}) normalises the "
+                         "MLP output before the residual, so a value's norm has no effect there; set norm_anchor: 0")
+    # where the residual adds N(value) (Gemma 3), only values the norm can output are reachable: optimise
+    # the value (ROME's site) and take z = h_L + N(v*) − N(v₀); elsewhere optimise the residual itself
+    site = "resid" if out_norm is None else "value"
     zs, summaries = [], []
     per_pass = requests_per_pass(len(prefixes), VALUE_ROWS_PER_PASS)
     with progress(total=len(requests), desc="MEMIT values") as bar:
         for i in range(0, len(requests), per_pass):
             chunk = requests[i:i + per_pass]
-            vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in chunk], z_layer, "resid",
+            vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in chunk], z_layer, site,
                                    hparams, prefixes, chunk_rows=VALUE_ROWS_PER_PASS)
             targets, extra = [v.target for v in vals], [{} for _ in vals]
+            if out_norm is not None:
+                h = keys_at(adapter, [r.prompt for r in chunk], [r.subject for r in chunk], [z_layer],
+                            hparams.fact_token, site="resid")[z_layer]
+                with torch.no_grad():
+                    moved = [out_norm(v.target[None].to(h.dtype))[0] - out_norm(v.init[None].to(h.dtype))[0]
+                             for v in vals]
+                targets = [h_i + m_i.to(h_i.device) for h_i, m_i in zip(h, moved)]
             if hparams.norm_anchor > 0:  # NAS: z = (h_L − v₀) + anchored v*, float64 (see .anchors)
                 z, extra = anchor_residual_targets(adapter, chunk, vals, z_layer, hparams.norm_anchor)
                 targets = list(z)
@@ -97,12 +120,20 @@ def spread_update(adapter: ModelAdapter, requests: list, hparams, solve_layer: L
             t2 = time.perf_counter()
             timings["keys"] += t2 - t1
             R = (zs.to(dev) - cur.to(dev)).T.to(F64) / (len(layers) - i)  # (d_model, n)
+            norm = adapter.mlp_out_norm(layer)
+            if norm is not None:  # the residual adds N(value): move the value so that N(value) moves by R
+                m = keys_at(adapter, prompts, subjects, [layer], hparams.fact_token, site="value")[layer]
+                dm, err = value_targets_through_norm(norm, m.to(dev), R.T)
+                R = dm.T.contiguous()
+                extra_norm = {"out_norm_rel_error_max": float(err.max()), "out_norm_rel_error_mean": float(err.mean())}
+            else:
+                extra_norm = {}
             d, extra = solve_layer(layer, K, R)
             adapter.add_to_down_weight(layer, d.dense(F64))
             deltas[layer] = d
             timings["solve"] += time.perf_counter() - t2
             info.append({"layer": layer, "residual_norm": float(R.norm(dim=0).mean()),
-                         "key_norm": float(K.norm(dim=0).mean()), **extra})
+                         "key_norm": float(K.norm(dim=0).mean()), **extra_norm, **extra})
     finally:
         for l, w in originals.items():
             adapter.set_down_weight(l, w)
