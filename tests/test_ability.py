@@ -11,7 +11,7 @@ from superedit.data import EditRequest
 from superedit.data.mqd import build_mqd, parse_atomic_line
 from superedit.errors import UsageError
 from superedit.eval.ability import (ChoiceItem, GeneralAbility, choice_accuracy, known_fact_questions,
-                                    mqd_choice_items, object_pools, run_lm_eval)
+                                    mqd_choice_items, object_pools, run_lm_eval, write_lm_eval_task)
 from superedit.eval.scoring import perplexity, score_targets
 
 FACTS = [{"prompt": f"{s} plays the", "target": o, "subject": s, "relation": "instrument"}
@@ -135,7 +135,7 @@ def test_lm_eval_runs_offline_on_the_in_memory_model_and_skips_unavailable_tasks
         def __init__(self, pretrained, tokenizer, batch_size, device):
             seen["model"], seen["tokenizer"] = pretrained, tokenizer
 
-    def simple_evaluate(model, tasks, limit, log_samples, bootstrap_iters):
+    def simple_evaluate(model, tasks, limit, log_samples, bootstrap_iters, task_manager):
         seen.setdefault("offline", []).append(os.environ.get("HF_DATASETS_OFFLINE"))
         if tasks == ["missing"]:
             raise ConnectionError("Couldn't reach 'missing' on the Hub (offline mode is enabled)")
@@ -154,8 +154,44 @@ def test_lm_eval_runs_offline_on_the_in_memory_model_and_skips_unavailable_tasks
     res = run_lm_eval(adapter, ["piqa", "missing"], limit=4)
     assert seen["model"] is adapter.model and seen["tokenizer"] is adapter.tokenizer
     assert seen["offline"] == ["1", "1"] and "HF_DATASETS_OFFLINE" not in os.environ  # restored
-    assert res["piqa"] == {"acc,none": 0.5, "n": 4}
+    assert res["piqa"] == {"acc": 0.5, "n": 4}  # lm-eval's default filter ",none" dropped from the name
     assert "ConnectionError" in res["missing"]["skipped"]
+
+
+def test_write_lm_eval_task_files_and_bad_names(tmp_path):
+    import json
+
+    items = known_fact_questions(FACTS, object_pools(FACTS), seed=0)
+    yaml = write_lm_eval_task(items, tmp_path, "probe_known_mc")
+    rows = [json.loads(line) for line in (tmp_path / "probe_known_mc.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], tuple(r["choices"]), r["answer"]) for r in rows] == [
+        (c.prompt, tuple(x.strip() for x in c.choices), c.answer) for c in items]
+    text = yaml.read_text()
+    assert "task: probe_known_mc" in text and "output_type: multiple_choice" in text
+    assert str((tmp_path / "probe_known_mc.jsonl").resolve()) in text
+    for bad in ["", "Probe", "1probe", "pro-be", "a b"]:
+        with pytest.raises(UsageError, match="task name"):
+            write_lm_eval_task(items, tmp_path / "bad", bad)
+    with pytest.raises(UsageError, match="no items"):
+        write_lm_eval_task([], tmp_path / "bad", "empty")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_lm_eval_runs_a_local_task_and_agrees_with_superedits_choice_scorer(adapter, tmp_path):
+    """The real lm-evaluation-harness (optional extra superedit[ability]) on a task written by
+    write_lm_eval_task: offline, on the in-memory model; its acc is superedit's choice accuracy."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'superedit[ability]')")
+    objects = ["piano", "guitar", "violin", "drums", "cello", "France", "Norway"]
+    items = []
+    for i, f in enumerate(FACTS * 2):  # the true object at every position in turn
+        others = [o for o in objects if o != f["target"]][i % 3:][:3]
+        items.append(ChoiceItem(f["prompt"], tuple(others[:i % 4] + [f["target"]] + others[i % 4:]), i % 4))
+    write_lm_eval_task(items, tmp_path, "probe_known_mc")
+    res = run_lm_eval(adapter, ["probe_known_mc", "no_such_task_here"], include_path=str(tmp_path), batch_size=4)
+    ours = choice_accuracy(adapter, items, 4)
+    assert res["probe_known_mc"]["n"] == len(items) == ours["n"]
+    assert res["probe_known_mc"]["acc"] == pytest.approx(ours["accuracy"], abs=1e-12)
+    assert "skipped" in res["no_such_task_here"]
 
 
 def test_lifelong_checkpoints_record_ability_and_summary_has_horizons(tmp_path):

@@ -182,3 +182,26 @@ def test_request_counts_below_one_are_usage_errors(tmp_path, kw, option):
 
     with pytest.raises(UsageError, match=f"{option} must be ≥ 1"):
         resolve_requests(tmp_path, None, **kw)
+
+
+def test_data_lm_eval_task_writes_known_fact_questions_and_refuses_bad_input(tmp_path):
+    import json
+
+    recs = [{"case_id": i, "requested_rewrite": {"prompt": "{} is a citizen of", "subject": s, "relation_id": "P27",
+                                                 "target_new": {"str": "Peru"}, "target_true": {"str": c}},
+             "paraphrase_prompts": [], "neighborhood_prompts": []}
+            for i, (s, c) in enumerate([("Ann Berg", "Sweden"), ("Jon Moss", "Canada"), ("Eve Lang", "Chile"),
+                                        ("Ida Holm", "Norway"), ("Tom Berg", "Japan")])]
+    (tmp_path / "cf.json").write_text(json.dumps(recs))
+    res = _invoke(["data", "lm-eval-task", "--requests", str(tmp_path / "cf.json"), "--out", str(tmp_path / "t"),
+                   "--name", "probe", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "t" / "probe_known_mc.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["choices"]) == 4 and 0 <= r["answer"] < 4 for r in rows)
+    assert all(r["choices"][r["answer"]] in {"Sweden", "Canada", "Chile", "Norway", "Japan"} for r in rows)
+    bad = _invoke(["data", "lm-eval-task", "--requests", str(tmp_path / "cf.json"), "--out", str(tmp_path / "u"),
+                   "--name", "Bad-Name"])
+    assert bad.exit_code != 0 and "task name" in bad.output and not (tmp_path / "u").exists()
+    nolist = _invoke(["lifelong", "--edits", "1", "--lm-eval-include", str(tmp_path / "nowhere"),
+                      "--out", str(tmp_path / "run")])
+    assert nolist.exit_code != 0 and "--lm-eval-include" in nolist.output

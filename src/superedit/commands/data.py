@@ -1,5 +1,6 @@
 """``superedit data``: dataset tools (``known``: the records a model knows, split for tuning/evaluation;
-``mqd``: the Multi-Question Dataset from ATOMIC tuples; ``objective-ppl``: editing-objective perplexity)."""
+``mqd``: the Multi-Question Dataset from ATOMIC tuples; ``objective-ppl``: editing-objective perplexity;
+``lm-eval-task``: offline multiple-choice probes as local lm-evaluation-harness tasks)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,41 @@ def register(app) -> None:
               "per_relation": {q: types[q]["per_relation"] for q in QUESTION_TYPES},
               "tf_yes_no": [types["tf"]["objectives"].get("yes", 0), types["tf"]["objectives"].get("no", 0)],
               "mc_letters": types["mc"]["objectives"]}, as_json)
+
+    @data_app.command("lm-eval-task")
+    @command
+    def lm_eval_task(
+        requests: str = typer.Option(..., "--requests", "-r", help="Requests whose TRUE facts become questions "
+                                                                   "(any format superedit reads; MQD files add "
+                                                                   "their T/F and MC items)."),
+        out: str = typer.Option(..., "--out", "-o", help="Folder for the task files (NAME_SET.yaml + .jsonl)."),
+        name: str = typer.Option("superedit", "--name", help="Task-name prefix (lower-case letters, digits, '_')."),
+        n: int = typer.Option(100, "--n", help="Questions per set at most."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the distractors' choice and order."),
+        as_json: bool = JsonOpt,
+    ):
+        """Write superedit's offline general-ability questions as local lm-evaluation-harness tasks: known-fact
+        multiple choice (true object against 3 objects of the same relation) and, for MQD requests, MQD's T/F
+        and MC items. Run them with `superedit lifelong --lm-eval-include OUT --lm-eval-tasks NAME_known_mc`
+        or `lm_eval --include_path OUT --tasks NAME_known_mc` (nothing is downloaded)."""
+        from ..data import load_requests
+        from ..errors import SupereditError
+        from ..eval.ability import write_lm_eval_task
+        from ..lifelong.probe import requests_probe
+
+        if n < 1:
+            raise SupereditError(f"--n must be ≥ 1 (got {n})")
+        reqs = load_requests(requests)
+        probe = requests_probe(reqs, n=len(reqs), n_questions=n, seed=seed)
+        sets = {k: v for k, v in (probe.ability or {}).get("choices", {}).items() if v}
+        if not sets:
+            raise SupereditError(f"{requests}: no questions could be built (need records with target_true and at "
+                                 "least 4 distinct objects per relation, or MQD T/F / MC requests)")
+        tasks = {}
+        for set_name, items in sets.items():
+            task = f"{name}_{set_name}"
+            tasks[task] = {"yaml": str(write_lm_eval_task(items, out, task)), "n": len(items)}
+        emit({"out_dir": str(out), "tasks": tasks}, as_json)
 
     @data_app.command("objective-ppl")
     @command

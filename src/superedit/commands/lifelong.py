@@ -110,6 +110,8 @@ def register(app) -> None:
         lm_eval_tasks: str = typer.Option(None, "--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks "
                                           "measured at every checkpoint (needs superedit[ability]; a task whose "
                                           "data is not available locally is reported as skipped)."),
+        lm_eval_include: str = typer.Option(None, "--lm-eval-include", help="Folder of extra lm-eval task YAMLs for "
+                                            "--lm-eval-tasks (e.g. written by `superedit data lm-eval-task`)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last committed edit."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write report.html."),
         device: str = DeviceOpt,
@@ -143,6 +145,13 @@ def register(app) -> None:
                                  "give one of them")
         if edits < 1:
             raise SupereditError(f"--edits must be ≥ 1 (got {edits})")
+        task_names = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+        if lm_eval_include:  # checked before anything loads or is written
+            if not Path(lm_eval_include).is_dir():
+                raise SupereditError(f"--lm-eval-include {lm_eval_include}: not a folder; write one with "
+                                     "`superedit data lm-eval-task`")
+            if not task_names:
+                raise SupereditError("--lm-eval-include needs --lm-eval-tasks naming the tasks to run from it")
         out_dir = Path(out) if out else Path("runs") / f"lifelong-{time.strftime('%Y%m%d-%H%M%S')}"
         seed_everything(seed)
         adapter0 = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -174,7 +183,8 @@ def register(app) -> None:
                 texts = Corpus.coerce(corpus).texts[-40:]
             probe = requests_probe(heldout, texts, probe_n)
         probe.block_size, probe.max_neighbours = block_size, max_neighbours
-        probe.lm_eval_tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+        probe.lm_eval_tasks = task_names
+        probe.lm_eval_include = str(Path(lm_eval_include).resolve()) if lm_eval_include else None
         if not probe.facts:
             log.warning("no untouched facts for the retention probe (no held-out requests with target_true)")
         first = [adapter0]

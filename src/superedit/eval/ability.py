@@ -25,6 +25,9 @@ Issue #14 item 5 / #16 item 4: editing should leave what the model could do befo
   ``HFLM`` wrapping the in-memory model) when ``lm_eval`` is importable and a task's data is available
   locally (run with ``HF_DATASETS_OFFLINE=1``/``HF_HUB_OFFLINE=1``: nothing is downloaded). Otherwise
   the task is reported as ``{"skipped": reason}``. lm-eval is an optional extra (``superedit[ability]``).
+  :func:`write_lm_eval_task` turns any list of :class:`ChoiceItem`\\ s (e.g. the offline probes above)
+  into a local lm-eval multiple-choice task (a JSONL file and its YAML), so the same items run through
+  lm-eval's own scorer, offline, with ``include_path``.
 
 Parts with no items are left out of the result. ``GeneralAbility`` is plain data
 (:meth:`to_dict`/:meth:`from_dict`), so a run can save it and measure the same items after a resume.
@@ -45,7 +48,7 @@ from ..utils.logs import get_logger
 log = get_logger(__name__)
 
 __all__ = ["ChoiceItem", "GeneralAbility", "choice_accuracy", "known_fact_questions", "mqd_choice_items",
-           "object_pools", "run_lm_eval"]
+           "object_pools", "run_lm_eval", "write_lm_eval_task"]
 
 #: distractors per known-fact question (true object + 3 = four options, as MQD's multiple choice)
 N_DISTRACTORS = 3
@@ -189,12 +192,14 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def run_lm_eval(adapter, tasks: Sequence[str], limit: int | None = None, batch_size: int = 16) -> dict[str, dict]:
+def run_lm_eval(adapter, tasks: Sequence[str], limit: int | None = None, batch_size: int = 16,
+                include_path: str | None = None) -> dict[str, dict]:
     """task → its numeric metrics and ``n`` (lm-eval's effective sample count), or ``{"skipped": reason}``.
 
     Runs each task on the in-memory model (``HFLM(pretrained=adapter.model, tokenizer=...)``) offline;
     a task whose data is not cached locally, an unknown task, or a missing ``lm_eval`` is skipped
-    with the reason. Never downloads anything."""
+    with the reason. Never downloads anything. ``include_path``: a folder of extra task YAMLs (e.g.
+    from :func:`write_lm_eval_task`), registered with lm-eval's ``TaskManager`` beside its own."""
     if not tasks:
         return {}
     try:
@@ -211,10 +216,19 @@ def run_lm_eval(adapter, tasks: Sequence[str], limit: int | None = None, batch_s
         except Exception as exc:  # noqa: BLE001 — any failure of the optional tool is a reported skip
             reason = f"lm_eval could not wrap the model ({_first_line(exc)})"
             return {t: {"skipped": reason} for t in tasks}
+        manager = None
+        if include_path:
+            try:
+                from lm_eval.tasks import TaskManager
+
+                manager = TaskManager(include_path=str(include_path))
+            except Exception as exc:  # noqa: BLE001 — a broken task folder is a reported skip
+                reason = f"lm_eval could not read the task folder {include_path} ({_first_line(exc)})"
+                return {t: {"skipped": reason} for t in tasks}
         for task in tasks:
             try:
                 res = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=False,
-                                              bootstrap_iters=0)
+                                              bootstrap_iters=0, task_manager=manager)
             except Exception as exc:  # noqa: BLE001 — e.g. the task's data is not available offline
                 out[task] = {"skipped": f"not run offline ({_first_line(exc)})"}
                 continue
@@ -222,12 +236,74 @@ def run_lm_eval(adapter, tasks: Sequence[str], limit: int | None = None, batch_s
             if not metrics:
                 out[task] = {"skipped": "lm_eval returned no results for this task"}
                 continue
-            rec: dict[str, Any] = {k: float(v) for k, v in metrics.items()
+            # lm-eval names a metric "<metric>,<filter>"; the default filter "none" is dropped from the name
+            rec: dict[str, Any] = {k.removesuffix(",none"): float(v) for k, v in metrics.items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
             n = ((res.get("n-samples") or {}).get(task) or {}).get("effective")
             rec["n"] = int(n) if n is not None else None
             out[task] = rec
     return out
+
+
+#: characters allowed in a local lm-eval task name (it becomes a file name and a YAML value)
+_TASK_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def write_lm_eval_task(items: Sequence["ChoiceItem"], out_dir, name: str) -> "Path":
+    """Write ``items`` as a local lm-evaluation-harness multiple-choice task; returns the YAML's path.
+
+    ``OUT/NAME.jsonl`` holds one ``{"prompt", "choices", "answer"}`` row per item and ``OUT/NAME.yaml``
+    the task: ``output_type: multiple_choice`` over the local JSON file (``dataset_path: json`` with
+    ``data_files``, so nothing is downloaded), the prompt as context and each choice as continuation
+    after lm-eval's default ``target_delimiter`` " " — superedit's own encoding, ``prompt + " " +
+    choice.strip()`` (:func:`~superedit.models.encode_prompt_target`).
+    lm-eval then reports ``acc`` (argmax of the summed log-likelihood — the rule of
+    :func:`choice_accuracy`) and ``acc_norm`` (length-normalised). Run it with
+    ``run_lm_eval(adapter, [NAME], include_path=OUT)`` or ``lm_eval --include_path OUT --tasks NAME``.
+
+    The YAML is written by hand (a fixed, flat schema with quoted scalars) rather than through a
+    YAML library, so that the file reads exactly as lm-eval's own task files do."""
+    import json
+    from pathlib import Path
+
+    from ..utils.io import write_text_atomic
+
+    if not name or not set(name) <= _TASK_NAME_CHARS or name[0].isdigit():
+        raise UsageError(f"lm-eval task name {name!r}: use lower-case letters, digits and '_' (not first a digit)")
+    items = [c if isinstance(c, ChoiceItem) else ChoiceItem.from_dict(c) for c in items]
+    if not items:
+        raise UsageError(f"lm-eval task {name!r}: no items to write")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / f"{name}.jsonl"
+    write_text_atomic(data, "".join(json.dumps({"prompt": c.prompt, "choices": [x.strip() for x in c.choices],
+                                                           "answer": c.answer},
+                                               ensure_ascii=False) + "\n" for c in items))
+    yaml = out / f"{name}.yaml"
+    write_text_atomic(yaml, "\n".join([
+        f"# superedit: {len(items)} multiple-choice items written by superedit.eval.ability.write_lm_eval_task",
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(str(data.resolve()))}",
+        "test_split: test",
+        "output_type: multiple_choice",
+        "doc_to_text: prompt",  # feature names: lm-eval reads the column as it is
+        "doc_to_choice: choices",
+        "doc_to_target: answer",
+        'target_delimiter: " "',
+        "metric_list:",
+        "  - metric: acc",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+        "  - metric: acc_norm",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+        "metadata:",
+        "  version: 1.0",
+        ""]))
+    return yaml
 
 
 # ------------------------------------------------------------------------------------------ the probe set
@@ -239,6 +315,7 @@ class GeneralAbility:
     facts: known facts ``{"prompt", "target"}`` for retention; base_hits: the base model's recall of
     them (:meth:`baseline`). choices: name → choice items (``known_mc``, ``mqd_tf``, ``mqd_mc``).
     lm_eval_tasks: lm-evaluation-harness task names (run only when available offline).
+    lm_eval_include: a folder of extra lm-eval task YAMLs (e.g. :func:`write_lm_eval_task`'s).
     """
 
     texts: list[str] = field(default_factory=list)
@@ -248,6 +325,7 @@ class GeneralAbility:
     choices: dict[str, list[ChoiceItem]] = field(default_factory=dict)
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
+    lm_eval_include: str | None = None
     fluency_tokens: int = 40
     seed: int = 0
     batch_size: int = 64
@@ -331,5 +409,6 @@ class GeneralAbility:
                 res = choice_accuracy(adapter, items, self.batch_size)
                 out[name] = {"value": res["accuracy"], "n": res["n"], "chance": res["chance"]}
         if self.lm_eval_tasks:
-            out["lm_eval"] = run_lm_eval(adapter, self.lm_eval_tasks, self.lm_eval_limit)
+            out["lm_eval"] = run_lm_eval(adapter, self.lm_eval_tasks, self.lm_eval_limit,
+                                         include_path=self.lm_eval_include)
         return out

@@ -33,6 +33,7 @@ class Probe:
     base_hits: the base model's ``fact_recall`` on ``facts`` (filled in by the runner).
     ability: a :class:`~superedit.eval.ability.GeneralAbility` as a dict (None: no general-ability figures).
     lm_eval_tasks: lm-evaluation-harness tasks measured with the ability (skipped unless available offline).
+    lm_eval_include: a folder of extra lm-eval task YAMLs (``superedit data lm-eval-task`` writes one).
     """
 
     facts: list[dict] = field(default_factory=list)
@@ -46,6 +47,7 @@ class Probe:
     source: str = ""
     ability: dict | None = None
     lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_include: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +164,8 @@ def measure_probe(adapter, probe: Probe, edited_subjects: set[str]) -> dict:
         rec["all_facts_recall"] = sum(all_hits) / len(all_hits)
     if probe.ability is not None:
         ability = GeneralAbility.from_dict({**probe.ability, "batch_size": probe.eval_batch_size,
-                                            "lm_eval_tasks": list(probe.lm_eval_tasks)})
+                                            "lm_eval_tasks": list(probe.lm_eval_tasks),
+                                            "lm_eval_include": probe.lm_eval_include})
         # the ability's facts are the probe's (built together): their recall is measured once, above
         same_facts = hits is not None and [(f["prompt"], f["target"]) for f in ability.facts] == [
             (f["prompt"], f["target"]) for f in probe.facts]
