@@ -284,5 +284,7 @@ def test_value_targets_through_norm_inverts_a_gained_rmsnorm():
         got = norm(m + dm) - norm(m)
     assert float((got - r).norm() / r.norm()) < 1e-6 and float(err.max()) < 1e-6
     far = 50 * torch.ones(1, d, dtype=torch.float64)  # no normalised output is that far away
-    _, err_far = value_targets_through_norm(norm, m[:1], far)
+    dm_far, err_far = value_targets_through_norm(norm, m[:1], far)
     assert float(err_far[0]) > 0.5
+    # the output is scale-invariant: the answer is scaled back to the value's own norm, not left far out
+    assert abs(float((m[0] + dm_far[0]).norm() / m[0].norm()) - 1) < 1e-9

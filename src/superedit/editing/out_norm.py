@@ -10,8 +10,14 @@ that solves
 
 N is scale-invariant (N(c·m) = N(m)), its outputs lie on an ellipsoid, so (1) is solved in least
 squares, ‖N(m + Δm) − N(m) − r‖ → min, by Gauss–Newton with the minimum-norm step (the pseudo-inverse
-of the Jacobian J = ∂N/∂m, d_model × d_model, which is singular along m) and step halving. J comes
+of the Jacobian J = ∂N/∂m, d_model × d_model, which is singular along m) and step halving; the
+solution is then scaled back to ‖m‖ along its ray (same output, smallest change of scale). J comes
 from autograd on the model's own module, so no formula of a particular norm is written here.
+
+Which moves are reachable: N's outputs have a fixed size (an RMSNorm's lie on the ellipsoid
+{g ⊙ u : rms(u) = 1}), so a layer can turn its contribution but not shrink it. A small share of a
+residual move is a short chord and is nearly reachable; a move that asks for a point inside the
+ellipsoid is not, and the relative error returned says by how much.
 Float64 where the module allows (Gemma's RMSNorm computes in float32 internally, so (1) holds to
 about 1e-6 relative there).
 """
@@ -58,6 +64,15 @@ def value_targets_through_norm(norm: torch.nn.Module, m: torch.Tensor, r: torch.
                     t /= 2
                 else:
                     break  # no descent along the Gauss-Newton direction: the best reachable point
+            # N is scale-invariant, so every c·(m + Δm), c > 0, gives the same output: return the one with
+            # m's own norm (Gauss–Newton steps on an unreachable r drift along the ray, e.g. to 250 × ‖m‖)
+            # (only where that holds: a norm's epsilon breaks the invariance for tiny values)
+            target = mi + dm
+            if float(target.norm()) > 0:
+                scaled = target * (mi.norm() / target.norm()) - mi
+                scaled_err = ri - (f(mi + scaled).detach() - base)
+                if float(scaled_err.norm()) <= float(err.norm()) + 1e-6 * rnorm:
+                    dm, err = scaled, scaled_err
             out.append(dm)
             errs.append(float(err.norm()) / rnorm)
     errors = torch.tensor(errs, dtype=F64)
