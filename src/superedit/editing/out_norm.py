@@ -9,8 +9,8 @@ that solves
     N(m + Δm) − N(m) = r.                                                          (1)
 
 N is scale-invariant (N(c·m) = N(m)), its outputs lie on an ellipsoid, so (1) is solved in least
-squares, ‖N(m + Δm) − N(m) − r‖ → min, by Gauss–Newton with the minimum-norm step (the pseudo-inverse
-of the Jacobian J = ∂N/∂m, d_model × d_model, which is singular along m) and step halving; the
+squares, ‖N(m + Δm) − N(m) − r‖ → min, by Gauss–Newton with the minimum-norm step (an SVD least-squares
+solve with the Jacobian J = ∂N/∂m, d_model × d_model, which is singular along m) and step halving; the
 solution is then scaled back to ‖m‖ along its ray (same output, smallest change of scale). J comes
 from autograd on the model's own module, so no formula of a particular norm is written here.
 
@@ -54,7 +54,9 @@ def value_targets_through_norm(norm: torch.nn.Module, m: torch.Tensor, r: torch.
                 if float(err.norm()) <= tol * rnorm:
                     break
                 J = torch.autograd.functional.jacobian(f, mi + dm).to(F64)  # (d, d)
-                step = torch.linalg.pinv(J, rtol=1e-5) @ err  # cuts the radial (scale) direction
+                # minimum-norm least squares (SVD, singular values below 1e-5 × the largest cut: the
+                # radial, scale-only direction); no explicit pseudo-inverse is formed
+                step = torch.linalg.lstsq(J.cpu(), err.cpu()[:, None], rcond=1e-5, driver="gelsd").solution[:, 0].to(dev)
                 t = 1.0
                 while t > 1e-4:  # halve the step until the error drops
                     new_err = ri - (f(mi + dm + t * step).detach() - base)
