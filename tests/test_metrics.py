@@ -351,3 +351,12 @@ def test_cli_edit_errors_cleanly(tmp_path):
     res = CliRunner().invoke(app, ["edit", "--model", str(model_dir), "--method", "rome", "--requests",
                                    str(_counterfact_file(tmp_path)), "--json"])
     assert res.exit_code == 2 and "out of range" in res.output  # gpt2 profile: GPT-2 XL's layer 17
+
+
+def test_share_ci_is_the_bootstrap_of_the_counts():
+    from superedit.eval.metrics import bootstrap_ci, share_ci
+
+    assert share_ci(0.25, 40) == bootstrap_ci([1.0] * 10 + [0.0] * 30)
+    assert share_ci(None, 40) is None and share_ci(0.5, 0) is None
+    lo, hi = share_ci(0.5, 100)
+    assert lo < 0.5 < hi

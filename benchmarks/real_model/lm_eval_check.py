@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from superedit.data import load_requests
     from superedit.eval.ability import ChoiceItem, choice_accuracy, run_lm_eval, write_lm_eval_task
-    from superedit.eval.metrics import bootstrap_ci
+    from superedit.eval.metrics import share_ci
     from superedit.lifelong.probe import requests_probe
     from superedit.models import load_model
     from superedit.utils.io import write_json_atomic
@@ -44,10 +44,9 @@ def main() -> None:
     t1 = time.perf_counter()
     ours = choice_accuracy(adapter, items, 16)
     t2 = time.perf_counter()
-    k = round(ours["accuracy"] * ours["n"])
     res = {"model": args.model, "requests": args.requests, "n_items": len(items),
            "lm_eval": harness, "lm_eval_s": t1 - t0,
-           "superedit_choice_accuracy": ours, "superedit_ci": bootstrap_ci([1] * k + [0] * (ours["n"] - k)),
+           "superedit_choice_accuracy": ours, "superedit_ci": share_ci(ours["accuracy"], ours["n"]),
            "superedit_s": t2 - t1}
     write_json_atomic(out / "result.json", res)
     print(json.dumps(res, indent=1))

@@ -183,17 +183,6 @@ def _mean_ci(xs) -> dict:
     return {"mean": _mean(xs), "ci": bootstrap_ci(xs) if xs else None, "n": len(xs)}
 
 
-def _share_ci(value, n) -> list | None:
-    """Bootstrap interval of a share of ``n`` independent 0/1 items (the items' outcomes are not stored,
-    but the bootstrap of a mean of 0/1 values depends on their count only)."""
-    from ..eval.metrics import bootstrap_ci
-
-    if value is None or not n:
-        return None
-    k = round(value * n)
-    return bootstrap_ci([1.0] * k + [0.0] * (n - k))
-
-
 # ------------------------------------------------------------------------------------------ summary
 def per_edit_records(objective_rows: Sequence[Mapping], steps: Mapping[int, Mapping], qtype: str,
                      method: str) -> list[dict]:
@@ -245,13 +234,15 @@ def correlations(records: Sequence[Mapping], x: str = "log10_ppl", ys: Sequence[
 
 
 def _ability(rec: Mapping) -> dict:
+    from ..eval.metrics import share_ci
+
     out = {}
     for name in ABILITY_METRICS:
         m = (rec.get("ability") or {}).get(name)
         if isinstance(m, dict) and m.get("value") is not None:
             out[name] = {"value": m["value"], "n": m.get("n")}
             if name in _SHARES:
-                out[name]["ci"] = _share_ci(m["value"], m.get("n"))
+                out[name]["ci"] = share_ci(m["value"], m.get("n"))
     return out
 
 

@@ -272,3 +272,13 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, lev
     means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
     a = (1.0 - level) / 2
     return [float(np.quantile(means, a)), float(np.quantile(means, 1 - a))]
+
+
+def share_ci(value: float | None, n: int | None, **kw) -> list[float] | None:
+    """Bootstrap interval of a share ``value`` of ``n`` independent 0/1 items, when only the share and the
+    count were saved: the percentile bootstrap of a mean of 0/1 values depends on their counts only, so
+    it is :func:`bootstrap_ci` of ``round(value·n)`` ones and the rest zeros. None without a value or n."""
+    if value is None or not n:
+        return None
+    k = round(value * n)
+    return bootstrap_ci([1.0] * k + [0.0] * (n - k), **kw)

@@ -120,19 +120,20 @@ def spread_update(adapter: ModelAdapter, requests: list, hparams, solve_layer: L
             t2 = time.perf_counter()
             timings["keys"] += t2 - t1
             R = (zs.to(dev) - cur.to(dev)).T.to(F64) / (len(layers) - i)  # (d_model, n)
+            residual_norm = float(R.norm(dim=0).mean())
             norm = adapter.mlp_out_norm(layer)
+            extra_norm = {}
             if norm is not None:  # the residual adds N(value): move the value so that N(value) moves by R
                 m = keys_at(adapter, prompts, subjects, [layer], hparams.fact_token, site="value")[layer]
                 dm, err = value_targets_through_norm(norm, m.to(dev), R.T)
-                R = dm.T.contiguous()
-                extra_norm = {"out_norm_rel_error_max": float(err.max()), "out_norm_rel_error_mean": float(err.mean())}
-            else:
-                extra_norm = {}
+                R = dm.T.contiguous()  # from here on the value move the solve must produce
+                extra_norm = {"value_move_norm": float(R.norm(dim=0).mean()),
+                              "out_norm_rel_error_max": float(err.max()), "out_norm_rel_error_mean": float(err.mean())}
             d, extra = solve_layer(layer, K, R)
             adapter.add_to_down_weight(layer, d.dense(F64))
             deltas[layer] = d
             timings["solve"] += time.perf_counter() - t2
-            info.append({"layer": layer, "residual_norm": float(R.norm(dim=0).mean()),
+            info.append({"layer": layer, "residual_norm": residual_norm,
                          "key_norm": float(K.norm(dim=0).mean()), **extra_norm, **extra})
     finally:
         for l, w in originals.items():
