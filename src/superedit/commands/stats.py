@@ -62,6 +62,7 @@ def register(app) -> None:
         stop = (ConvergenceStop(tol=tol, first_check=first_check, patience=patience, n_probes=probes,
                                 ridge=probe_ridge) if until_converged else None)
         shard = init_shard(device) if distributed else LOCAL
+        finished = False
         try:
             if distributed and device_map is not None:
                 raise UsageError("--distributed places one model copy per process; it does not take --device-map")
@@ -74,8 +75,9 @@ def register(app) -> None:
                                        batch_tokens=batch_tokens, cache_dir=cache_dir, recompute=recompute,
                                        stop=stop, shard=shard)
             seconds = time.perf_counter() - t0
+            finished = True
         finally:
-            destroy_shard(shard)
+            destroy_shard(shard, synchronise=finished)
         if not shard.is_main:
             return
         rows = []

@@ -126,13 +126,22 @@ def init_shard(device: str | None = None, timeout_s: float = 1800.0) -> Shard:
     return Shard(rank, world, device)
 
 
-def destroy_shard(shard: Shard) -> None:
-    """Leave the process group (if one was made)."""
+def destroy_shard(shard: Shard, synchronise: bool = True) -> None:
+    """Leave the process group (if one was made), every rank together.
+
+    With ``synchronise`` (the normal exit; pass False when leaving on an error, where the peers may
+    never reach it) a barrier first: a rank that tears its gloo pairs down while a peer still has a send or receive in
+    flight makes that peer's transport thread abort (SIGABRT, "terminate called without an active
+    exception"; seen once in CI under load at this point)."""
     if shard.world_size > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if synchronise:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
