@@ -66,6 +66,52 @@ def register(app) -> None:
         write_json_atomic(out_dir / "report.json", report)
         emit({k: v for k, v in report.items() if k != "per_relation"} | {"out_dir": str(out_dir)}, as_json)
 
+    @data_app.command("derive")
+    @command
+    def derive(
+        requests: str = typer.Option(..., "--requests", "-r", help="CounterFact file whose neighbourhood and "
+                                     "attribute prompts are read as facts of their own subjects."),
+        out: str = typer.Option(..., "--out", "-o", help="Directory for eval.json, tune.json, report.json."),
+        tune: str = typer.Option(None, "--tune", help="Records (any CounterFact file, e.g. `data known`'s "
+                                 "tune.json) whose facts form the tuning side; their subjects never appear in "
+                                 "eval.json. Without it everything goes to eval.json."),
+        seed: int = typer.Option(0, "--seed", help="Seed of each derived request's new target, paraphrases and "
+                                 "neighbours."),
+        as_json: bool = JsonOpt,
+    ):
+        """Derive a long counterfactual stream with real-world subjects: the file's rewrites plus one request per
+        fact its neighbourhood and attribute prompts state (subject and template recovered, a new target drawn
+        from the relation's other objects). Filter the result with `superedit data known`."""
+        from pathlib import Path
+
+        from ..data.derive import derive_stream
+        from ..data.loaders import read_records
+        from ..errors import SupereditError
+        from ..utils.io import write_json_atomic
+
+        records = read_records(requests)
+        tune_ids = []
+        if tune:
+            tune_records = read_records(tune)
+            missing = [r.get("case_id") for r in tune_records if not isinstance(r, dict) or "case_id" not in r]
+            if missing:
+                raise SupereditError(f"--tune {tune}: every record needs a case_id to be matched with --requests")
+            tune_ids = [r["case_id"] for r in tune_records]
+            known_ids = {str(r.get("case_id")) for r in records if isinstance(r, dict)}
+            unknown = [c for c in tune_ids if str(c) not in known_ids]
+            if unknown:
+                raise SupereditError(f"--tune {tune}: {len(unknown)} case_id(s) are not in --requests {requests} "
+                                     f"(first: {unknown[0]!r}); pass the tuning split of the same file")
+        res = derive_stream(records, seed=seed, tune_case_ids=tune_ids, source=requests)
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "eval.json", res.eval_records)
+        write_json_atomic(out_dir / "tune.json", res.tune_records)
+        report = res.report | {"requests": requests, "tune": tune}
+        write_json_atomic(out_dir / "report.json", report)
+        emit({k: v for k, v in report.items() if k not in ("per_relation", "templates_per_relation")}
+             | {"out_dir": str(out_dir)}, as_json)
+
     @data_app.command("mqd")
     @command
     def mqd(
