@@ -173,3 +173,43 @@ def test_cli_edit_sequential_d4s_equals_lifelong(tmp_path, monkeypatch):
     res = cli.invoke(app, ["lifelong", "--requests", str(reqs), "--methods", "d4s", "--hparams", str(hp),
                            "--hparams-dir", str(tmp_path), "--model", str(mdir), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "give one of them" in res.output
+
+
+def test_cli_lifelong_probe_requests_leaves_out_what_the_stream_edits(tmp_path, monkeypatch):
+    """`lifelong --probe-requests FILE`: the retention probe is FILE's true facts, less every (subject,
+    relation) the stream edits; an unreadable FILE stops the run before anything is written."""
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+    from superedit.commands.lifelong import load_stream
+
+    monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
+    adapter = tiny_adapter("gpt2")
+    mdir = tmp_path / "model"
+    adapter.model.save_pretrained(mdir)
+    adapter.tokenizer.save_pretrained(mdir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS[:6]) + "\n")
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text("\n".join(json.dumps(r.to_dict()) for r in REQS) + "\n")
+    extra = EditRequest(prompt="{} speaks", subject="Anna Berg", target_new="French", target_true="Norwegian",
+                        case_id=9)  # the stream's subject, another relation: untouched
+    probe_file = tmp_path / "probe.jsonl"
+    probe_file.write_text("\n".join(json.dumps(r.to_dict()) for r in [*REQS, extra]) + "\n")
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("num_steps: 1\n")
+    common = ["--model", str(mdir), "--layers", "1", "--corpus", str(corpus), "--hparams", str(hp), "--methods",
+              "ft", "--edits", "2", "--eval-every", "10", "--no-report", "--requests", str(reqs)]
+    res = CliRunner().invoke(app, ["lifelong", *common, "--probe-requests", str(probe_file),
+                                   "--out", str(tmp_path / "ll")])
+    assert res.exit_code == 0, res.output
+    stream = load_stream(str(reqs), "auto", None, 0, tmp_path / "unused", False)[:2]
+    probe = json.loads((tmp_path / "ll" / "probe.json").read_text())
+    expected = [r for r in [*REQS, extra] if all((r.subject, r.prompt) != (s.subject, s.prompt) for s in stream)]
+    assert [f["prompt"] for f in probe["facts"]] == [r.filled_prompt() for r in expected]
+    assert len(expected) == 3
+
+    res = CliRunner().invoke(app, ["lifelong", *common, "--probe-requests", str(tmp_path / "missing.json"),
+                                   "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "missing.json" in res.output
+    assert not (tmp_path / "bad").exists()

@@ -1,4 +1,4 @@
-"""One Markdown table of the last checkpoint of every method in one or more `superedit lifelong` runs.
+"""One Markdown table (with n and 95% intervals) of the last checkpoint of every method in one or more `superedit lifelong` runs.
 
 Runs on the same stream may be split over several output folders (e.g. ROME one edit at a time in one,
 the batch methods in batches of 10 in another); the script refuses runs whose streams differ::
@@ -14,9 +14,12 @@ from pathlib import Path
 
 from superedit.report.lifelong_report import final_table, load_metrics
 
-COLUMNS = [("efficacy_all", "efficacy, all"), ("efficacy_ci", "95% CI"), ("paraphrase_all", "paraphrase"),
-           ("neighborhood_all", "neighbourhood"), ("forgetting_mean", "forgetting / block"),
-           ("untouched_retention", "untouched retention"), ("untouched_retention_ci", "95% CI"),
+COLUMNS = [("efficacy_all", "efficacy, all"), ("efficacy_ci", "95% CI"), ("efficacy_last_block", "last block"),
+           ("efficacy_last_block_ci", "95% CI"), ("paraphrase_all", "paraphrase"), ("paraphrase_all_ci", "95% CI"),
+           ("neighborhood_all", "neighbourhood"), ("neighborhood_all_ci", "95% CI"),
+           ("forgetting_mean", "forgetting / block"),
+           ("untouched_retention", "untouched retention"), ("untouched_retention_n", "n"),
+           ("untouched_retention_ci", "95% CI"),
            ("perplexity", "perplexity"), ("w_l1_rel_mean", "L1 / original"), ("edit_s", "edit s")]
 
 

@@ -92,6 +92,9 @@ def register(app) -> None:
         eval_every: int = typer.Option(50, "--eval-every", help="Checkpoint every this many edits (also at 0 and at the end)."),
         out: str = typer.Option(None, "--out", "-o", help="Output directory (default runs/lifelong-<time>)."),
         probe_n: int = typer.Option(200, "--probe-n", help="Untouched true facts in the retention probe."),
+        probe_requests: str = typer.Option(None, "--probe-requests", help="Dataset file whose true facts form the "
+                                           "retention probe (default: the --requests left after the stream); a "
+                                           "fact whose subject and relation the stream edits is left out."),
         block_size: int = typer.Option(100, "--block-size", help="Edits per block for the degree of forgetting."),
         max_neighbours: int = typer.Option(5, "--max-neighbours", help="Neighbourhood prompts evaluated per edit."),
         hparams: str = typer.Option(None, "--hparams", help="YAML file overriding the packaged hyperparameters of "
@@ -152,6 +155,11 @@ def register(app) -> None:
                                      "`superedit data lm-eval-task`")
             if not task_names:
                 raise SupereditError("--lm-eval-include needs --lm-eval-tasks naming the tasks to run from it")
+        probe_pool = None
+        if probe_requests:  # read before anything loads or is written
+            from ..data import load_requests
+
+            probe_pool = list(load_requests(probe_requests))
         out_dir = Path(out) if out else Path("runs") / f"lifelong-{time.strftime('%Y%m%d-%H%M%S')}"
         seed_everything(seed)
         adapter0 = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -164,6 +172,11 @@ def register(app) -> None:
         if len(reqs) < edits:
             log.warning("only %d requests available; running %d edits instead of %d", len(reqs), len(reqs), edits)
         stream, heldout = reqs[:edits], reqs[edits:]
+        if probe_pool is not None:
+            edited = {(r.subject, r.relation_id or r.prompt) for r in stream}
+            heldout = [r for r in probe_pool if (r.subject, r.relation_id or r.prompt) not in edited]
+            log.info("retention probe from %s: %d of %d facts (the rest are edited by the stream)", probe_requests,
+                     len(heldout), len(probe_pool))
         stats = None
         stat_hps = [hps[m] for m in names if entries[m].needs_stats]
         if stat_hps:
