@@ -84,3 +84,26 @@ def test_known_command_writes_unchanged_records(tmp_path):
     bad = CliRunner().invoke(app, ["data", "known", "--model", str(model_dir), "--requests", str(data), "--rule",
                                    "nope", "--out", str(tmp_path / "o2"), "--json"])
     assert bad.exit_code == 2 and "rule" in bad.stdout and not (tmp_path / "o2").exists()
+
+
+def test_known_command_exclude_holds_out_a_probe_file(tmp_path):
+    """--exclude FILE: no record with a subject and relation in FILE is judged or written."""
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+
+    model_dir = saved_tiny_model(tmp_path / "m")
+    records = json.loads((SHARED_DATA / "counterfact_sample.json").read_text())[:12]
+    data, held = tmp_path / "cf.json", tmp_path / "held.json"
+    data.write_text(json.dumps(records))
+    held.write_text(json.dumps(records[:5]))
+    res = CliRunner().invoke(app, ["data", "known", "--model", str(model_dir), "--requests", str(data), "--rule",
+                                   "margin", "--margin", "0", "--exclude", str(held), "--tune-fraction", "0",
+                                   "--out", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    known = json.loads((tmp_path / "out" / "known.json").read_text())
+    assert rep["n_excluded"] == 5 and rep["n_records"] == 7
+    assert all(r in records[5:] for r in known)
+    judged = [json.loads(l)["case_id"] for l in (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()]
+    assert judged == [r["case_id"] for r in records[5:]]

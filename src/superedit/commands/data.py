@@ -26,6 +26,9 @@ def register(app) -> None:
         margin: float = typer.Option(1.0, "--margin", help="Nats for --rule margin."),
         tune_fraction: float = typer.Option(0.3, "--tune-fraction", help="Share of known records for the tuning split."),
         seed: int = typer.Option(0, "--seed", help="Seed of the split's shuffle."),
+        exclude: str = typer.Option(None, "--exclude", help="Dataset file of facts to hold out (e.g. a retention "
+                                    "probe): requests with a subject and relation in it are left out before "
+                                    "judging."),
         device: str = DeviceOpt,
         dtype: str = DtypeOpt,
         device_map: str = DeviceMapOpt,
@@ -41,10 +44,17 @@ def register(app) -> None:
         from ..models import load_model
         from ..utils.io import write_json_atomic, write_jsonl_atomic
 
-        reqs = load_requests(requests)
+        reqs = list(load_requests(requests))
         records = read_records(requests)
         from ..data.known import RULES
         from ..errors import SupereditError
+
+        n_excluded = 0
+        if exclude:
+            held = {(r.subject, r.relation_id or r.prompt) for r in load_requests(exclude)}
+            kept = [r for r in reqs if (r.subject, r.relation_id or r.prompt) not in held]
+            n_excluded = len(reqs) - len(kept)
+            reqs = kept
 
         if rule not in RULES:  # checked before the model loads
             raise SupereditError(f"--rule {rule!r}: choose one of {', '.join(RULES)}")
@@ -55,7 +65,8 @@ def register(app) -> None:
         known_records = sorted({rec_index[v.index] for v in verdicts if v.known})
         tune, ev = split_known(known_records, tune_fraction, seed)
         report = known_report(verdicts, rule, margin)
-        report.update({"model": model, "requests": requests, "tune_fraction": tune_fraction, "seed": seed,
+        report.update({"model": model, "requests": requests, "exclude": exclude, "n_excluded": n_excluded,
+                       "tune_fraction": tune_fraction, "seed": seed,
                        "n_tune": len(tune), "n_eval": len(ev)})
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
