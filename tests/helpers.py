@@ -128,3 +128,14 @@ def saved_tiny_model(directory, family: str = "gpt2", seed: int = 0):
     a.model.save_pretrained(directory)
     a.tokenizer.save_pretrained(directory)
     return directory
+
+
+def saved_model_and_corpus(root, n_texts: int = 6):
+    """For CLI tests: the tiny GPT-2 saved in ``root/model`` and ``n_texts`` lines of :data:`CORPUS` in
+    ``root/corpus.txt``; returns both paths."""
+    from pathlib import Path
+
+    root = Path(root)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS[:n_texts]) + "\n")
+    return saved_tiny_model(root / "model"), corpus

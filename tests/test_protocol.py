@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CORPUS, corpus_cov, tiny_adapter
+from helpers import corpus_cov, saved_model_and_corpus, tiny_adapter
 from superedit.data import EditRequest
 from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, KeelHParams, MEMITHParams, ROMEHParams,
                                       UltraEditHParams)
@@ -141,12 +141,7 @@ def test_cli_edit_sequential_d4s_equals_lifelong(tmp_path, monkeypatch):
     from superedit.commands.lifelong import load_stream
 
     monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
-    adapter = tiny_adapter("gpt2")
-    mdir = tmp_path / "model"
-    adapter.model.save_pretrained(mdir)
-    adapter.tokenizer.save_pretrained(mdir)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS[:6]) + "\n")
+    mdir, corpus = saved_model_and_corpus(tmp_path)
     reqs = tmp_path / "reqs.jsonl"
     reqs.write_text("\n".join(json.dumps(r.to_dict()) for r in REQS[:3]) + "\n")
     hp = tmp_path / "hp.yaml"
@@ -184,12 +179,7 @@ def test_cli_lifelong_probe_requests_leaves_out_what_the_stream_edits(tmp_path, 
     from superedit.commands.lifelong import load_stream
 
     monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
-    adapter = tiny_adapter("gpt2")
-    mdir = tmp_path / "model"
-    adapter.model.save_pretrained(mdir)
-    adapter.tokenizer.save_pretrained(mdir)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS[:6]) + "\n")
+    mdir, corpus = saved_model_and_corpus(tmp_path)
     reqs = tmp_path / "reqs.jsonl"
     reqs.write_text("\n".join(json.dumps(r.to_dict()) for r in REQS) + "\n")
     extra = EditRequest(prompt="{} speaks", subject="Anna Berg", target_new="French", target_true="Norwegian",

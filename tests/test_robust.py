@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import CORPUS, bpe_tokenizer, corpus_cov, sp_tokenizer, tiny_adapter
+from helpers import CORPUS, bpe_tokenizer, corpus_cov, sp_tokenizer, saved_model_and_corpus, tiny_adapter
 from superedit.data import EditRequest
 from superedit.editing.hparams import ROMEHParams
 from superedit.robust import perturb
@@ -198,12 +198,7 @@ def test_cli_micro_end_to_end(tmp_path, monkeypatch):
     from superedit.cli import app
 
     monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
-    adapter = tiny_adapter("gpt2")
-    mdir = tmp_path / "model"
-    adapter.model.save_pretrained(mdir)
-    adapter.tokenizer.save_pretrained(mdir)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS[:6]) + "\n")
+    mdir, corpus = saved_model_and_corpus(tmp_path)
     reqs = tmp_path / "reqs.jsonl"
     reqs.write_text("\n".join(json.dumps(r.to_dict()) for r in [REQ, EditRequest(
         prompt="{} is owned by", subject="Google Trends", target_new="Apple", case_id="g")]) + "\n")
