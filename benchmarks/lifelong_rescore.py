@@ -32,8 +32,9 @@ def rescore(run: Path) -> list[dict]:
     from superedit.models import load_model
     from superedit.utils.io import read_jsonl
 
-    command = json.loads((run / "command.json").read_text())
-    model = command["params"].get("model") or "builtin"
+    params = json.loads((run / "command.json").read_text())["params"]
+    model = params.get("model") or "builtin"
+    place = {k: params.get(k) for k in ("device", "dtype", "device_map")}  # as the run loaded it
     stream = [EditRequest.from_dict(r) for r in read_jsonl(run / "stream.jsonl")]
     probe = Probe.from_dict(json.loads((run / "probe.json").read_text()))
     recorded = {}
@@ -43,7 +44,10 @@ def rescore(run: Path) -> list[dict]:
     for method, final in recorded.items():
         led = Ledger.open(run / method / "ledger")
         n = final["n_edits"]
-        adapter = load_model(model)
+        if not final.get("final") or len(led.edits) != final.get("n_batches"):
+            raise SystemExit(f"{run}/{method}: the run is unfinished (last checkpoint at {n} edits, "
+                             f"{len(led.edits)} ledger entries); finish it with --resume first")
+        adapter = load_model(model, **place)
         with torch.no_grad():
             led.apply_to(adapter)
         res = batch_evaluate(adapter, stream[:n], probe.max_neighbours, True, probe.eval_batch_size)
@@ -71,7 +75,8 @@ def main() -> None:
     print("| method | edits | " + " | ".join(f"{n} (95% CI)" for _, n in SCORES) + " |")
     print("|---|---|" + "---|" * len(SCORES))
     for r in rows:
-        cells = [f"{r[n]['mean']:.2f} ({r[n]['ci'][0]:.2f}–{r[n]['ci'][1]:.2f}), n {r[n]['n']}" for _, n in SCORES]
+        cells = [f"{r[n]['mean']:.2f} ({r[n]['ci'][0]:.2f}–{r[n]['ci'][1]:.2f}), n {r[n]['n']}"
+                 if r[n]["mean"] is not None else "–" for _, n in SCORES]
         print(f"| {r['method']} | {r['n_edits']} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -33,6 +33,7 @@ def test_derived_requests_restate_their_source_prompts_with_the_prompts_answer()
     res = derive_stream(records, seed=0)
     by_case = {str(r["case_id"]): r for r in records}
     derived = [r for r in res.eval_records if "derived_from" in r]
+    facts = {_key(r): r["requested_rewrite"]["target_true"]["str"] for r in res.eval_records}
     assert len(derived) > 2 * len(records)  # the point: many more requests than rewrites
     objects = {}
     for r in records:
@@ -53,6 +54,11 @@ def test_derived_requests_restate_their_source_prompts_with_the_prompts_answer()
         assert all(rw["subject"] in p for p in rec["paraphrase_prompts"])
         own = {src["prompt"], *rec["paraphrase_prompts"]}
         assert own.isdisjoint(rec["neighborhood_prompts"])  # neighbours are other subjects' prompts
+        subs = rec["neighborhood_subjects"]
+        assert len(subs) == len(set(subs)) == len(rec["neighborhood_prompts"]) and rw["subject"] not in subs
+        assert all(s in p for s, p in zip(subs, rec["neighborhood_prompts"]))
+        # each neighbour is a fact of the same relation with the same answer, read from the file
+        assert all(facts.get((s, rw["relation_id"])) in (None, rw["target_true"]["str"]) for s in subs)
 
 
 def test_one_request_per_subject_and_relation_and_the_rewrites_kept_unchanged():
@@ -96,13 +102,49 @@ def test_deterministic_and_independent_of_record_order():
         [r["requested_rewrite"]["target_new"] for r in a.eval_records]
 
 
+def test_a_rewrite_is_kept_when_a_derived_prompt_contradicts_it():
+    rec = {"case_id": 1, "requested_rewrite": {"prompt": "{} is owned by", "relation_id": "P127", "subject": "Acme",
+                                               "target_true": {"str": "Google"}, "target_new": {"str": "Apple"}},
+           "neighborhood_prompts": ["Widget is owned by", "Gadget is owned by"],
+           "attribute_prompts": ["Acme is owned by", "Gizmo is owned by"]}  # says Acme → Apple
+    res = derive_stream([rec])
+    assert res.eval_records[0] == rec
+    keys = [_key(r) for r in res.eval_records]
+    assert keys.count(("Acme", "P127")) == 1 and ("Widget", "P127") in keys and ("Gizmo", "P127") in keys
+    assert res.report["dropped"] == {"a rewrite's own subject and relation": 1}
+
+
+def test_neighbours_the_stream_edits_are_not_scored():
+    from superedit.data import EditRequest
+    from superedit.lifelong.runner import unedited_neighbours
+
+    def req(subject, neighbours=None):
+        meta = {"neighborhood_subjects": neighbours} if neighbours is not None else {}
+        return EditRequest(prompt="{} is owned by", subject=subject, target_new="Apple", target_true="Google",
+                           relation_id="P127", neighborhood_prompts=[f"{n} is owned by" for n in neighbours or []],
+                           neighborhood_answers=["Google"] * len(neighbours or []), meta=meta)
+
+    a, b, c = req("A", ["B", "X", "C"]), req("B", ["A", "Y"]), req("C")
+    out = unedited_neighbours([a, b, c], [a, b, c])
+    assert out[0].neighborhood_prompts == ["X is owned by"] and out[0].meta["neighborhood_subjects"] == ["X"]
+    assert out[1].neighborhood_prompts == ["Y is owned by"] and out[1].neighborhood_answers == ["Google"]
+    assert out[2] is c
+    other = EditRequest(prompt="{} speaks", subject="X", target_new="French", target_true="English",
+                        relation_id="P37")  # X edited under another relation: its P127 answer still holds
+    assert unedited_neighbours([a], [a, other])[0].neighborhood_prompts == ["B is owned by", "X is owned by",
+                                                                             "C is owned by"]
+
+
 def test_malformed_records_are_refused():
     with pytest.raises(RequestFormatError, match="record 0"):
         derive_stream([{"case_id": 1, "requested_rewrite": {"prompt": "no slot", "subject": "x"}}])
     with pytest.raises(RequestFormatError, match="list"):
         derive_stream([{"case_id": 1, "requested_rewrite": [{}]}])
-    with pytest.raises(RequestFormatError, match="target_new"):
+    with pytest.raises(RequestFormatError, match="relation_id"):
         derive_stream([{"case_id": 1, "requested_rewrite": {"prompt": "{} is", "subject": "x",
+                                                             "target_true": {"str": "a"}, "target_new": {"str": "b"}}}])
+    with pytest.raises(RequestFormatError, match="target_new"):
+        derive_stream([{"case_id": 1, "requested_rewrite": {"prompt": "{} is", "subject": "x", "relation_id": "P1",
                                                              "target_true": {"str": "a"}}}])
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from superedit.report.lifelong_report import final_table, load_metrics
 
 COLUMNS = [("efficacy_all", "efficacy, all"), ("efficacy_ci", "95% CI"), ("efficacy_last_block", "last block"),
-           ("efficacy_last_block_ci", "95% CI"), ("paraphrase_all", "paraphrase"), ("paraphrase_all_ci", "95% CI"),
-           ("neighborhood_all", "neighbourhood"), ("neighborhood_all_ci", "95% CI"),
+           ("efficacy_last_block_n", "n"), ("efficacy_last_block_ci", "95% CI"), ("paraphrase_all", "paraphrase"),
+           ("paraphrase_all_n", "n"), ("paraphrase_all_ci", "95% CI"), ("neighborhood_all", "neighbourhood"),
+           ("neighborhood_all_n", "n"), ("neighborhood_all_ci", "95% CI"),
            ("forgetting_mean", "forgetting / block"),
            ("untouched_retention", "untouched retention"), ("untouched_retention_n", "n"),
            ("untouched_retention_ci", "95% CI"),

@@ -175,6 +175,7 @@ def register(app) -> None:
         if probe_pool is not None:
             edited = {(r.subject, r.relation_id or r.prompt) for r in stream}
             heldout = [r for r in probe_pool if (r.subject, r.relation_id or r.prompt) not in edited]
+            random.Random(f"lifelong-probe:{seed}").shuffle(heldout)  # --probe-n takes a sample, not the head
             log.info("retention probe from %s: %d of %d facts (the rest are edited by the stream)", probe_requests,
                      len(heldout), len(probe_pool))
         stats = None
@@ -186,7 +187,7 @@ def register(app) -> None:
             layers = sorted({l for h in stat_hps for l in h.layers})
             stats = CorpusCovariance(adapter0, corpus or stat_hps[0].mom2_corpus or None, n_tokens=max(ntok),
                                      max_length=stat_hps[0].mom2_max_length, layers=layers)
-        if testbed_meta(model_dir) is not None and not requests:
+        if testbed_meta(model_dir) is not None and not requests and not probe_requests:
             probe = testbed_probe(model_dir, stream, probe_n, seed)
         else:
             texts = []

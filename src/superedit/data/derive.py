@@ -13,11 +13,15 @@ this way becomes a request of its own:
   for that relation (keyed by subject and relation, so a request does not depend on file order);
 - paraphrase prompts: the relation's other templates filled with the subject (clean ParaRel
   templates, unlike CounterFact's own paraphrases, which start with an unrelated sentence);
-- neighbourhood prompts: prompts of other subjects of the same relation and true object.
+- neighbourhood prompts: one prompt each of up to 10 other subjects of the same relation and true
+  object, with those subjects in ``neighborhood_subjects``. Most of them are requests of the stream
+  themselves; a lifelong run scores only the neighbours whose subject (with that relation) it never
+  edits (:func:`superedit.lifelong.runner.unedited_neighbours`), since an edited neighbour's old
+  answer is no longer a test of specificity.
 
-The file's own rewrites are kept as they are. One request per (subject, relation): a fact read with
-two different answers is dropped (the file contradicts itself), and so is a derived fact about a
-rewrite's own subject and relation. Whether the model *knows* each fact is a separate step
+The file's own rewrites are kept as they are (records need ``relation_id``). One request per
+(subject, relation): a derived fact read with two different answers is dropped (the file contradicts
+itself), and so is a derived fact about a rewrite's own subject and relation. Whether the model *knows* each fact is a separate step
 (``superedit data known``), as for any dataset file.
 
 Tuning and evaluation stay disjoint by subject: with ``tune_case_ids`` the rewrites of those records
@@ -85,7 +89,10 @@ def derive_stream(records: Sequence[dict], seed: int = 0, tune_case_ids: Iterabl
         if not isinstance(rec, dict):
             raise RequestFormatError(f"{source}: record {i} is a {type(rec).__name__}, not an object")
         rw = _rewrite(rec, i, source)
-        rid = str(rw.get("relation_id") or rw["prompt"])
+        if not rw.get("relation_id"):
+            raise RequestFormatError(f"{source}: record {i}: requested_rewrite.relation_id is missing; derive needs "
+                                     "it to group facts by relation (one request per subject and relation)")
+        rid = str(rw["relation_id"])
         case = str(rec.get("case_id", i))
         side = "tune" if case in tune_ids else "eval"
         templates[rid].add(rw["prompt"])
@@ -146,7 +153,7 @@ def derive_stream(records: Sequence[dict], seed: int = 0, tune_case_ids: Iterabl
         if f["kind"] != "rewrite" and key in rewrite_keys:
             dropped["a rewrite's own subject and relation"] += 1
             continue
-        if len(answers[key]) > 1:
+        if f["kind"] != "rewrite" and len(answers[key]) > 1:
             dropped["the file gives this subject and relation two answers"] += 1
             continue
         if key in seen:
@@ -168,7 +175,7 @@ def derive_stream(records: Sequence[dict], seed: int = 0, tune_case_ids: Iterabl
         per_relation[f["relation"]] += 1
     report = {
         "format": "superedit-derived-stream/1", "seed": seed, "n_source_records": len(records),
-        "n_prompts": len(prompts), "n_prompts_read": len(parsed),
+        "n_prompts": len(set(prompts)), "n_prompts_read": len(parsed),
         "n_eval": len(out["eval"]), "n_tune": len(out["tune"]),
         "per_kind": dict(sorted(kinds.items())), "per_relation": dict(sorted(per_relation.items())),
         "dropped": dict(sorted(dropped.items())),
@@ -187,8 +194,12 @@ def _derived_record(f: dict, objects: dict[str, Any], templates: set[str],
     new = rng.choice(choices)
     others = sorted(t for t in templates if t != f["template"])
     paraphrases = [t.replace("{}", subject) for t in rng.sample(others, min(MAX_PARAPHRASES, len(others)))]
-    neighbours = sorted({t.replace("{}", s) for s, t in by_answer[(rid, true)] if s != subject})
-    neighbours = rng.sample(neighbours, min(MAX_NEIGHBOURS, len(neighbours)))
+    by_subject: dict[str, list[str]] = defaultdict(list)  # one prompt per neighbouring subject
+    for s, t in by_answer[(rid, true)]:
+        if s != subject:
+            by_subject[s].append(t.replace("{}", s))
+    chosen = rng.sample(sorted(by_subject), min(MAX_NEIGHBOURS, len(by_subject)))
+    pairs = [(rng.choice(sorted(set(by_subject[s]))), s) for s in chosen]
 
     def obj(s):
         return {"str": s, "id": objects.get(s)} if objects.get(s) is not None else {"str": s}
@@ -198,7 +209,8 @@ def _derived_record(f: dict, objects: dict[str, Any], templates: set[str],
         "requested_rewrite": {"prompt": f["template"], "relation_id": rid, "subject": subject,
                               "target_new": obj(new), "target_true": obj(true)},
         "paraphrase_prompts": paraphrases,
-        "neighborhood_prompts": neighbours,
+        "neighborhood_prompts": [p for p, _ in pairs],
+        "neighborhood_subjects": [s for _, s in pairs],
         "attribute_prompts": [],
         "generation_prompts": [],
         "derived_from": {"case_id": f["case"], "kind": f["kind"], "prompt": f["prompt"]},

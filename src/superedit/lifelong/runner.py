@@ -143,6 +143,12 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
     else:
         methods_all = list(methods)
         write_jsonl_atomic(out / "stream.jsonl", [r.to_dict() for r in stream])
+    probe_file = out / "probe.json"
+    if probe_file.exists() and probe.facts:
+        saved_facts = json.loads(probe_file.read_text()).get("facts", [])
+        if [(f["prompt"], f["target"]) for f in saved_facts] != [(f["prompt"], f["target"]) for f in probe.facts]:
+            raise SupereditError(f"{probe_file}: the retention probe differs from the one this run started with "
+                                 "(other --probe-requests/--probe-n/--requests?); resume with the original options")
     config.update({"methods": methods_all, "hparams": {m: hparams_by_method[m].to_dict() for m in methods},
                    "probe": {"facts": len(probe.facts), "texts": len(probe.texts), "all_facts": len(probe.all_facts),
                              "source": probe.source}})
@@ -150,7 +156,6 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         config["hparams"] = {**json.loads(run_file.read_text()).get("hparams", {}), **config["hparams"]}
     write_json_atomic(run_file, config)
 
-    probe_file = out / "probe.json"
     if probe_file.exists():
         probe = Probe.from_dict(json.loads(probe_file.read_text()))
     else:  # questions about tuples the stream edits measure the edits, not general ability
@@ -351,6 +356,32 @@ def _record_probs(adapter, batch, start, index, steps_path, steps, probe) -> dic
     return rec
 
 
+def unedited_neighbours(requests: Sequence, stream: Sequence) -> list:
+    """``requests`` with every neighbourhood prompt about a (subject, relation) that ``stream`` edits left out.
+
+    Only requests that name their neighbours' subjects (``meta["neighborhood_subjects"]``, one per prompt,
+    as ``superedit data derive`` writes them) can be filtered; the others are returned as they are. A
+    neighbour the stream edits is expected to change, so its old answer no longer tests specificity; the
+    same neighbours are left out at every checkpoint, so the figures of a run stay comparable."""
+    from dataclasses import replace
+
+    edited = {(r.subject, r.relation_id) for r in stream}
+    out = []
+    for r in requests:
+        subjects = (r.meta or {}).get("neighborhood_subjects")
+        if not subjects or len(subjects) != len(r.neighborhood_prompts):
+            out.append(r)
+            continue
+        keep = [i for i, s in enumerate(subjects) if (s, r.relation_id) not in edited]
+        if len(keep) == len(subjects):
+            out.append(r)
+            continue
+        out.append(replace(r, neighborhood_prompts=[r.neighborhood_prompts[i] for i in keep],
+                           neighborhood_answers=[r.neighborhood_answers[i] for i in keep],
+                           meta={**r.meta, "neighborhood_subjects": [subjects[i] for i in keep]}))
+    return out
+
+
 def _per_edit(steps: dict, n: int, key: str) -> list:
     out = [None] * n
     for s, r in steps.items():
@@ -366,7 +397,7 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
     prev = max([k for k in recorded if k < n], default=0)
     rec: dict[str, Any] = {"method": method, "n_edits": n, "n_batches": len(led.edits), "final": n == len(stream),
                            "last_block": [prev, n], "layers_edited": list(led.layers)}
-    done = stream[:n]
+    done = unedited_neighbours(stream[:n], stream)
     res = batch_evaluate(adapter, done, probe.max_neighbours, True, probe.eval_batch_size) if n else []
     for key, name in (("efficacy_score", "efficacy"), ("paraphrase_score", "paraphrase"),
                       ("neighborhood_score", "neighborhood"), ("efficacy_magnitude", "efficacy_magnitude")):

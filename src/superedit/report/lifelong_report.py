@@ -590,6 +590,7 @@ def final_table(runs: dict[str, list[dict]]) -> list[dict]:
         for name in ("paraphrase", "neighborhood"):  # bootstrap over the per-edit shares (runs since they are saved)
             ci = r.get(f"{name}_all_ci")
             row[f"{name}_all_ci"] = f"{ci[0]:.2f}–{ci[1]:.2f}" if ci and None not in ci else None
+            row[f"{name}_all_n"] = r.get(f"{name}_all_n")
         row["untouched_retention_n"] = n_recalled(r)
         row["untouched_retention_ci"] = _ci_text(r.get("untouched_retention"), n_recalled(r))
         for part in ("other", "edited"):
