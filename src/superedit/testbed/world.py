@@ -498,7 +498,7 @@ def induce_templates(templates: dict[str, set[str]], prompts: list[tuple[str, st
         for rid, prompt in prompts:
             if (rid, prompt) in parsed:
                 continue
-            for t in sorted(templates.get(rid, ()), key=len, reverse=True):
+            for t in sorted(templates.get(rid, ()), key=lambda t: (-len(t), t)):  # ties in a fixed order
                 m = _template_regex(t).match(prompt)
                 if m and len(m.group(1).strip()) > 1 and m.group(1) == m.group(1).strip():
                     parsed[(rid, prompt)] = (m.group(1), t)
@@ -507,7 +507,7 @@ def induce_templates(templates: dict[str, set[str]], prompts: list[tuple[str, st
             else:
                 unmatched.append((rid, prompt))
         proposals: set[tuple[str, str]] = set()
-        by_len = sorted((s for s in subjects if len(s) > 1), key=len, reverse=True)
+        by_len = sorted((s for s in subjects if len(s) > 1), key=lambda s: (-len(s), s))
         for rid, prompt in unmatched:
             for subj in by_len:
                 i = prompt.find(subj)
