@@ -139,7 +139,9 @@ def render(args) -> None:
                      f"{r['l1_growth_final']:.3f} | {_ci(inc, '{:.2f}')} | {_ci(r['efficacy_at_edit'], '{:.2f}')} | "
                      f"{_ci(r['efficacy_final'], '{:.2f}')} | "
                      f"{r['perplexity_ratio']:.3f} | {_share(a, 'known_retention')} | {ba('known_mc')} | "
-                     f"{ba('mqd_tf')} | {ba('mqd_mc')} |" if r["perplexity_ratio"] is not None else
+                     f"{ba('mqd_tf')} | {ba('mqd_mc')} |"
+                     if all(r.get(k) is not None for k in ("perplexity_ratio", "l1_growth_final", "objective_ppl_median"))
+                     else
                      f"| {r['type']} | {r['method']} | {r['n_edits']} | (incomplete) |")
     lines += ["", "| method | edits | ρ(log PPL, L1 added by the edit) [95% CI] | same, position held fixed | "
               "ρ(log PPL, change of ‖W‖₁) [95% CI] | same, position held fixed | n |",
