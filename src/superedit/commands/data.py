@@ -51,8 +51,8 @@ def register(app) -> None:
 
         n_excluded = 0
         if exclude:
-            held = {(r.subject, r.relation_id or r.prompt) for r in load_requests(exclude)}
-            kept = [r for r in reqs if (r.subject, r.relation_id or r.prompt) not in held]
+            held = {r.fact_key for r in load_requests(exclude)}
+            kept = [r for r in reqs if r.fact_key not in held]
             n_excluded = len(reqs) - len(kept)
             reqs = kept
 

@@ -173,8 +173,8 @@ def register(app) -> None:
             log.warning("only %d requests available; running %d edits instead of %d", len(reqs), len(reqs), edits)
         stream, heldout = reqs[:edits], reqs[edits:]
         if probe_pool is not None:
-            edited = {(r.subject, r.relation_id or r.prompt) for r in stream}
-            heldout = [r for r in probe_pool if (r.subject, r.relation_id or r.prompt) not in edited]
+            edited = {r.fact_key for r in stream}
+            heldout = [r for r in probe_pool if r.fact_key not in edited]
             random.Random(f"lifelong-probe:{seed}").shuffle(heldout)  # --probe-n takes a sample, not the head
             log.info("retention probe from %s: %d of %d facts (the rest are edited by the stream)", probe_requests,
                      len(heldout), len(probe_pool))

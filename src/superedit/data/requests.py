@@ -265,6 +265,12 @@ class EditRequest:
         """The prompt with the subject filled in (the target follows after one space)."""
         return self.prompt.replace("{}", self.subject, 1)
 
+    @property
+    def fact_key(self) -> tuple[str, str]:
+        """The fact the request is about: (subject, relation_id), the template standing in for a missing
+        relation id. Two requests with the same key rewrite the same fact."""
+        return self.subject, self.relation_id or self.prompt
+
     def __hash__(self) -> int:  # lists make the generated hash fail; hash the identity
         return hash((self.case_id, self.prompt, self.subject, self.target_new, self.target_true, self.source))
 

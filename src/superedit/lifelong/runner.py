@@ -144,9 +144,9 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         methods_all = list(methods)
         write_jsonl_atomic(out / "stream.jsonl", [r.to_dict() for r in stream])
     probe_file = out / "probe.json"
-    if probe_file.exists() and probe.facts:
-        saved_facts = json.loads(probe_file.read_text()).get("facts", [])
-        if [(f["prompt"], f["target"]) for f in saved_facts] != [(f["prompt"], f["target"]) for f in probe.facts]:
+    saved_probe = Probe.from_dict(json.loads(probe_file.read_text())) if probe_file.exists() else None
+    if saved_probe is not None and probe.facts:
+        if [(f["prompt"], f["target"]) for f in saved_probe.facts] != [(f["prompt"], f["target"]) for f in probe.facts]:
             raise SupereditError(f"{probe_file}: the retention probe differs from the one this run started with "
                                  "(other --probe-requests/--probe-n/--requests?); resume with the original options")
     config.update({"methods": methods_all, "hparams": {m: hparams_by_method[m].to_dict() for m in methods},
@@ -156,8 +156,8 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         config["hparams"] = {**json.loads(run_file.read_text()).get("hparams", {}), **config["hparams"]}
     write_json_atomic(run_file, config)
 
-    if probe_file.exists():
-        probe = Probe.from_dict(json.loads(probe_file.read_text()))
+    if saved_probe is not None:
+        probe = saved_probe
     else:  # questions about tuples the stream edits measure the edits, not general ability
         restrict_ability(probe, stream)
     # statistics of the BASE model, before any method touches weights
@@ -365,14 +365,14 @@ def unedited_neighbours(requests: Sequence, stream: Sequence) -> list:
     same neighbours are left out at every checkpoint, so the figures of a run stay comparable."""
     from dataclasses import replace
 
-    edited = {(r.subject, r.relation_id) for r in stream}
+    edited = {r.fact_key for r in stream}
     out = []
     for r in requests:
         subjects = (r.meta or {}).get("neighborhood_subjects")
         if not subjects or len(subjects) != len(r.neighborhood_prompts):
             out.append(r)
             continue
-        keep = [i for i, s in enumerate(subjects) if (s, r.relation_id) not in edited]
+        keep = [i for i, s in enumerate(subjects) if (s, r.fact_key[1]) not in edited]
         if len(keep) == len(subjects):
             out.append(r)
             continue
