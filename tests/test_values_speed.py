@@ -212,8 +212,9 @@ def test_fast_values_skip_what_cannot_change(adapter, monkeypatch):
 
     def spy(self, *args, **kwargs):
         if torch.is_grad_enabled() and len(self.owner) > len(ITEMS):  # a step's prompt rows (not the KL rows)
-            steps_seen.append((len(self.owner), sum(len(g.rows) * (g.width - g.start) for g in self.groups),
-                               int(self.attention_mask.sum())))
+            rows = torch.cat([g.rows for g in self.groups])  # the rows this step forwards
+            steps_seen.append((len(rows), sum(g.computed_tokens for g in self.groups),
+                               int(self.attention_mask[rows].sum())))
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(values._Rows, "forward_reads", spy)

@@ -86,29 +86,27 @@ def requests_per_pass(n_prefixes: int, chunk_rows: int = 512) -> int:
     return max(1, chunk_rows // max(1, n_prefixes))
 
 
-#: cost of one extra forward+backward pass, in row-tokens, when rows are grouped by where δ enters
-#: (:func:`plan_groups`); a rough guess, not tuned: it only decides how many groups a plan makes
-#: (SmolLM2's ROME profile: the unprefixed row and the 5 prefixed rows become 2 groups)
-PASS_COST_TOKENS = 16
+#: cost of one extra forward+backward pass, in row-tokens, when rows are grouped by how many positions a
+#: step recomputes (:func:`plan_groups`); a rough guess, not tuned: it only decides how many groups a plan
+#: makes. Measured on SmolLM2 (85 requests × 6 prompt rows): 3 groups instead of one pass per row length
+PASS_COST_TOKENS = 64
 
 
-def plan_groups(split: list[int], length: list[int], pass_cost: int = PASS_COST_TOKENS) -> list[list[int]]:
-    """Partition rows into groups that are forwarded separately from the group's first δ position on.
+def plan_groups(sizes: list[int], pass_cost: int = PASS_COST_TOKENS) -> list[list[int]]:
+    """Partition rows into groups forwarded together, each padded to its longest member.
 
-    Row ``r`` only needs positions ``split[r] .. length[r]-1`` recomputed each step (causal attention:
-    nothing before the position where δ is added depends on δ). A group starts at the smallest split
-    of its rows and ends at its longest row, so it costs ``rows · (max length − min split)`` row-tokens,
-    plus ``pass_cost`` per group. Rows sorted by split; contiguous groups; the partition minimising
-    the total (dynamic programming, O(rows²)). Returns lists of row indices."""
-    order = sorted(range(len(split)), key=lambda r: (split[r], length[r]))
+    Row ``r`` needs ``sizes[r]`` positions recomputed each step (from where δ enters to its last read,
+    aligned at column 0 by :meth:`_Rows.plan`). A group of ``g`` rows costs ``g · max size`` row-tokens
+    plus ``pass_cost`` for the pass itself. Rows sorted by size; contiguous groups; the partition
+    minimising the total (dynamic programming, O(rows²)). Returns lists of row indices."""
+    order = sorted(range(len(sizes)), key=lambda r: sizes[r])
     n = len(order)
     best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        longest = 0
+        longest = sizes[order[j - 1]]  # sorted: the group's last row is its longest
         for i in range(j, 0, -1):  # group = sorted rows i-1 .. j-1
-            longest = max(longest, length[order[i - 1]])
-            cost = best[i - 1] + (j - i + 1) * (longest - split[order[i - 1]]) + pass_cost
+            cost = best[i - 1] + (j - i + 1) * longest + pass_cost
             if cost < best[j]:
                 best[j], cut[j] = cost, i - 1
     groups, j = [], n
@@ -120,28 +118,68 @@ def plan_groups(split: list[int], length: list[int], pass_cost: int = PASS_COST_
 
 @dataclass
 class _Group:
-    """Rows forwarded together from position ``start`` on; the model's KV cache holds positions before it.
+    """Rows forwarded together; each row's recomputed positions start at column 0 (aligned).
 
-    ``rows`` (g,) index the row set; ``reads`` (r,) its reads, found at ``(read_row, read_col)`` of
-    this group's output (g, width − start, d_model)."""
+    Row ``i`` of the group (``rows[i]`` of the row set, offset ``o_i``) recomputes its positions
+    ``o_i .. o_i + L - 1`` as columns ``0 .. L-1`` of ``ids``/``pos``/``hidden`` (g, L[, d_model]); its
+    positions before ``o_i`` sit in ``cache`` (the model's KV cache, left-padded to the group's
+    largest offset S), and ``mask`` (g, S + L) covers both. δ is added at ``delta_col`` (g,); ``reads``
+    (r,) index the row set's reads, found at ``(read_row, read_col)`` of the group's output."""
 
     rows: torch.Tensor
-    start: int
-    width: int
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor | None
+    hidden: torch.Tensor | None
+    delta_col: torch.Tensor
     cache: object | None
     reads: torch.Tensor
     read_row: torch.Tensor
     read_col: torch.Tensor
+
+    def subset(self, keep: torch.Tensor) -> "_Group | None":
+        """The group restricted to its rows with ``keep`` (g,) True (None if none is): the KV cache's rows
+        selected (a copy), trailing columns no kept row uses cut."""
+        if not bool(keep.any()):
+            return None
+        if bool(keep.all()):
+            return self
+        idx = torch.nonzero(keep).flatten()
+        S = self.mask.shape[1] - self.ids.shape[1]
+        L = int(self.mask[idx, S:].sum(1).max())
+        local = torch.cumsum(keep, 0) - 1
+        read_keep = keep[self.read_row]
+        cache = None
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)
+            cache.batch_select_indices(idx)
+        return _Group(self.rows[idx], self.ids[idx, :L], self.mask[idx, :S + L],
+                      None if self.pos is None else self.pos[idx, :L],
+                      None if self.hidden is None else self.hidden[idx, :L], self.delta_col[idx], cache,
+                      self.reads[read_keep], local[self.read_row[read_keep]], self.read_col[read_keep])
+
+    @property
+    def computed_tokens(self) -> int:
+        """Row-tokens one step forwards for this group (padding included)."""
+        return int(self.ids.numel())
+
+
+def _shifted(t: torch.Tensor, offset: torch.Tensor, width: int, valid: torch.Tensor, fill=0) -> torch.Tensor:
+    """``out[i, j] = t[i, offset[i] + j]`` where ``valid[i, j]``, else ``fill``; (g, width[, ...])."""
+    cols = (offset[:, None] + torch.arange(width, device=t.device)[None]).clamp(0, t.shape[1] - 1)
+    out = t[torch.arange(t.shape[0], device=t.device)[:, None], cols]
+    keep = valid.view(*valid.shape, *([1] * (t.dim() - 2)))
+    return torch.where(keep, out, torch.as_tensor(fill, dtype=t.dtype, device=t.device))
 
 
 @dataclass
 class _Rows:
     """Prompt rows forwarded together, and the positions whose logits the loss reads.
 
-    Shapes: ``input_ids``/``attention_mask`` (rows, seq); ``subject_last``, ``owner`` (rows,) — where δ
-    is added and which request's δ; ``read_row``, ``read_col``, ``label`` (reads,); ``hidden`` (rows,
-    seq, d_model), the cached input of the edited block (None: forward from the embeddings);
-    ``groups``: how the rows are forwarded (None: all together from position 0)."""
+    Shapes: ``input_ids``/``attention_mask`` (rows, seq), right-padded; ``subject_last``, ``owner``
+    (rows,) — where δ is added and which request's δ; ``read_row``, ``read_col``, ``label`` (reads,);
+    ``hidden`` (rows, seq, d_model), the cached input of the edited block (None: forward from the
+    embeddings); ``groups``: how the rows are forwarded (None: all together from position 0)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -158,70 +196,82 @@ class _Rows:
     def inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
 
-    def select(self, keep: torch.Tensor) -> "_Rows":
-        """The rows of the requests with ``keep[request]`` True, trailing all-padding columns cut
-        (``groups`` reset: call :meth:`plan` again)."""
-        row_keep = keep[self.owner]
-        new_index = torch.cumsum(row_keep, 0) - 1
-        read_keep = row_keep[self.read_row]
-        mask = self.attention_mask[row_keep]
-        width = int(torch.nonzero(mask.any(0)).max()) + 1
-        return replace(self, input_ids=self.input_ids[row_keep, :width], attention_mask=mask[:, :width],
-                       subject_last=self.subject_last[row_keep], owner=self.owner[row_keep],
-                       read_row=new_index[self.read_row[read_keep]], read_col=self.read_col[read_keep],
-                       label=self.label[read_keep], row_len=self.row_len[row_keep],
-                       hidden=None if self.hidden is None else self.hidden[row_keep, :width], groups=None)
+    def keep_requests(self, keep: torch.Tensor) -> "_Rows":
+        """The planned groups cut to the rows of the requests with ``keep[request]`` True (each group's
+        KV cache is row-selected, not recomputed); the row set and its indices stay as they are, so
+        :meth:`planned_reads` says which reads :meth:`forward_reads` then returns."""
+        groups = [g.subset(keep[self.owner[g.rows]]) for g in self.groups or []]
+        return replace(self, groups=[g for g in groups if g is not None])
+
+    def planned_reads(self) -> torch.Tensor:
+        """Indices of the reads the planned groups compute, in the order :meth:`forward_reads` returns them."""
+        return torch.sort(torch.cat([g.reads for g in self.groups or []])).values
 
     def plan(self, adapter: ModelAdapter, by_split: bool) -> "_Rows":
-        """Set ``groups``: with ``by_split`` rows are grouped by where δ enters (:func:`plan_groups`) and
-        each group's positions before its start are run once, no grad, into the model's KV cache."""
-        lengths = self.attention_mask.sum(1).tolist()
-        splits = self.subject_last.tolist()
-        groups = plan_groups(splits, lengths) if by_split else [list(range(len(lengths)))]
+        """Set ``groups``. With ``by_split`` each row recomputes only its positions from where δ enters
+        on (causal attention: nothing before depends on δ), aligned at column 0, its earlier positions
+        run once, no grad, into the model's KV cache (left-padded, with explicit position ids); rows
+        are grouped by how many positions they recompute (:func:`plan_groups`). Without, one group of
+        whole rows from position 0."""
+        dev = self.input_ids.device
+        lengths = self.attention_mask.sum(1)
+        offsets = self.subject_last if by_split else torch.zeros_like(lengths)
+        sizes = (lengths - offsets).tolist()
+        groups = plan_groups(sizes) if by_split else [list(range(len(sizes)))]
+        pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
         planned = []
         for members in groups:
-            rows = torch.tensor(members, device=self.input_ids.device)
-            start = min(splits[r] for r in members) if by_split else 0
-            width = max(lengths[r] for r in members)
-            cache = None
-            if start > 0:
+            rows = torch.tensor(members, device=dev)
+            o, n_new = offsets[rows], lengths[rows] - offsets[rows]
+            S, L = int(o.max()), int(n_new.max())
+            ids, mask = self.input_ids[rows], self.attention_mask[rows]
+            valid = torch.arange(L, device=dev)[None] < n_new[:, None]  # (g, L)
+            new_ids = _shifted(ids, o, L, valid, pad)
+            pos = (o[:, None] + torch.arange(L, device=dev)[None]) if S > 0 else None
+            hidden = None if self.hidden is None else _shifted(self.hidden[rows], o, L, valid)
+            cache, full_mask = None, valid.to(mask.dtype)
+            if S > 0:  # positions before each row's offset, left-padded to S
+                pre_valid = torch.arange(S, device=dev)[None] >= (S - o)[:, None]  # (g, S)
+                pre_ids = _shifted(ids, o - S, S, pre_valid, pad)
+                pre_pos = (torch.arange(S, device=dev)[None] - (S - o)[:, None]).clamp_min(0)
                 name = _cache_kwarg(adapter.model)
                 extra = {"logits_to_keep": 1} if _accepts(adapter.model, "logits_to_keep") else {}
                 with torch.no_grad():
-                    out = adapter.model(input_ids=self.input_ids[rows, :start],
-                                        attention_mask=self.attention_mask[rows, :start], use_cache=True, **extra)
+                    out = adapter.model(input_ids=pre_ids, attention_mask=pre_valid.to(mask.dtype),
+                                        position_ids=pre_pos, use_cache=True, **extra)
                 cache = out.get(name)
                 if cache is None:
                     raise RuntimeError(f"the model returned no KV cache under {name!r}")
-            in_group = torch.zeros(len(lengths), dtype=torch.bool, device=rows.device)
+                full_mask = torch.cat([pre_valid.to(mask.dtype), full_mask], dim=1)
+            in_group = torch.zeros(len(sizes), dtype=torch.bool, device=dev)
             in_group[rows] = True
-            local = torch.full((len(lengths),), -1, dtype=torch.long, device=rows.device)
-            local[rows] = torch.arange(len(members), device=rows.device)
+            local = torch.full((len(sizes),), -1, dtype=torch.long, device=dev)
+            local[rows] = torch.arange(len(members), device=dev)
             reads = torch.nonzero(in_group[self.read_row]).flatten()
-            planned.append(_Group(rows, start, width, cache, reads, local[self.read_row[reads]],
-                                  self.read_col[reads] - start))
+            read_row = local[self.read_row[reads]]
+            planned.append(_Group(rows, new_ids, full_mask, pos, hidden, self.subject_last[rows] - o, cache, reads,
+                                  read_row, self.read_col[reads] - o[read_row]))
         return replace(self, groups=planned)
 
     def forward_reads(self, adapter: ModelAdapter, site: str, layer: int, delta_rows: torch.Tensor | None,
                       read_layer: int) -> torch.Tensor:
         """The residual after block ``read_layer`` at the reads (reads, d_model), with ``delta_rows``
-        (rows, d_model) added at ``(site, layer)``; each group resumes at its start (KV cache) and at
-        block ``layer`` (cached input) and stops after ``read_layer``. Keeps autograd."""
+        (rows, d_model) added at ``(site, layer)``; each group resumes after its cached positions (KV
+        cache) and at block ``layer`` (cached input) and stops after ``read_layer``. Keeps autograd."""
         parts, order = [], []
         for g in self.groups or []:
-            ids = self.input_ids[g.rows, g.start:g.width]
-            kwargs = {"attention_mask": self.attention_mask[g.rows, :g.width]}
+            kwargs = {"attention_mask": g.mask}
+            if g.pos is not None:
+                kwargs["position_ids"] = g.pos
             if g.cache is not None:  # a fresh copy: the forward appends to the cache it is given
                 kwargs.update({_cache_kwarg(adapter.model): copy.deepcopy(g.cache), "use_cache": True})
             else:
                 kwargs["use_cache"] = False
-            edits = {} if delta_rows is None else {
-                (site, layer): add_at_positions(self.subject_last[g.rows] - g.start, delta_rows[g.rows])}
-            start = (StartAt(adapter, layer, self.hidden[g.rows, g.start:g.width], self.arity)
-                     if self.hidden is not None else nullcontext())
+            edits = {} if delta_rows is None else {(site, layer): add_at_positions(g.delta_col, delta_rows[g.rows])}
+            start = StartAt(adapter, layer, g.hidden, self.arity) if g.hidden is not None else nullcontext()
             with start, Trace(adapter, reads=[("resid", read_layer)], edits=edits, stop_after=True,
                               detach=False) as tr:
-                adapter.model(input_ids=ids, **kwargs)
+                adapter.model(input_ids=g.ids, **kwargs)
             parts.append(_take(tr["resid", read_layer], g.read_row, g.read_col, self.input_ids.device))
             order.append(g.reads)
         out = torch.cat(parts)
@@ -305,7 +355,15 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
                               subject_spans=[(f[1], f[2]) for f in filled], device=device)
     mask, labels = rw.loss_mask()
     tgt_rows, tgt_cols = torch.nonzero(mask, as_tuple=True)  # every position that predicts a target token
-    nll = _Rows(rw.input_ids, rw.attention_mask, torch.tensor(rw.subject_last, device=device),
+    # a row's last token (the target's last) predicts nothing the loss reads, and with causal attention
+    # no read depends on it: drop it (one position in five on SmolLM2's rows)
+    keep = torch.zeros_like(rw.attention_mask)
+    keep[tgt_rows, tgt_cols] = 1
+    keep = keep.flip(1).cummax(1).values.flip(1) * rw.attention_mask  # every position up to the last read
+    width = int(torch.nonzero(keep.any(0)).max()) + 1
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.where(keep.bool(), rw.input_ids, torch.full_like(rw.input_ids, pad))[:, :width]
+    nll = _Rows(ids, keep[:, :width], torch.tensor(rw.subject_last, device=device),
                 torch.arange(n, device=device).repeat_interleave(n_pre), tgt_rows, tgt_cols,
                 labels[tgt_rows, tgt_cols], mask.sum(1))
     kl = encode_prompts(tok, KL_TEMPLATES * n, [subject for _, subject, _ in items for _ in KL_TEMPLATES],
@@ -355,9 +413,9 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
         with torch.no_grad():
             kl_ref = F.log_softmax(_head(adapter, _take(plain_kl["resid", last], all_kl.read_row, all_kl.read_col,
                                                         device)), dim=-1)
-        kl_ref_rows, kl_rows = kl_ref, all_kl
+        kl_rows = all_kl
         del plain_kl
-    fast = all_nll.hidden is not None or any(g.start > 0 for g in all_nll.groups)
+    fast = all_nll.hidden is not None or any(g.cache is not None for g in all_nll.groups)
 
     delta = torch.zeros_like(v0, requires_grad=True)  # (n, d_model)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -369,17 +427,20 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     nll_rows = all_nll
     for step in range(hp.v_num_grad_steps):
         opt.zero_grad()
+        reads = nll_rows.planned_reads()  # the active requests' reads
         logits = _head(adapter, nll_rows.forward_reads(adapter, site, layer, delta[nll_rows.owner], loss_layer))
-        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, nll_rows.label.unsqueeze(-1)).squeeze(-1)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, nll_rows.label[reads].unsqueeze(-1)).squeeze(-1)
         row_nll = torch.zeros(len(nll_rows.owner), device=device, dtype=logp.dtype).index_add(
-            0, nll_rows.read_row, -logp) / nll_rows.row_len
+            0, nll_rows.read_row[reads], -logp) / nll_rows.row_len
         nll = torch.zeros(n, device=device, dtype=row_nll.dtype).index_add(0, nll_rows.owner, row_nll) / n_pre
         loss = nll + hp.v_weight_decay * delta.norm(dim=1) / v0_norm ** 2
         if use_kl:
+            kl_reads = kl_rows.planned_reads()
             cur = F.log_softmax(_head(adapter, kl_rows.forward_reads(adapter, site, layer, delta[kl_rows.owner], last)),
                                 dim=-1)
-            kl_rowwise = kl_rows_divergence(cur, kl_ref_rows, hp.kl_direction)
-            kl_req = torch.zeros(n, device=device, dtype=kl_rowwise.dtype).index_add(0, kl_rows.owner, kl_rowwise)
+            kl_rowwise = kl_rows_divergence(cur, kl_ref[kl_reads], hp.kl_direction)
+            kl_req = torch.zeros(n, device=device, dtype=kl_rowwise.dtype).index_add(
+                0, kl_rows.owner[kl_rows.read_row[kl_reads]], kl_rowwise)
             loss = loss + hp.kl_factor * kl_req / n_kl
         nll_now = nll.detach()
         for i in torch.nonzero(active).flatten().tolist():
@@ -398,9 +459,9 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
             over = norms > max_norm
             delta[over] *= (max_norm[over] / norms[over]).unsqueeze(1)
         if not torch.equal(active, was_active) and step + 1 < hp.v_num_grad_steps:  # finished requests leave
-            nll_rows = all_nll.select(active).plan(adapter, by_split=fast)
+            nll_rows = nll_rows.keep_requests(active)
             if use_kl:
-                kl_rows, kl_ref_rows = all_kl.select(active).plan(adapter, by_split=fast), kl_ref[active[all_kl.owner]]
+                kl_rows = kl_rows.keep_requests(active)
     delta = delta.detach()
     return [ValueResult(target=v0[i] + delta[i], init=v0[i], delta=delta[i].clone(), nll_history=histories[i],
                         steps=steps[i]) for i in range(n)]
