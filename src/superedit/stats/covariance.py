@@ -410,11 +410,44 @@ class _Accumulator:
             if self.probe_mask is not None:
                 self.probes[layer] = t[self.probe_mask.to(t.device)].to(torch.float64)
             k = t[self.mask.to(t.device)].to(self.mom2[layer].device, torch.float64)  # (n_real, d); pad rows and held-out probes never enter
-            self.mom2[layer].addmm_(k.T, k)
+            upper_gram_update_(self.mom2[layer], k)
             self.sum[layer].add_(k.sum(0))
             return t
 
         return fn
+
+    def full(self, layers: list[int]) -> None:
+        """Fill the lower blocks of ``mom2`` from the upper ones (:func:`upper_gram_update_` writes only
+        those); call before the sums are read or reduced."""
+        for l in layers:
+            symmetrize_from_upper_(self.mom2[l])
+
+
+#: column blocks of the Σ k kᵀ update (:func:`upper_gram_update_`): 4 computes 10 of 16 blocks; measured
+#: on SmolLM2's width (d 1,536, 2,048 tokens, float64, 1 thread): 0.097 s per update against 0.155 s
+GRAM_BLOCKS = 4
+
+
+def _block_edges(d: int, blocks: int) -> list[int]:
+    return [i * d // blocks for i in range(blocks + 1)]
+
+
+def upper_gram_update_(M: torch.Tensor, k: torch.Tensor, blocks: int = GRAM_BLOCKS) -> None:
+    """M += kᵀk (M (d, d), k (n, d)) on M's upper block triangle only, diagonal blocks whole.
+
+    Σ k kᵀ is symmetric, so the blocks below the diagonal are copies: computing only the upper ones
+    saves (blocks − 1)/(2 · blocks) of the float64 multiply-adds (torch has no symmetric rank-k update;
+    BLAS's dsyrk is CPU-only through scipy). Every entry is the same dot product over the same tokens
+    as ``M.addmm_(k.T, k)`` (equal to float64 rounding). :func:`symmetrize_from_upper_` completes M."""
+    e = _block_edges(M.shape[0], blocks)
+    for i in range(blocks):
+        M[e[i]:e[i + 1], e[i]:].addmm_(k[:, e[i]:e[i + 1]].T, k[:, e[i]:])
+
+
+def symmetrize_from_upper_(M: torch.Tensor) -> None:
+    """Copy M's upper triangle (:func:`upper_gram_update_` computes it) onto its lower one, in place:
+    M becomes exactly symmetric."""
+    M.copy_(torch.triu(M) + torch.triu(M, 1).T)
 
 
 class _Convergence:
@@ -522,6 +555,7 @@ def _collect(adapter: ModelAdapter, layers: list[int], corpus: Corpus, n_tokens:
             model.train()
     for l in active:
         counts[l] = total
+    acc.full(layers)
     shard.all_reduce_([acc.mom2[l] for l in layers] + [acc.sum[l] for l in layers])
     records = None
     if stop is not None:
@@ -550,6 +584,7 @@ def _checkpoint(acc: _Accumulator, active: list[int], total: int, conv: _Converg
                 layers: list[int]) -> list[int]:
     """All-reduce the active layers' sums onto rank 0 (the others restart from zero), test them there;
     returns the layers that converged (the same list on every rank)."""
+    acc.full(active)
     shard.all_reduce_([acc.mom2[l] for l in active] + [acc.sum[l] for l in active])
     frozen = []
     if shard.is_main:
