@@ -11,8 +11,8 @@ import torch
 
 from helpers import corpus_cov, saved_model_and_corpus, tiny_adapter
 from superedit.data import EditRequest
-from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, KeelHParams, MEMITHParams, ROMEHParams,
-                                      UltraEditHParams)
+from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, GuardHParams, KeelHParams, MEMITHParams,
+                                      ROMEHParams, UltraEditHParams)
 from superedit.editing.methods import REGISTRY, get_method
 from superedit.editing.methods.protocol import StepResult
 from superedit.editing.run import run_edits
@@ -34,6 +34,8 @@ HPARAMS = {
     "alphaedit": AlphaEditHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, **FAST),
     "ultraedit": UltraEditHParams(layers=[1, 2], lr=1e-3, positions="all"),
     "keel": KeelHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, **FAST),
+    "guard": GuardHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, guard_directions=2,
+                          guard_requests=str(Path(__file__).parent / "data" / "guard_requests.jsonl"), **FAST),
 }
 
 

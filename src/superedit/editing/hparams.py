@@ -337,6 +337,22 @@ class KeelHParams(AlphaEditHParams):
                          "null space (larger: smaller, less exact updates).", gt=0)
 
 
+class GuardHParams(AlphaEditHParams):
+    """guard (superedit): AlphaEdit whose update space also excludes the directions subject keys share.
+
+    The null space of C is cut by the top ``guard_directions`` eigenvectors of the second moment of
+    subject keys of ``guard_requests`` (facts that are never evaluated, e.g. a tuning split), read on
+    the unedited model; see ``editing.methods.guard``.
+    """
+
+    guard_requests: Str = _f("", "Dataset file (JSON/JSONL, any format superedit reads) whose subjects' keys give the "
+                                 "shared directions to protect; must be disjoint from what is evaluated (e.g. the "
+                                 "tuning split of `superedit data known`). Required.")
+    guard_directions: Int = _f(16, "How many top directions of the guard subjects' key second moment are removed "
+                                   "from the update space (0: AlphaEdit).", ge=0)
+    guard_max_requests: Int = _f(256, "At most this many guard requests are read (the first ones).", ge=1)
+
+
 class UltraEditHParams(HParams):
     """UltraEdit (Gu et al. 2025): a training-free closed form with a lifelong normaliser, no key statistics.
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ...errors import SupereditError
-from ..hparams import (AlphaEditHParams, D4SHParams, FTHParams, HParams, KeelHParams, MEMITHParams, ROMEHParams,
-                       UltraEditHParams)
+from ..hparams import (AlphaEditHParams, D4SHParams, FTHParams, GuardHParams, HParams, KeelHParams, MEMITHParams,
+                       ROMEHParams, UltraEditHParams)
 
 
 def _load(path: str) -> Callable:
@@ -102,3 +102,7 @@ register(MethodEntry("keel", KeelHParams, f"{_M}.keel:keel_step", True,
                      "keel (superedit): all edits so far as one least-squares solve against the original weights in "
                      "the null space of the preserved keys' covariance (AlphaEdit's fixed point; undo of any edit).",
                      state=f"{_M}.keel:make_keel_state", undo="any"))
+register(MethodEntry("guard", GuardHParams, f"{_M}.guard:guard_step", True,
+                     "guard (superedit): AlphaEdit whose update space also excludes the top directions shared by "
+                     "subject keys (from guard_requests, never evaluated), where interference adds up over a stream.",
+                     state=f"{_M}.guard:make_guard_state"))
