@@ -89,3 +89,19 @@ def test_guard_without_its_requests_says_what_to_set(path, match):
     hp = GuardHParams(layers=[1], guard_requests=GUARD_FILE, guard_directions=50, **FAST)
     with pytest.raises(UsageError, match="fewer than guard_directions"):
         make_guard_state(adapter, hp, stats).projector(1)
+
+
+def test_guard_with_no_directions_is_alphaedit_and_needs_no_guard_set():
+    from superedit.editing.hparams import AlphaEditHParams
+    from superedit.editing.methods.alphaedit import alphaedit_step
+
+    adapter = tiny_adapter("gpt2")
+    stats = corpus_cov(adapter, [1])
+    common = dict(layers=[1], L2=1.0, nullspace_threshold=0.3, nullspace_relative=True, **FAST)
+    got = guard_step(adapter, REQS, GuardHParams(guard_directions=0, **common), stats)
+    want = alphaedit_step(adapter, REQS, AlphaEditHParams(**common), stats)
+    assert torch.allclose(got.delta.layers[1].dense(dtype=torch.float64), want.delta.layers[1].dense(dtype=torch.float64),
+                          atol=1e-10)
+    with pytest.raises(UsageError, match="exceeds the key width"):
+        make_guard_state(adapter, GuardHParams(guard_directions=adapter.d_mlp + 1, guard_requests=GUARD_FILE, **common),
+                         stats).projector(1)

@@ -249,3 +249,44 @@ def test_a_plan_that_does_not_reproduce_the_forward_is_not_used(monkeypatch, cap
     want = reference_optimize_values(adapter, ITEMS, 2, "value", hp, prefixes)
     for g, w in zip(got, want):
         assert_same(g, w, 1e-5)
+
+
+def test_a_fast_plan_whose_loss_is_not_finite_falls_back_to_the_plain_path(adapter, monkeypatch, caplog):
+    """If the fast plan's loss turns NaN (an attention backend that returns NaN for a fully padded
+    cached row), the request is not taken for finished: v* is redone on the plain path, with a warning."""
+    from superedit.editing import values
+
+    layer, site = 2, "value"
+    hp = MEMITHParams(layers=[layer], kl_factor=0.0625, v_num_grad_steps=4, n_prefixes=2, context_lengths=[3])
+    prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
+    want = reference_optimize_values(adapter, ITEMS, layer, site, hp, prefixes)
+    real = values._Rows.forward_reads
+
+    def nan_when_fast(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        fast = any(g.cache is not None or g.hidden is not None for g in self.groups)
+        return out * float("nan") if fast and torch.is_grad_enabled() else out
+
+    monkeypatch.setattr(values._Rows, "forward_reads", nan_when_fast)
+    adapter.memo[values._fast_plan_key(adapter, layer, site, adapter.n_layers - 1)] = True  # checked earlier
+    got = optimize_values(adapter, ITEMS, layer, site, hp, prefixes)
+    assert "not finite on the fast plan" in caplog.text
+    assert adapter.memo[values._fast_plan_key(adapter, layer, site, adapter.n_layers - 1)] is False
+    for g, w in zip(got, want):
+        assert_same(g, w, 1e-5)
+
+
+def test_fast_values_with_a_one_token_subject_equal_reference():
+    """A one-token subject at the start of the unprefixed prompt has nothing before δ while the other
+    rows of its group do: its cached prefix row is all padding (offset 0 in a group with S > 0)."""
+    adapter = __import__("helpers").tiny_adapter("gpt2")
+    items = [("{} was born in", "Anna", "Paris"), ("{} is located in", "Eiffel Tower", "Oslo")]
+    assert len(adapter.tokenizer("Anna")["input_ids"]) == 1
+    hp = MEMITHParams(layers=[1], kl_factor=0.0625, v_num_grad_steps=5, n_prefixes=2, context_lengths=[3],
+                      v_early_stop_nll=0.0)
+    prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
+    adapter.model.to(torch.float64)
+    want = reference_optimize_values(adapter, items, 1, "value", hp, prefixes)
+    got = optimize_values(adapter, items, 1, "value", hp, prefixes)
+    for g, w in zip(got, want):
+        assert_same(g, w, 1e-10)

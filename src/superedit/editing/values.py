@@ -149,10 +149,7 @@ class _Group:
         L = int(self.mask[idx, S:].sum(1).max())
         local = torch.cumsum(keep, 0) - 1
         read_keep = keep[self.read_row]
-        cache = None
-        if self.cache is not None:
-            cache = copy.deepcopy(self.cache)
-            cache.batch_select_indices(idx)
+        cache = None if self.cache is None else _select_cache_rows(self.cache, idx)
         return _Group(self.rows[idx], self.ids[idx, :L], self.mask[idx, :S + L],
                       None if self.pos is None else self.pos[idx, :L],
                       None if self.hidden is None else self.hidden[idx, :L], self.delta_col[idx], cache,
@@ -162,6 +159,18 @@ class _Group:
     def computed_tokens(self) -> int:
         """Row-tokens one step forwards for this group (padding included)."""
         return int(self.ids.numel())
+
+
+def _select_cache_rows(cache, idx: torch.Tensor):
+    """A copy of a KV cache holding only batch rows ``idx``: a transformers ``Cache`` (row-selected
+    through its own ``batch_select_indices``) or a legacy tuple of per-layer (key, value) tuples. The
+    index goes to the CPU, which indexes a tensor on any device (layers may sit on several)."""
+    idx = idx.cpu()
+    if isinstance(cache, tuple):
+        return tuple(tuple(t[idx.to(t.device)] for t in layer) for layer in cache)
+    out = copy.deepcopy(cache)
+    out.batch_select_indices(idx)
+    return out
 
 
 def _shifted(t: torch.Tensor, offset: torch.Tensor, width: int, valid: torch.Tensor, fill=0) -> torch.Tensor:
@@ -300,6 +309,11 @@ def _take(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, device) -> to
     return t[rows.to(t.device), cols.to(t.device)].to(device)
 
 
+def _fast_plan_key(adapter: ModelAdapter, layer: int, site: str, read_layer: int) -> tuple:
+    """Where ``adapter.memo`` keeps the verdict on the fast plan for these settings (:func:`_prepare_rows`)."""
+    return ("values.fast_plan_ok", layer, site, read_layer, str(adapter.dtype), str(adapter.device))
+
+
 def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, read_layer: int,
                   keep_reads: bool = False) -> tuple[_Rows, Trace]:
     """One plain no-grad forward of ``rows`` (v₀ at ``(site, layer)``, the input of block ``layer``; the
@@ -310,7 +324,7 @@ def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, rea
     plain residual at the reads (δ = 0) and the verdict kept in ``adapter.memo``; a plan that does not
     reproduce it is never used for that model: every step then forwards every row from the embeddings
     (exact, slower) and a warning names the family. Returns the rows and the plain Trace."""
-    memo_key = ("values.fast_plan_ok", layer, site, read_layer, str(adapter.dtype), str(adapter.device))
+    memo_key = _fast_plan_key(adapter, layer, site, read_layer)
     verdict = adapter.memo.get(memo_key)
     below = [("resid", layer - 1)] if layer > 0 else []
     reads = [(site, layer)] + below + ([("resid", read_layer)] if keep_reads or verdict is None else [])
@@ -443,6 +457,15 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
                 0, kl_rows.owner[kl_rows.read_row[kl_reads]], kl_rowwise)
             loss = loss + hp.kl_factor * kl_req / n_kl
         nll_now = nll.detach()
+        if not bool(torch.isfinite(loss.detach()[active]).all()):
+            if fast:  # e.g. an attention backend that returns NaN for a fully padded cached row
+                log.warning("%s: v* loss not finite on the fast plan (layer %d); v* runs the whole model every "
+                            "step from now on (exact, slower)", adapter.family, layer)
+                for read in {loss_layer, last}:
+                    adapter.memo[_fast_plan_key(adapter, layer, site, read)] = False
+                return optimize_values(adapter, items, layer, site, hp, prefixes, chunk_rows)
+            raise FloatingPointError(f"v* loss is not finite at step {step} (layer {layer}, site {site}) for "
+                                     f"requests {torch.nonzero(~torch.isfinite(loss.detach()) & active).flatten().tolist()}")
         for i in torch.nonzero(active).flatten().tolist():
             histories[i].append(float(nll_now[i]))
             steps[i] = step + 1

@@ -80,6 +80,12 @@ class GuardState(AlphaEditState):
         from ...errors import RequestFormatError
 
         hp = self.hparams
+        d = next(iter(self.KpKp.values())).shape[0]
+        if hp.guard_directions > d:
+            raise UsageError(f"method guard: guard_directions {hp.guard_directions} exceeds the key width d_mlp = {d}")
+        if hp.guard_directions == 0:  # plain AlphaEdit: nothing to read
+            self.guard = {l: torch.zeros(G.shape[0], 0, dtype=F64, device=G.device) for l, G in self.KpKp.items()}
+            return
         if not hp.guard_requests:
             raise UsageError("method guard: set guard_requests (an hparams field) to a dataset file whose subjects' "
                              "keys it protects, disjoint from what you evaluate (e.g. the tune split written by "
