@@ -7,13 +7,13 @@ projector P the interference identity reads
 
 (the rank-one form of ``Δ = R K₁ᵀ P (…)⁻¹``). Between the edits of a real stream and the retention
 probe's subjects, mean |p_P| under AlphaEdit's P (0.030–0.034) is no smaller than under ROME/MEMIT's
-C⁻¹ (0.028–0.031): the null space of C (840–1,225 of 1,536 directions at the paper's threshold) still
-holds 46–63% of a subject key's energy. Part of p_P is shared by every pair — its mean over edits
+C⁻¹ (0.028–0.031): the null space of C (839–1,224 of 1,536 directions at the paper's threshold) still
+holds 48–72% of an edit key's energy. Part of p_P is shared by every pair — its mean over edits
 |E_i p_P(i, j)| is 0.007–0.012 — and a shared part adds up linearly over a stream (N · E_i p_P) where
 the rest grows like √N. That shared part lives in few directions: the top eigenvectors of subject
 keys' second moment. Removing the top m = 16 directions, estimated on subjects the stream never
-evaluates (a tuning split), from the update space cut the shared part by 40–60% at every layer on
-held-out subjects, for 2% of the edit keys' energy in the update space.
+evaluates (a tuning split), from the update space cut the shared part by 37–64% at every layer on
+held-out subjects, for 2–4% (relative) of the edit keys' energy in the update space.
 
 So guard's projector is P' = P − Q Qᵀ, Q an orthonormal basis of P S, S (d_mlp, m) the top-m
 eigenvectors of E[k_s k_sᵀ] over the guard requests' subject keys (ROME's k*, read once on the
