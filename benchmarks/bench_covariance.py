@@ -23,7 +23,6 @@ reports each one's median (timings on a shared machine drift; interleaving keeps
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random

@@ -28,13 +28,10 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from superedit.commands.common import build_hparams, hparams_profile, local_model_dir, make_stats, resolve_requests
+    from superedit.commands.common import load_with_profile, make_stats, resolve_requests
     from superedit.editing.methods import get_method
-    from superedit.models import load_model
 
-    adapter = load_model(args.model)
-    mdir = local_model_dir(args.model)
-    hp = build_hparams(args.method, hparams_profile(adapter, mdir), None, adapter.n_layers)
+    adapter, mdir, hp = load_with_profile(args.model, args.method)
     stats = make_stats(adapter, hp)
     stats.mom2(hp.layers[0])  # covariance computed (or loaded) before timing
     reqs = resolve_requests(mdir, None, n=args.n, seed=0)

@@ -146,14 +146,11 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_values_speed import reference_optimize_values
 
-    from superedit.commands.common import build_hparams, hparams_profile, local_model_dir, resolve_requests
+    from superedit.commands.common import load_with_profile, resolve_requests
     from superedit.editing.contexts import context_prefixes
     from superedit.editing.values import optimize_value
-    from superedit.models import load_model
 
-    adapter = load_model(args.model)
-    mdir = local_model_dir(args.model)
-    hp = build_hparams("rome", hparams_profile(adapter, mdir), None, adapter.n_layers)
+    adapter, mdir, hp = load_with_profile(args.model, "rome")
     update = {"v_early_stop_nll": 0.0}
     if args.steps:
         update["v_num_grad_steps"] = args.steps

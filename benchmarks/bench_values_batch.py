@@ -33,14 +33,11 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from superedit.commands.common import build_hparams, hparams_profile, local_model_dir, resolve_requests
+    from superedit.commands.common import load_with_profile, resolve_requests
     from superedit.editing.contexts import context_prefixes
     from superedit.editing.values import _prepare_rows, optimize_values, value_rows
-    from superedit.models import load_model
 
-    adapter = load_model(args.model)
-    mdir = local_model_dir(args.model)
-    hp = build_hparams(args.method, hparams_profile(adapter, mdir), None, adapter.n_layers)
+    adapter, mdir, hp = load_with_profile(args.model, args.method)
     layer = sorted(hp.layers)[-1]
     site = "resid" if adapter.mlp_out_norm(layer) is None else "value"
     reqs = resolve_requests(mdir, args.requests, limit=args.n)

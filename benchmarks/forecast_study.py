@@ -29,16 +29,13 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from superedit.analysis.forecast import check_forecast, forecast_interference
-    from superedit.commands.common import build_hparams, hparams_profile, local_model_dir, resolve_requests
+    from superedit.commands.common import load_with_profile, resolve_requests
     from superedit.editing.covariance import CorpusCovariance
     from superedit.data import sample_requests
-    from superedit.models import load_model
     from superedit.utils.io import write_json_atomic
     from superedit.utils.progress import progress
 
-    adapter = load_model(args.model)
-    mdir = local_model_dir(args.model)
-    hp = build_hparams("rome", hparams_profile(adapter, mdir), None, adapter.n_layers)
+    adapter, mdir, hp = load_with_profile(args.model, "rome")
     layers = [int(x) for x in args.layers.split(",")]
     reqs = resolve_requests(mdir, None, n=args.n + args.protected + 200, seed=args.seed)
     cov = CorpusCovariance(adapter, None, n_tokens=hp.mom2_n_tokens, layers=sorted(set(layers) | set(hp.layers)))

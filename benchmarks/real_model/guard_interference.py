@@ -22,7 +22,6 @@ method profile's context prefixes.
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def main() -> None:
@@ -40,18 +39,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from superedit.commands.common import build_hparams, hparams_profile, local_model_dir, make_stats, resolve_requests
+    from superedit.commands.common import load_with_profile, make_stats, resolve_requests
     from superedit.editing.contexts import context_prefixes
     from superedit.editing.keys import compute_keys
     from superedit.editing.methods.alphaedit import nullspace_basis
     from superedit.editing.methods.guard import shared_directions, without_directions
     from superedit.editing.solve import with_ridge
-    from superedit.models import load_model
 
     F64 = torch.float64
-    adapter = load_model(args.model)
-    mdir = local_model_dir(args.model)
-    hp = build_hparams("alphaedit", hparams_profile(adapter, mdir), None, adapter.n_layers)
+    adapter, mdir, hp = load_with_profile(args.model, "alphaedit")
     stats = make_stats(adapter, hp)
     prefixes = context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed)
 

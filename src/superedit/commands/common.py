@@ -253,6 +253,16 @@ def build_hparams(method: str, profile: str, path: str | None, n_layers: int, la
     return hp
 
 
+def load_with_profile(model: str, method: str):
+    """(adapter, model directory, the method's packaged hparams for this model's profile): how benchmarks and
+    studies start."""
+    from ..models import load_model
+
+    adapter = load_model(model)
+    mdir = local_model_dir(model)
+    return adapter, mdir, build_hparams(method, hparams_profile(adapter, mdir), None, adapter.n_layers)
+
+
 def make_stats(adapter, hp, cache_dir: str | None = None, corpus=None):
     """C = E[kkᵀ] for the method's layers from ``hp.mom2_corpus`` (or ``corpus``; default: the testbed's)."""
     from ..editing.covariance import CorpusCovariance

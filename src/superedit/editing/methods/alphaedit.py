@@ -229,6 +229,13 @@ def alphaedit_step(adapter: ModelAdapter, requests: list, hparams: AlphaEditHPar
     """One AlphaEdit batch on the model as it is; returns the increment and adds the batch's keys to ``state``
     (None: a fresh state, no earlier keys) after the whole solve."""
     state = make_alphaedit_state(adapter, hparams, stats) if state is None else state
+    return projected_step(adapter, requests, hparams, state, "alphaedit")
+
+
+def projected_step(adapter: ModelAdapter, requests: list, hparams: AlphaEditHParams, state: AlphaEditState,
+                   method: str) -> StepResult:
+    """MEMIT's layer loop with AlphaEdit's solve in ``state.projector(layer)``'s range (any state with
+    AlphaEdit's interface: AlphaEdit's own, guard's); the batch's keys join ``state`` after the whole solve."""
     journal: dict[str, torch.Tensor] = {}
 
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor):
@@ -239,6 +246,6 @@ def alphaedit_step(adapter: ModelAdapter, requests: list, hparams: AlphaEditHPar
 
     sp = spread_update(adapter, requests, hparams, solve)
     state.add(journal)
-    return StepResult(WeightDelta(sp.deltas, "alphaedit", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                                           "requests": sp.requests, "layers": sp.layers,
-                                                           "timings": sp.timings}), journal)
+    return StepResult(WeightDelta(sp.deltas, method, {"model": adapter.identity(), "hparams": hparams.to_dict(),
+                                                      "requests": sp.requests, "layers": sp.layers,
+                                                      "timings": sp.timings}), journal)

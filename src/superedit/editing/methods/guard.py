@@ -29,13 +29,11 @@ from ...errors import UsageError
 from ...models import ModelAdapter
 from ..contexts import context_prefixes
 from ..covariance import CovarianceSource
-from ..delta import LayerDelta, WeightDelta
 from ..hparams import GuardHParams
 from ..keys import compute_keys
 from ..solve import with_ridge
-from .alphaedit import AlphaEditState, NullSpaceProjector, alphaedit_solve, nullspace_basis
+from .alphaedit import AlphaEditState, NullSpaceProjector, nullspace_basis, projected_step
 from .protocol import StepResult
-from .spread import spread_update
 
 F64 = torch.float64
 
@@ -144,18 +142,6 @@ def make_guard_state(adapter: ModelAdapter, hparams: GuardHParams, stats: Covari
 
 def guard_step(adapter: ModelAdapter, requests: list, hparams: GuardHParams, stats: CovarianceSource,
                state: GuardState | None = None) -> StepResult:
-    """One guard batch on the model as it is (AlphaEdit's step with the guarded projector)."""
+    """One guard batch on the model as it is: AlphaEdit's step with the guarded projector."""
     state = make_guard_state(adapter, hparams, stats) if state is None else state
-    journal: dict[str, torch.Tensor] = {}
-
-    def solve(layer: int, K: torch.Tensor, R: torch.Tensor):
-        P = state.projector(layer)
-        left, right = alphaedit_solve(R, K, P, state.KpKp[layer], hparams.L2)
-        journal[f"layer.{layer}.K"] = K
-        return LayerDelta(left, right), {"nullspace_dim": P.rank, "guard_directions": hparams.guard_directions}
-
-    sp = spread_update(adapter, requests, hparams, solve)
-    state.add(journal)
-    return StepResult(WeightDelta(sp.deltas, "guard", {"model": adapter.identity(), "hparams": hparams.to_dict(),
-                                                       "requests": sp.requests, "layers": sp.layers,
-                                                       "timings": sp.timings}), journal)
+    return projected_step(adapter, requests, hparams, state, "guard")
