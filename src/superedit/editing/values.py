@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..models import ModelAdapter, Trace, encode_prompt_target, encode_prompts
 from ..models.hooks import StartAt, add_at_positions
-from ..models.positions import fill_template
+from ..models.positions import fill_template, pad_id
 from ..utils.logs import get_logger
 from .hparams import ValueHParams
 
@@ -227,7 +227,7 @@ class _Rows:
         offsets = self.subject_last if by_split else torch.zeros_like(lengths)
         sizes = (lengths - offsets).tolist()
         groups = plan_groups(sizes) if by_split else [list(range(len(sizes)))]
-        pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
+        pad = pad_id(adapter.tokenizer)
         planned = []
         for members in groups:
             rows = torch.tensor(members, device=dev)
@@ -375,7 +375,7 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
     keep[tgt_rows, tgt_cols] = 1
     keep = keep.flip(1).cummax(1).values.flip(1) * rw.attention_mask  # every position up to the last read
     width = int(torch.nonzero(keep.any(0)).max()) + 1
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     ids = torch.where(keep.bool(), rw.input_ids, torch.full_like(rw.input_ids, pad))[:, :width]
     nll = _Rows(ids, keep[:, :width], torch.tensor(rw.subject_last, device=device),
                 torch.arange(n, device=device).repeat_interleave(n_pre), tgt_rows, tgt_cols,

@@ -146,6 +146,11 @@ class TargetBatch:
         return mask.to(self.input_ids.device), labels.to(self.input_ids.device)
 
 
+def pad_id(tokenizer) -> int:
+    """The id padded positions carry: the tokenizer's pad token, else 0 (those positions are masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def encode_prompt_target(tokenizer, prompts: list[str], targets: list[str], subjects: list[str] | None = None,
                          device=None, subject_spans: list[tuple[int, int]] | None = None) -> TargetBatch:
     """Tokenize ``prompt + " " + target`` and mark the target tokens.
@@ -185,7 +190,7 @@ def encode_prompt_target(tokenizer, prompts: list[str], targets: list[str], subj
         else:
             slast.append(None)
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     for r, ids in enumerate(rows):

@@ -54,6 +54,7 @@ import torch
 from ..errors import StatsError
 from ..models.adapter import ModelAdapter
 from ..models.hooks import Trace
+from ..models.positions import pad_id
 from ..utils.io import atomic_path, write_json_atomic
 from ..utils.logs import get_logger
 from ..utils.progress import progress
@@ -501,7 +502,7 @@ def _collect(adapter: ModelAdapter, layers: list[int], corpus: Corpus, n_tokens:
     model, tok = adapter.model, adapter.tokenizer
     device = adapter.device
     acc = _Accumulator(layers, adapter.d_mlp, {l: adapter.layer_device(l) for l in layers})
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     held_out = stop is not None and probes is None
     conv = _Convergence(stop, layers) if stop is not None and shard.is_main else None
     active = list(layers)  # layers still collecting
@@ -519,7 +520,7 @@ def _collect(adapter: ModelAdapter, layers: list[int], corpus: Corpus, n_tokens:
                 n_real = sum(len(s) for s in batch)
                 n_probe = min(stop.n_probes, n_real // 2) if held_out and b == 0 else 0
                 if shard.owns(b):
-                    ids, mask, pos = batch_tensors(batch, pad_id, padding_side, device)
+                    ids, mask, pos = batch_tensors(batch, pad, padding_side, device)
                     real = mask.bool()
                     acc.probe_mask = None
                     if n_probe:
