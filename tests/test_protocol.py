@@ -11,8 +11,8 @@ import torch
 
 from helpers import corpus_cov, saved_model_and_corpus, tiny_adapter
 from superedit.data import EditRequest
-from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, GuardHParams, KeelHParams, MEMITHParams,
-                                      ROMEHParams, UltraEditHParams)
+from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, GatedHParams, GuardHParams, KeelHParams,
+                                      MEMITHParams, ROMEHParams, UltraEditHParams)
 from superedit.editing.methods import REGISTRY, get_method
 from superedit.editing.methods.protocol import StepResult
 from superedit.editing.run import run_edits
@@ -36,6 +36,7 @@ HPARAMS = {
     "keel": KeelHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, **FAST),
     "guard": GuardHParams(layers=[1, 2], L2=1.0, nullspace_threshold=0.1, nullspace_relative=True, guard_directions=2,
                           guard_requests=str(Path(__file__).parent / "data" / "guard_requests.jsonl"), **FAST),
+    "gated": GatedHParams(layers=[1], tau=0.6, **FAST),
 }
 
 
@@ -53,9 +54,17 @@ def test_every_method_follows_the_protocol():
         if state is not None:
             for m in ("add", "remove", "state_dict", "load_state_dict", "total_delta"):
                 assert callable(getattr(state, m)), (name, m)
-        # undo of any edit needs a state that determines W − W₀
+        # undo of any edit needs a state that determines W − W₀ (or, for a forward-acting state, the model)
         if entry.undo == "any":
-            assert state is not None and state.total_delta(1) is not None
+            assert state is not None and (state.total_delta(1) is not None or entry.forward is not None)
+        assert (entry.forward is None) or (entry.stateful and callable(_forward_fn(entry))), name
+
+
+def _forward_fn(entry):
+    import importlib
+
+    module, name = entry.forward.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def test_no_branch_on_a_method_name_outside_the_registry():
@@ -107,8 +116,16 @@ def test_sequential_edit_equals_the_lifelong_runner(method, stats, lifelong_run,
     ref.apply_to(b)
     for l in HPARAMS[method].layers:
         assert torch.equal(a.down_weight(l), b.down_weight(l)), l
-        assert float(ref.total_delta(l).norm()) > 0
-    if entry.stateful:
+        if entry.forward is None:
+            assert float(ref.total_delta(l).norm()) > 0
+    if entry.forward is not None:  # the edits are the state's: same entries, same outputs
+        for k, v in ref.state.state_dict().items():
+            assert torch.equal(led.state.state_dict()[k], v), k
+        assert len(ref.state) == len(REQS)
+        enc = a.tokenizer([r.prompt.format(r.subject) for r in REQS], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            assert torch.equal(a.model(**enc).logits, b.model(**enc).logits)
+    if entry.stateful and entry.forward is None:
         led.load_state(tiny_adapter("gpt2"), stats)
         counts = {k: v for k, v in led.state.state_dict().items() if k.endswith(".counts")}
         assert counts and all(int(v[0]) == len(REQS) for v in counts.values())  # every edit's terms/keys

@@ -126,6 +126,8 @@ def register(app) -> None:
 
         log = get_logger("superedit.commands.edit")
         entry = get_method(method)
+        if not sequential:  # refused before any model is loaded
+            entry.require_weight_edits("`superedit edit` without --sequential (each batch reverted after scoring)")
         if batch_size < 1:
             raise ValueError(f"--batch-size must be ≥ 1 (got {batch_size})")
         seed_everything(seed)

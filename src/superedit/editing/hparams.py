@@ -353,6 +353,39 @@ class GuardHParams(AlphaEditHParams):
     guard_max_requests: Int = _f(256, "At most this many guard requests are read (the first ones).", ge=1)
 
 
+class GatedHParams(ROMEHParams):
+    """gated (superedit): each edit is a key–value entry at one layer that acts only where the key matches.
+
+    At every token of layer ``layers[0]`` the MLP output gets ``Σ_e 1[max_c cos_C(k, k_e,c) > tau] · δ_e``:
+    k the token's key (input of the down-projection), k_e,c the edit's key in context c (its prompt
+    with each context prefix and without one), δ_e = v*_e − v₀_e its value change (ROME's v* at that
+    layer), cos_C the whitening cosine aᵀC⁻¹b/√(aᵀC⁻¹a · bᵀC⁻¹b). The weights are never changed; see
+    ``editing.methods.gated``.
+    """
+
+    layers: Layers = _f([2], "The single layer whose MLP output the edits' entries add to (keys read at its "
+                             "down-projection input).")
+    tau: Float = _f(0.8, "Gate threshold on the whitening cosine between a token's key and an edit's key: the "
+                         "edit acts where it is exceeded. Choose it on a tuning split "
+                         "(benchmarks/real_model/gate_separation.py).", gt=-1, lt=1)
+    mom2_ridge: Float = _f(1e-3, "Ridge added to C as a fraction of its mean diagonal before whitening (C is "
+                                 "factorised, so it must be positive definite).", ge=0)
+
+    @model_validator(mode="after")
+    def _one_layer(self) -> "GatedHParams":  # overrides ROME's check, with this method's name in the message
+        if len(self.layers) != 1:
+            raise ValueError(f"field 'layers' = {self.layers}: gated keeps its entries at exactly one layer "
+                             "(give one, e.g. layers: [2])")
+        return self
+
+    @model_validator(mode="after")
+    def _no_anchor(self) -> "GatedHParams":
+        if self.norm_anchor > 0:
+            raise ValueError(f"field 'norm_anchor' = {self.norm_anchor}: gated stores each edit's own value change "
+                             "and never solves for weights, so a norm anchor does not apply (set it to 0)")
+        return self
+
+
 class UltraEditHParams(HParams):
     """UltraEdit (Gu et al. 2025): a training-free closed form with a lifelong normaliser, no key statistics.
 

@@ -121,6 +121,8 @@ def run_edits(adapter, requests: Sequence, method: str, hparams, stats=None, bat
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1 (got {batch_size})")
     entry = get_method(method)
+    if not sequential:
+        entry.require_weight_edits("independent editing (each batch's delta applied and reverted)")
     fn = entry.fn
     tmp_ledger = None
     if sequential and ledger is None:

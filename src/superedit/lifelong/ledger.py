@@ -368,6 +368,10 @@ class Ledger:
         base = self.base_weights(adapter)
         for l in self.layers:
             adapter.set_down_weight(l, base[l].to(F64) + self.total_delta(l).to(base[l].device))
+        if self.entry.forward is not None:  # edits kept in the state (gated): install a snapshot of it
+            if self.state is None:
+                self.load_state(adapter)
+            self.entry.install(adapter, self.state)
         return adapter
 
     def load_state(self, adapter: ModelAdapter, stats=None):
@@ -537,6 +541,10 @@ class Ledger:
         """``deltas``: the total W − W₀ as a saved WeightDelta (+ ``edits.json``); ``model``: the edited model
         (``save_pretrained`` of ``adapter`` with the ledger applied; needs the base ``adapter``)."""
         directory = Path(directory)
+        if self.entry.forward is not None:
+            raise LedgerError(f"{self.dir}: method {self.method!r} keeps its edits in the ledger's state (entries that "
+                              "act on the forward pass), not in the weights, so neither its deltas nor a saved model "
+                              "carry them; share the ledger directory itself and apply it with Ledger.apply_to")
         if mode == "deltas":
             delta = self.delta()
             check_finite({f"layer.{l}.delta": d.dense_ for l, d in delta.layers.items()},

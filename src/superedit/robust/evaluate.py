@@ -140,6 +140,7 @@ def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], me
         raise ValueError(f"--adaptor must be on, off or both (got {adaptor_mode!r})")
     adaptor_hp = adaptor_hp or AdaptorHParams()
     entry = get_method(method)
+    entry.require_weight_edits("the robustness evaluation (one delta applied per request)")
     layers = sorted(hparams.layers)
     records = []
     for i, (req, pset) in enumerate(progress(list(zip(requests, psets)), total=len(requests), desc="robust")):

@@ -13,7 +13,12 @@ Code elsewhere never branches on a method's name: it reads the entry's capabilit
   determines W − W₀: remove one edit's terms) or "last" (subtract the last applied increment);
 * ``rank_one``: "per_request" (each request's increment is rank one at one layer with right factor
   C⁻¹k*, whatever the batch: ROME), "per_call" (so is a call with ONE request: MEMIT, since
-  (λC + kkᵀ)⁻¹k ∝ C⁻¹k), or None.
+  (λC + kkᵀ)⁻¹k ∝ C⁻¹k), or None;
+* ``forward``: "module:function" that makes the model compute with the method's state
+  (``install(adapter, state)``) — for a method whose edits live in its state, not in the weights
+  (``gated``: key–value entries behind a gate). Its deltas are zero, so it runs only through a ledger
+  (``superedit lifelong``, ``superedit edit --sequential``), which installs the state after every commit;
+  commands that apply bare weight deltas refuse it (:meth:`MethodEntry.require_weight_edits`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ...errors import SupereditError
-from ..hparams import (AlphaEditHParams, D4SHParams, FTHParams, GuardHParams, HParams, KeelHParams, MEMITHParams,
-                       ROMEHParams, UltraEditHParams)
+from ..hparams import (AlphaEditHParams, D4SHParams, FTHParams, GatedHParams, GuardHParams, HParams, KeelHParams,
+                       MEMITHParams, ROMEHParams, UltraEditHParams)
 
 
 def _load(path: str) -> Callable:
@@ -43,6 +48,7 @@ class MethodEntry:
     state: str | None = None  #: "module:factory" of the running state, None: stateless
     undo: Literal["any", "last"] = "last"
     rank_one: Literal["per_request", "per_call"] | None = None
+    forward: str | None = None  #: "module:function" installing the state on the model; None: edits are weights
 
     @property
     def fn(self) -> Callable:
@@ -57,9 +63,22 @@ class MethodEntry:
         None for a stateless method."""
         if self.state is None:
             return None
-        if self.needs_stats and stats is None:
+        if self.needs_stats and stats is None and self.forward is None:  # a forward state keeps its own C factor
             raise SupereditError(f"method {self.name!r} keeps a state built from the key covariance: pass stats")
         return _load(self.state)(adapter, hparams, stats, base)
+
+    def install(self, adapter, state) -> None:
+        """Make ``adapter``'s model compute with ``state`` (methods with the ``forward`` capability)."""
+        if self.forward is None:
+            raise SupereditError(f"method {self.name!r} edits weights; it has no state to install")
+        _load(self.forward)(adapter, state)
+
+    def require_weight_edits(self, where: str) -> None:
+        """Refuse (clearly) to run a method whose edits are not weight deltas where only deltas are applied."""
+        if self.forward is not None:
+            raise SupereditError(f"method {self.name!r} keeps its edits in a state that acts on the forward pass "
+                                 f"(its weight delta is zero), so {where} cannot apply it; run it through a ledger: "
+                                 "`superedit lifelong` or `superedit edit --sequential`")
 
     def rank_one_edits(self, hparams, batch_size: int) -> bool:
         """True when every request's increment is rank one at a single layer with right factor ∝ C⁻¹k*
@@ -106,3 +125,7 @@ register(MethodEntry("guard", GuardHParams, f"{_M}.guard:guard_step", True,
                      "guard (superedit): AlphaEdit whose update space also excludes the top directions shared by "
                      "subject keys (from guard_requests, never evaluated), where interference adds up over a stream.",
                      state=f"{_M}.guard:make_guard_state"))
+register(MethodEntry("gated", GatedHParams, f"{_M}.gated:gated_step", True,
+                     "gated (superedit): each edit a key–value entry at one layer that acts only where a token's key "
+                     "matches the edit's subject key (whitening cosine above tau); weights never change.",
+                     state=f"{_M}.gated:make_gated_state", undo="any", forward=f"{_M}.gated:install_memory"))
