@@ -8,10 +8,11 @@ above τ):
 * paraphrases: any token of each paraphrase prompt (the entry must fire for the edit to carry over);
 * the retention probe: every token of the probe's prompts (facts the stream never edits) — each firing
   there writes some edit's value change into an unrelated fact;
-* neighbourhood prompts (other subjects, same relation and answer).
+* neighbourhood prompts (other subjects, same relation and answer) whose subject the stream never
+  edits, as the checkpoints score them (``lifelong.runner.unedited_neighbours``).
 
     python benchmarks/real_model/gated_firing.py --ledger runs/real/ll1000-gated/gated/ledger \\
-        --stream runs/stream-derived/known-margin/known.json --probe runs/stream-derived/known-top1/known.json \\
+        --stream runs/real/ll1000-gated/stream.jsonl --probe runs/stream-derived/known-top1/known.json \\
         --json runs/real/gated-firing.json
 """
 
@@ -24,7 +25,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="pretrained:smollm2-135m")
     ap.add_argument("--ledger", required=True)
-    ap.add_argument("--stream", required=True, help="the edit stream the ledger was made from")
+    ap.add_argument("--stream", required=True,
+                    help="the run's stream.jsonl (the order the ledger edited; `superedit lifelong` shuffles --requests)")
     ap.add_argument("--probe", required=True, help="the retention probe's facts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
@@ -36,6 +38,7 @@ def main() -> None:
     from superedit.commands.common import local_model_dir, resolve_requests
     from superedit.editing.methods.gated import installed_gate
     from superedit.lifelong.ledger import Ledger
+    from superedit.lifelong.runner import unedited_neighbours
     from superedit.models import load_model
 
     adapter = load_model(args.model)
@@ -70,11 +73,12 @@ def main() -> None:
     for name, texts in [("own prompts", [r.prompt.format(r.subject) for r in stream]),
                         ("paraphrases", [p for r in stream for p in r.paraphrase_prompts]),
                         ("retention probe prompts", [r.prompt.format(r.subject) for r in probe]),
-                        ("neighbourhood prompts", [p for r in stream[:200] for p in r.neighborhood_prompts])]:
+                        ("neighbourhood prompts (unedited subjects)",
+                         [p for r in unedited_neighbours(stream, stream) for p in r.neighborhood_prompts])]:
         hit, fired, total = tokens_firing(texts)
         rows[name] = {"texts": len(texts), "texts_with_a_firing_token": hit, "share": hit / max(1, len(texts)),
                       "tokens_firing": fired, "tokens": total}
-        print(f"{name:26s} {len(texts):6d} texts: {hit / max(1, len(texts)):.3f} with a firing token "
+        print(f"{name:42s} {len(texts):6d} texts: {hit / max(1, len(texts)):.3f} with a firing token "
               f"({fired} of {total} tokens)")
     if args.json:
         from superedit.utils.io import write_json_atomic
