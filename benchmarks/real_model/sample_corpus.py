@@ -30,7 +30,7 @@ def main() -> None:
     adapter = load_model(args.model)
     settings = SamplingSettings(n_docs=args.docs)
     corpus = sampled_corpus(adapter, settings)
-    print(f"{args.docs} documents, fingerprint {corpus.fingerprint}: {_cache_file(adapter, settings)}")
+    print(f"{args.docs} documents, fingerprint {corpus.fingerprint()}: {_cache_file(adapter, settings)}")
 
 
 if __name__ == "__main__":
