@@ -211,3 +211,15 @@ def test_same_subject_requests_of_one_batch_build_on_each_other():
 def test_gated_hparams_are_checked(bad, match):
     with pytest.raises(HParamsError, match=match):
         GatedHParams(**bad)
+
+
+def test_cli_edit_refuses_gated_without_sequential_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+
+    res = CliRunner().invoke(app, ["edit", "--method", "gated", "--model", str(tmp_path / "no-such-model"),
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code != 0
+    assert "run it through a ledger" in " ".join(res.output.split())  # not a model-loading error: refused first
+    assert not (tmp_path / "out").exists()
