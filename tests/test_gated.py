@@ -93,7 +93,7 @@ def test_memory_add_remove_and_state_dict_round_trip():
     mem.remove(j0)  # any edit comes out exactly
     assert mem.uid.tolist() == [2] and torch.equal(mem.values, j1["layer.1.values"])
     mem.add(j0)  # and goes back in uid order
-    assert mem.uid.tolist() == [0, 1, 2] and torch.equal(mem.keys[:2, 0], j0["layer.1.keys"])
+    assert mem.uid.tolist() == [0, 1, 2] and torch.equal(mem.keys[:2, 0, 0], j0["layer.1.keys"])  # (n, d) = 1 context, 1 token
     with pytest.raises(SupereditError, match="context keys"):
         mem.add({**journal([7]), "layer.1.keys": torch.zeros(1, 3, adapter.d_mlp)})
     with pytest.raises(SupereditError, match="needs the key covariance"):
@@ -223,3 +223,121 @@ def test_cli_edit_refuses_gated_without_sequential_before_loading_anything(tmp_p
     assert res.exit_code != 0
     assert "run it through a ledger" in " ".join(res.output.split())  # not a model-loading error: refused first
     assert not (tmp_path / "out").exists()
+
+
+class _FakeCache:
+    """Stands in for a KV cache: the gate asks only its length and its identity."""
+
+    def __init__(self, n: int = 0):
+        self.n = n
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+
+def _gate_on(keys, valid, calls):
+    """Run ``_Gate`` (identity whitening, τ 0.9) over ``calls``: [(cache, (seq, d) keys)], one row each,
+    each call filling its cache; the positions where the entry fired, per call."""
+    from superedit.editing.methods.gated import _Gate
+
+    d = keys.shape[-1]
+    gate = _Gate(torch.eye(d, dtype=torch.float64), keys[None, None], torch.ones(1, 2), 0.9, "cpu", valid[None, None])
+    out = []
+    for cache, k in calls:
+        gate.on_model_call(None, (), {"past_key_values": cache})
+        gate(None, (k[None],), torch.zeros(1, k.shape[0], 2))
+        cache.n += k.shape[0]  # the forward fills its cache
+        out.append(torch.nonzero(gate.last_fire[0]).flatten().tolist())
+    return out
+
+
+def test_a_multi_token_entry_fires_only_after_its_subjects_earlier_tokens():
+    a, b, c = torch.eye(8)[:3]
+    entry, both = torch.stack([c, b]), torch.tensor([True, True])  # subject "… b c": last c, before it b
+    fresh = lambda k: (_FakeCache(0), k)
+    assert _gate_on(entry, both, [fresh(torch.stack([a, b, c])), fresh(torch.stack([a, a, c])),
+                                  fresh(torch.stack([c, b, c]))]) == [[2], [], [2]]
+    assert _gate_on(entry, both, [fresh(c[None])]) == [[]]  # a fresh text's first token has nothing before it
+    # a one-token subject (no valid earlier key) fires on its last token alone
+    assert _gate_on(entry, torch.tensor([True, False]), [fresh(torch.stack([a, a, c]))]) == [[2]]
+    # a forward that resumes the cache the previous call filled reads that call's tokens
+    cache = _FakeCache(0)
+    first = (cache, torch.stack([a, b]))
+    assert _gate_on(entry, both, [first, (cache, c[None])]) == [[], [0]]
+    other = _FakeCache(0)
+    assert _gate_on(entry, both, [(other, torch.stack([a, a])), (other, c[None])]) == [[], []]
+    # resuming a cache it did not see filled (a copy): the hidden token counts as matching
+    assert _gate_on(entry, both, [(_FakeCache(0), torch.stack([a, a])), (_FakeCache(2), c[None])]) == [[], [0]]
+
+
+def _multi_token_memory(adapter, text_ids, pos, before_key=None):
+    """A gate_tokens-2 memory whose one entry holds the keys of ``text_ids`` at ``pos`` and ``pos − 1``
+    (or ``before_key`` as the earlier one), whitened with C of the tiny corpus."""
+    layer = 1
+    hp = GatedHParams(layers=[layer], tau=0.9, gate_tokens=2, **FAST)
+    mem = make_gated_state(adapter, hp, corpus_cov(adapter, [layer]))
+    with Trace(adapter, reads=[("key", layer)], stop_after=True) as tr, torch.no_grad():
+        adapter.model(input_ids=text_ids)
+    k = tr["key", layer][0]
+    before = k[pos - 1] if before_key is None else before_key
+    mem.add({"layer.1.keys": torch.stack([k[pos], before])[None, None], "layer.1.valid": torch.ones(1, 1, 2),
+             "layer.1.values": torch.randn(1, adapter.d_model, generator=torch.Generator().manual_seed(1)),
+             "layer.1.uid": torch.tensor([0])})
+    mem.ensure_whitening(None)
+    return mem
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_kv_cache_continuation_computes_what_the_full_forward_does(family):
+    """With a two-token entry firing right after the split, a forward resumed from the cache the first
+    part filled (as ``generate`` does) gives the full forward's logits."""
+    from superedit.editing.methods.gated import install_memory
+    from superedit.editing.values import _cache_kwarg
+    from transformers import DynamicCache
+
+    adapter = tiny_adapter(family)
+    ids = adapter.tokenizer("Anna Berg was born in the city of", return_tensors="pt")["input_ids"]
+    split = 4
+    mem = _multi_token_memory(adapter, ids, split)  # fires at token `split`, its earlier token in the cache
+    install_memory(adapter, mem)
+    try:
+        with torch.no_grad():
+            full = adapter.model(input_ids=ids).logits
+            assert installed_gate(adapter, 1).last_fire[0].tolist()[split]
+            cache = DynamicCache()
+            name = _cache_kwarg(adapter.model)
+            adapter.model(input_ids=ids[:, :split], use_cache=True, **{name: cache})
+            rest = adapter.model(input_ids=ids[:, split:], use_cache=True, **{name: cache}).logits
+            assert installed_gate(adapter, 1).last_fire[0, 0]
+    finally:
+        remove_memory(adapter, 1)
+    assert torch.allclose(rest, full[:, split:], atol=1e-5)
+
+
+def test_v_star_recomputes_the_tokens_a_multi_token_gate_reads():
+    """v*'s fast plan (earlier positions in a KV cache) reproduces the full forward with a two-token
+    entry whose last key matches the subject's last token but whose earlier key does not: with
+    ``lookback`` 1 the gate sees the real earlier token; without, it cannot, and fires."""
+    from dataclasses import replace
+
+    from superedit.editing.methods.gated import install_memory
+    from superedit.editing.values import _take, value_rows
+
+    adapter = tiny_adapter("llama")
+    layer, last = 1, adapter.n_layers - 1
+    item = ("{} was born in", "Anna Berg", "Paris")
+    nll, _ = value_rows(adapter, [item], [""])
+    s = int(nll.subject_last[0])
+    mem = _multi_token_memory(adapter, nll.input_ids[:1, :s + 1], s, before_key=torch.randn(adapter.d_mlp))
+    install_memory(adapter, mem)
+    try:
+        with torch.no_grad(), Trace(adapter, reads=[("resid", layer - 1), ("resid", last)]) as plain:
+            adapter.model(**nll.inputs())
+            want = _take(plain["resid", last], nll.read_row, nll.read_col, "cpu")
+            rows = replace(nll, hidden=plain["resid", layer - 1], arity=plain.arity["resid", layer - 1])
+            got = {lb: rows.plan(adapter, by_split=True, lookback=lb).forward_reads(adapter, "value", layer, None, last)
+                   for lb in (0, 1)}
+    finally:
+        remove_memory(adapter, 1)
+    assert torch.allclose(got[1], want, atol=1e-4)
+    assert not torch.allclose(got[0], want, atol=1e-2)  # the hidden earlier token counted as matching

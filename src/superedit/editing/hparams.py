@@ -370,6 +370,13 @@ class GatedHParams(ROMEHParams):
                          "(benchmarks/real_model/gate_separation.py).", gt=-1, lt=1)
     mom2_ridge: Float = _f(1e-3, "Ridge added to C as a fraction of its mean diagonal before whitening (C is "
                                  "factorised, so it must be positive definite).", ge=0)
+    gate_tokens: Int = _f(1, "How many of the subject's last tokens must match, each at cosine above tau against "
+                             "the edit's key at the same offset (as many as the subject has): 1 tests the last "
+                             "token only; more tell apart names that end alike (Boeing 737-100 / 737-600). "
+                             "Choose it on a tuning split (benchmarks/real_model/gate_tokens.py).", ge=1, le=8)
+    tau_before: Float | None = _f(None, "Threshold for the tokens before the subject's last (gate_tokens > 1); "
+                                           "None: tau. Their keys vary more with the text before the subject.",
+                                     gt=-1, lt=1)
 
     @model_validator(mode="after")
     def _one_layer(self) -> "GatedHParams":  # overrides ROME's check, with this method's name in the message

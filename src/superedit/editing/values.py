@@ -216,15 +216,15 @@ class _Rows:
         """Indices of the reads the planned groups compute, in the order :meth:`forward_reads` returns them."""
         return torch.sort(torch.cat([g.reads for g in self.groups or []])).values
 
-    def plan(self, adapter: ModelAdapter, by_split: bool) -> "_Rows":
+    def plan(self, adapter: ModelAdapter, by_split: bool, lookback: int = 0) -> "_Rows":
         """Set ``groups``. With ``by_split`` each row recomputes only its positions from where δ enters
         on (causal attention: nothing before depends on δ), aligned at column 0, its earlier positions
         run once, no grad, into the model's KV cache (left-padded, with explicit position ids); rows
         are grouped by how many positions they recompute (:func:`plan_groups`). Without, one group of
-        whole rows from position 0."""
+        whole rows from position 0. ``lookback`` positions before δ's are recomputed too."""
         dev = self.input_ids.device
         lengths = self.attention_mask.sum(1)
-        offsets = self.subject_last if by_split else torch.zeros_like(lengths)
+        offsets = (self.subject_last - lookback).clamp_min(0) if by_split else torch.zeros_like(lengths)
         sizes = (lengths - offsets).tolist()
         groups = plan_groups(sizes) if by_split else [list(range(len(sizes)))]
         pad = pad_id(adapter.tokenizer)
@@ -315,7 +315,7 @@ def _fast_plan_key(adapter: ModelAdapter, layer: int, site: str, read_layer: int
 
 
 def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, read_layer: int,
-                  keep_reads: bool = False) -> tuple[_Rows, Trace]:
+                  keep_reads: bool = False, lookback: int = 0) -> tuple[_Rows, Trace]:
     """One plain no-grad forward of ``rows`` (v₀ at ``(site, layer)``, the input of block ``layer``; the
     residual after ``read_layer`` too with ``keep_reads``), then the fast plan: cached block input,
     rows grouped by where δ enters with their earlier positions in the KV cache.
@@ -336,7 +336,7 @@ def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, rea
                                            arity=plain.arity["resid", layer - 1])
     why = ""
     try:
-        fast = fast.plan(adapter, by_split=True)
+        fast = fast.plan(adapter, by_split=True, lookback=lookback)
         if verdict is None:
             want = _take(plain["resid", read_layer], rows.read_row, rows.read_col, rows.input_ids.device).float()
             with torch.no_grad():
@@ -389,7 +389,8 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
 
 
 def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], layer: int, site: str,
-                    hp: ValueHParams, prefixes: list[str], chunk_rows: int = 512) -> list[ValueResult]:
+                    hp: ValueHParams, prefixes: list[str], chunk_rows: int = 512,
+                    lookback: int = 0) -> list[ValueResult]:
     """Optimise v* for several requests ``(template, subject, target)`` at once.
 
     The requests' deltas form one (n, d_model) parameter and every step carries all active requests'
@@ -401,7 +402,8 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     Per step only what depends on δ is computed: blocks from ``layer`` on (their input is cached),
     positions from each row's δ position on (earlier ones sit in the model's KV cache, rows grouped
     by :func:`plan_groups`), the final norm and head only at the positions the loss reads; requests
-    that stopped early leave the batch.
+    that stopped early leave the batch. ``lookback`` more positions before δ's are recomputed rather
+    than cached, for hooks that read the tokens just before (``gated``'s ``gate_tokens``).
     """
     if site not in ("value", "resid"):
         raise ValueError(f"value site must be 'value' (ROME) or 'resid' (MEMIT), got {site!r}")
@@ -410,7 +412,7 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     per = requests_per_pass(len(prefixes), chunk_rows)
     if len(items) > per:
         return [r for i in range(0, len(items), per)
-                for r in optimize_values(adapter, items[i:i + per], layer, site, hp, prefixes, chunk_rows)]
+                for r in optimize_values(adapter, items[i:i + per], layer, site, hp, prefixes, chunk_rows, lookback)]
     device = adapter.device
     n, n_pre, n_kl = len(items), len(prefixes), len(KL_TEMPLATES)
     last = adapter.n_layers - 1
@@ -418,12 +420,12 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     all_nll, all_kl = value_rows(adapter, items, prefixes)
     use_kl = hp.kl_factor > 0
 
-    all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer)
+    all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer, lookback=lookback)
     first = torch.arange(n, device=device) * n_pre  # each request's unprefixed row ("" comes first)
     v0 = _take(plain[site, layer], first, all_nll.subject_last[first], device).clone()
     del plain
     if use_kl:
-        all_kl, plain_kl = _prepare_rows(adapter, all_kl, layer, site, last, keep_reads=True)
+        all_kl, plain_kl = _prepare_rows(adapter, all_kl, layer, site, last, keep_reads=True, lookback=lookback)
         with torch.no_grad():
             kl_ref = F.log_softmax(_head(adapter, _take(plain_kl["resid", last], all_kl.read_row, all_kl.read_col,
                                                         device)), dim=-1)

@@ -23,6 +23,17 @@ keys and other text's keys (``benchmarks/real_model/gate_separation.py``). One k
 than ROME's average k*: on SmolLM2's tuning side the prompt without a prefix is below cosine 0.7 from
 the average for 11 of 120 edits, and 10 of the 11 edits that failed right away were those.
 
+With ``gate_tokens`` m > 1 an entry also keeps the keys of the subject's m − 1 tokens before its last
+(as many as the subject has), and fires at a token only where, in one of its contexts, the last
+key AND each earlier one match the tokens just before at cosine above τ. A layer-1 key at a name's
+last token says little about the tokens before it: on the 1,000-edit SmolLM2 stream the one-token
+gate fired on 28.5% of unedited neighbourhood prompts, at names that share their last tokens with
+an edited one (Boeing 737-100 / 737-600 on "0", iPhone 8 / 7 Plus). Where the tokens before a
+position are not visible — a forward that resumes from a KV cache — the gate uses the previous
+call's keys when that call filled the same cache (``generate``) and otherwise counts the hidden
+predecessors as matching (the one-token rule); v* therefore recomputes the m − 1 tokens before
+the subject's last (``optimize_values(lookback=…)``), so the gate sees there what a full forward sees.
+
 Requests of one batch that share a subject are edited in rounds (each subject at most once per
 round), so a second edit of a subject is optimised with the first one's entry in place, as in a
 stream; both entries then fire together on that subject.
@@ -37,6 +48,7 @@ on the model (:func:`install_memory`); ``Ledger.apply_to`` does that after every
 from __future__ import annotations
 
 import time
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -47,7 +59,7 @@ from ..contexts import context_prefixes
 from ..covariance import CovarianceSource
 from ..delta import WeightDelta
 from ..hparams import GatedHParams
-from ..keys import context_keys
+from ..keys import context_tail_keys
 from ..values import optimize_values
 from .protocol import StepResult
 
@@ -80,16 +92,19 @@ def subject_rounds(subjects: list[str]) -> list[list[int]]:
 class GatedMemory:
     """The entries of every edit so far, per layer (see the module docstring).
 
-    Tensors (CPU in the state dict): ``layer.<l>.keys`` (n, c, d_mlp) — each edit's key in each of its c
-    contexts —, ``layer.<l>.values`` (n, d_model),
+    Tensors (CPU in the state dict): ``layer.<l>.keys`` (n, c, m, d_mlp) — each edit's key in each of
+    its c contexts at its subject's last m tokens (last first) —, ``layer.<l>.valid`` (n, c, m) bool —
+    False where the subject has fewer tokens —, ``layer.<l>.values`` (n, d_model),
     ``layer.<l>.uid`` (n,) int64, ``layer.<l>.whiten`` (d_mlp, d_mlp) float64 — L⁻¹ of C with the
     profile's ridge, taken from ``stats`` on the first step (and kept, so later steps and a resumed
-    run compare keys in the same metric).
+    run compare keys in the same metric). States written before ``gate_tokens`` existed hold keys
+    (n, c, d_mlp) and no ``valid``: they load as m = 1.
     """
 
     def __init__(self, layer: int, d_mlp: int, d_model: int, hparams: GatedHParams, stats: CovarianceSource | None):
         self.layer, self.hparams, self.stats = layer, hparams, stats
-        self.keys = torch.zeros(0, 1, d_mlp)
+        self.keys = torch.zeros(0, 1, 1, d_mlp)
+        self.valid = torch.zeros(0, 1, 1, dtype=torch.bool)
         self.values = torch.zeros(0, d_model)
         self.uid = torch.zeros(0, dtype=torch.long)
         self.whiten: torch.Tensor | None = None
@@ -118,27 +133,30 @@ class GatedMemory:
         if bool(torch.isin(uid, self.uid).any()):
             raise SupereditError(f"gated: entries {sorted(set(uid.tolist()) & set(self.uid.tolist()))[:5]} are in "
                                  "the memory already")
-        new = _three_d(journal[f"layer.{l}.keys"].float())
+        new, ok = _four_d(journal[f"layer.{l}.keys"].float(), journal.get(f"layer.{l}.valid"))
         if len(self) and new.shape[1:] != self.keys.shape[1:]:
-            raise SupereditError(f"gated: new entries have {new.shape[1]} context keys, the memory's {self.keys.shape[1]} "
-                                 "(context_lengths / n_prefixes changed within one run?)")
+            raise SupereditError(f"gated: new entries have {new.shape[1]} context keys at {new.shape[2]} subject "
+                                 f"tokens, the memory {self.keys.shape[1]} at {self.keys.shape[2]} (context_lengths, "
+                                 "n_prefixes or gate_tokens changed within one run?)")
         keys = torch.cat([self.keys if len(self) else self.keys.new_zeros(0, *new.shape[1:]), new])
+        valid = torch.cat([self.valid if len(self) else self.valid.new_zeros(0, *ok.shape[1:]), ok])
         values = torch.cat([self.values, journal[f"layer.{l}.values"].float()])
         uids = torch.cat([self.uid, uid])
         order = torch.argsort(uids)
-        self.keys, self.values, self.uid = keys[order], values[order], uids[order]
+        self.keys, self.valid, self.values, self.uid = keys[order], valid[order], values[order], uids[order]
 
     def remove(self, journal: dict[str, torch.Tensor]) -> None:
         l = self.layer
         if f"layer.{l}.uid" not in journal:
             return
         keep = ~torch.isin(self.uid, journal[f"layer.{l}.uid"].long())
-        self.keys, self.values, self.uid = self.keys[keep], self.values[keep], self.uid[keep]
+        self.keys, self.valid, self.values, self.uid = self.keys[keep], self.valid[keep], self.values[keep], \
+            self.uid[keep]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         l = self.layer
-        out = {f"layer.{l}.keys": self.keys.clone(), f"layer.{l}.values": self.values.clone(),
-               f"layer.{l}.uid": self.uid.clone()}
+        out = {f"layer.{l}.keys": self.keys.clone(), f"layer.{l}.valid": self.valid.clone(),
+               f"layer.{l}.values": self.values.clone(), f"layer.{l}.uid": self.uid.clone()}
         if self.whiten is not None:
             out[f"layer.{l}.whiten"] = self.whiten.clone()
         return out
@@ -146,14 +164,14 @@ class GatedMemory:
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> "GatedMemory":
         l = self.layer
         if f"layer.{l}.uid" in sd:
-            keys, values = _three_d(sd[f"layer.{l}.keys"].float()), sd[f"layer.{l}.values"].float()
-            uid = sd[f"layer.{l}.uid"].long()
-            if (keys.shape[0], keys.shape[2]) != (uid.numel(), self.keys.shape[2]) or \
+            keys, valid = _four_d(sd[f"layer.{l}.keys"].float(), sd.get(f"layer.{l}.valid"))
+            values, uid = sd[f"layer.{l}.values"].float(), sd[f"layer.{l}.uid"].long()
+            if (keys.shape[0], keys.shape[3]) != (uid.numel(), self.keys.shape[3]) or \
                     values.shape != (uid.numel(), self.values.shape[1]):
                 raise ValueError(f"gated state at layer {l}: keys {tuple(keys.shape)} / values {tuple(values.shape)} "
-                                 f"do not match {uid.numel()} entries of widths {self.keys.shape[2]} / "
+                                 f"do not match {uid.numel()} entries of widths {self.keys.shape[3]} / "
                                  f"{self.values.shape[1]}")
-            self.keys, self.values, self.uid = keys.clone(), values.clone(), uid.clone()
+            self.keys, self.valid, self.values, self.uid = keys.clone(), valid.clone(), values.clone(), uid.clone()
         if f"layer.{l}.whiten" in sd:
             self.whiten = sd[f"layer.{l}.whiten"].to(F64).clone()
         return self
@@ -170,73 +188,157 @@ def make_gated_state(adapter: ModelAdapter, hparams: GatedHParams, stats: Covari
     return GatedMemory(layer, adapter.d_mlp, adapter.d_model, hparams, stats)
 
 
-def _three_d(keys: torch.Tensor) -> torch.Tensor:
-    """Keys as (n, contexts, d): a (n, d) tensor is one context per entry."""
-    return keys.unsqueeze(1) if keys.dim() == 2 else keys
+def _four_d(keys: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys as (n, contexts, tokens, d) and their validity (n, contexts, tokens): a (n, d) tensor is one
+    context and one token per entry, a (n, c, d) one token per context (states before ``gate_tokens``)."""
+    if keys.dim() == 2:
+        keys = keys[:, None, None]
+    elif keys.dim() == 3:
+        keys = keys[:, :, None]
+    if keys.dim() != 4:
+        raise ValueError(f"gated keys must be (n, d), (n, c, d) or (n, c, m, d), got {tuple(keys.shape)}")
+    if valid is None:
+        valid = torch.ones(keys.shape[:3], dtype=torch.bool)
+    valid = valid.to(torch.bool).reshape(keys.shape[:3])
+    return keys, valid
+
+
+def _cache_length(cache) -> int:
+    """Positions already in a KV cache (a transformers ``Cache`` or a legacy tuple); 0 for None."""
+    if cache is None:
+        return 0
+    if isinstance(cache, (tuple, list)):
+        return int(cache[0][0].shape[-2]) if len(cache) and cache[0] is not None else 0
+    return int(cache.get_seq_length())
 
 
 class _Gate:
-    """The forward hook: adds the firing entries' values to the down-projection's output."""
+    """The forward hook: adds the firing entries' values to the down-projection's output.
 
-    def __init__(self, whiten: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: float, device):
+    Entry e fires at token t where, for some context c, cos_C(k_t, k_e,c,0) > τ and, for each earlier
+    subject token j the entry has (valid), cos_C(k_{t−j}, k_e,c,j) > τ_before (default τ). The one-token test runs on all
+    (token, entry, context) pairs; the earlier tokens are checked only for the pairs that pass it.
+    A companion pre-hook on the whole model (:meth:`on_model_call`) tells a fresh forward from one
+    that resumes a KV cache (see the module docstring for what the gate does then)."""
+
+    def __init__(self, whiten: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: float, device,
+                 valid: torch.Tensor | None = None, record: bool = False, tau_before: float | None = None):
         self.whiten_t = whiten.to(device=device, dtype=torch.float32).T.contiguous()  # k @ L⁻ᵀ = (L⁻¹k)ᵀ
-        keys = _three_d(keys)
-        self.contexts = keys.shape[1]
-        z = keys.reshape(-1, keys.shape[2]).to(device=device, dtype=torch.float32) @ self.whiten_t
-        self.unit_keys_t = (z / z.norm(dim=1, keepdim=True).clamp_min(1e-30)).T.contiguous()  # (d_mlp, n · c)
+        keys, valid = _four_d(keys, valid)
+        n, self.contexts, self.tokens, d = keys.shape
+        z = keys.reshape(-1, d).to(device=device, dtype=torch.float32) @ self.whiten_t
+        unit = (z / z.norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape(n, self.contexts, self.tokens, d)
+        self.unit_last_t = unit[:, :, 0].reshape(-1, d).T.contiguous()  # (d_mlp, n · c)
+        self.unit_before = unit[:, :, 1:]  # (n, c, m − 1, d_mlp)
+        self.valid_before = valid[:, :, 1:].to(device)
         self.values = values.to(device=device, dtype=torch.float32)
         self.tau = float(tau)
+        self.tau_before = self.tau if tau_before is None else float(tau_before)
+        self.record = record
         self.fired = 0  # tokens at which some entry fired (diagnostics)
         self.last_fire: torch.Tensor | None = None  # (batch, seq) bool of the last call (diagnostics)
+        self.last_fire_entries: torch.Tensor | None = None  # (batch, seq, n) bool, kept with ``record``
+        self._cache, self._past = None, 0  # the KV cache of the forward under way, and its length before it
+        self._history: torch.Tensor | None = None  # (batch, m − 1, d_mlp) whitened unit keys of the last call
+        self._history_of = None  # weak reference to the cache that call filled
+
+    def on_model_call(self, module, args, kwargs):
+        """Forward pre-hook of the whole model: note the KV cache the forward resumes (if any)."""
+        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache") if cache is None else cache
+        self._cache, self._past = cache, _cache_length(cache)
+
+    def _tokens_before(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The whitened unit keys the earlier-token test reads: this call's, preceded by the previous
+        call's last m − 1 where that call filled the cache this one resumes; and how many were prepended."""
+        hist = self._history
+        same = self._history_of is not None and self._cache is not None and self._history_of() is self._cache
+        if self._past > 0 and same and hist is not None and hist.shape[0] == z.shape[0]:
+            return torch.cat([hist, z], dim=1), hist.shape[1]
+        return z, 0
+
+    def _keep_history(self, z_ext: torch.Tensor) -> None:
+        self._history, self._history_of = None, None
+        if self._cache is not None:
+            try:
+                self._history_of = weakref.ref(self._cache)
+            except TypeError:  # a cache type without weak references: no history (the fallback rule applies)
+                return
+            self._history = z_ext[:, -(self.tokens - 1):].detach()
 
     def __call__(self, module, args, out):
-        if self.values.shape[0] == 0:
-            self.last_fire = None
+        n = self.values.shape[0]
+        if n == 0:
+            self.last_fire = self.last_fire_entries = None
             return None
-        k = args[0]
-        z = k.to(torch.float32) @ self.whiten_t
-        cos = (z @ self.unit_keys_t) / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (batch, seq, n · c)
-        cos = cos.unflatten(-1, (self.values.shape[0], self.contexts)).amax(-1)  # the closest context per entry
-        fire = (cos > self.tau).to(torch.float32)  # (batch, seq, n)
-        self.last_fire = fire.detach().any(-1)
+        z = args[0].to(torch.float32) @ self.whiten_t
+        z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (batch, seq, d_mlp)
+        hit = (z @ self.unit_last_t).unflatten(-1, (n, self.contexts)) > self.tau  # (batch, seq, n, c)
+        if self.tokens > 1:
+            z_ext, shift = self._tokens_before(z)
+            self._keep_history(z_ext)
+            if bool(hit.any()):
+                b, t, e, c = torch.nonzero(hit, as_tuple=True)
+                ok = torch.ones_like(b, dtype=torch.bool)
+                for j in range(1, self.tokens):
+                    pos = t + shift - j
+                    seen = pos >= 0
+                    cos = (z_ext[b, pos.clamp_min(0)] * self.unit_before[e, c, j - 1]).sum(-1)
+                    needed = self.valid_before[e, c, j - 1]
+                    # unseen: none exists in a fresh forward (no match); one hidden in the KV cache counts as one
+                    ok &= ~needed | torch.where(seen, cos > self.tau_before, torch.full_like(seen, self._past > 0))
+                hit = torch.zeros_like(hit)
+                hit[b[ok], t[ok], e[ok], c[ok]] = True
+        fire = hit.any(-1)  # (batch, seq, n)
+        self.last_fire = fire.any(-1)
+        self.last_fire_entries = fire if self.record else None
         if not bool(self.last_fire.any()):
             return None
         self.fired += int(self.last_fire.sum())
-        return out + (fire @ self.values).to(out.dtype)
+        return out + (fire.to(torch.float32) @ self.values).to(out.dtype)
+
+
+def _register(adapter: ModelAdapter, layer: int, gate: _Gate) -> tuple:
+    """Hook ``gate`` on ``layer``'s down-projection and its companion pre-hook on the model: the handles."""
+    mod = adapter.site_module("key", layer)
+    return (mod.register_forward_hook(gate),
+            adapter.model.register_forward_pre_hook(gate.on_model_call, with_kwargs=True))
 
 
 @contextmanager
 def entries_active(adapter: ModelAdapter, layer: int, whiten: torch.Tensor, keys: torch.Tensor,
-                   values: torch.Tensor, tau: float):
-    """Entries (keys (n, c, d) or (n, d), values (n, d_model)) acting at ``layer`` for the duration of a
-    ``with`` (hook removed on exit)."""
-    mod = adapter.site_module("key", layer)
-    handle = mod.register_forward_hook(_Gate(whiten, keys, values, tau, adapter.layer_device(layer)))
+                   values: torch.Tensor, tau: float, valid: torch.Tensor | None = None,
+                   tau_before: float | None = None):
+    """Entries (keys (n, c, m, d), (n, c, d) or (n, d); values (n, d_model)) acting at ``layer`` for the
+    duration of a ``with`` (hooks removed on exit)."""
+    handles = _register(adapter, layer, _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid,
+                                              tau_before=tau_before))
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
-def install_memory(adapter: ModelAdapter, state: GatedMemory) -> None:
+def install_memory(adapter: ModelAdapter, state: GatedMemory, record: bool = False) -> None:
     """Make the model compute with a snapshot of ``state``'s entries (replacing any installed before).
 
-    The hook stays on the down-projection until :func:`remove_memory` or the next install; an empty
-    memory installs nothing."""
+    The hooks stay until :func:`remove_memory` or the next install; an empty memory installs nothing.
+    ``record`` keeps which entry fired where on the last call (``installed_gate(...).last_fire_entries``)."""
     remove_memory(adapter, state.layer)
     if len(state) == 0:
         return
-    mod = adapter.site_module("key", state.layer)
     gate = _Gate(state.ensure_whitening(None), state.keys, state.values, state.hparams.tau,
-                 adapter.layer_device(state.layer))
-    setattr(mod, _HANDLE, (mod.register_forward_hook(gate), gate))
+                 adapter.layer_device(state.layer), state.valid, record, state.hparams.tau_before)
+    setattr(adapter.site_module("key", state.layer), _HANDLE, (_register(adapter, state.layer, gate), gate))
 
 
 def remove_memory(adapter: ModelAdapter, layer: int) -> None:
     mod = adapter.site_module("key", layer)
     installed = getattr(mod, _HANDLE, None)
     if installed is not None:
-        installed[0].remove()
+        for h in installed[0]:
+            h.remove()
         delattr(mod, _HANDLE)
 
 
@@ -258,30 +360,33 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
     whiten = state.ensure_whitening(stats)
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
     timings = {"keys": 0.0, "values": 0.0}
-    n = len(requests)
-    keys = torch.zeros(n, len(prefixes), adapter.d_mlp)
+    n, m = len(requests), hparams.gate_tokens
+    keys = torch.zeros(n, len(prefixes), m, adapter.d_mlp)
+    valid = torch.zeros(n, len(prefixes), m, dtype=torch.bool)
     values = torch.zeros(n, adapter.d_model)
     per_request: list[dict] = [{} for _ in range(n)]
     done: list[int] = []
     for idx in subject_rounds([r.subject for r in requests]):
-        with entries_active(adapter, layer, whiten, keys[done], values[done], hparams.tau):
+        with entries_active(adapter, layer, whiten, keys[done], values[done], hparams.tau, valid[done],
+                            hparams.tau_before):
             t0 = time.perf_counter()
             reqs = [requests[i] for i in idx]
-            k = context_keys(adapter, [r.prompt for r in reqs], [r.subject for r in reqs], [layer], prefixes,
-                             hparams.fact_token)[layer]  # (round, contexts, d_mlp)
+            k, ok = context_tail_keys(adapter, [r.prompt for r in reqs], [r.subject for r in reqs], layer, prefixes,
+                                      m)  # (round, contexts, m, d_mlp)
             t1 = time.perf_counter()
             vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in reqs], layer, "value",
-                                   hparams, prefixes)
+                                   hparams, prefixes, lookback=m - 1)
             timings["keys"] += t1 - t0
             timings["values"] += time.perf_counter() - t1
         for j, i in enumerate(idx):
-            keys[i] = k[j].detach().float().cpu()
+            keys[i], valid[i] = k[j].detach().float().cpu(), ok[j].cpu()
             values[i] = vals[j].delta.detach().float().cpu()
-            per_request[i] = {"case_id": requests[i].case_id, "layer": layer, "key_norm": float(k[j].mean(0).norm()),
-                              **vals[j].summary()}
+            per_request[i] = {"case_id": requests[i].case_id, "layer": layer,
+                              "key_norm": float(k[j][:, 0].mean(0).norm()), **vals[j].summary()}
         done += idx
     uid = torch.arange(state.next_uid(), state.next_uid() + n, dtype=torch.long)
-    journal = {f"layer.{layer}.keys": keys, f"layer.{layer}.values": values, f"layer.{layer}.uid": uid}
+    journal = {f"layer.{layer}.keys": keys, f"layer.{layer}.valid": valid, f"layer.{layer}.values": values,
+               f"layer.{layer}.uid": uid}
     state.add(journal)
     meta = {"model": adapter.identity(), "hparams": hparams.to_dict(), "requests": per_request,
             "timings": timings, "memory_entries": len(state)}
