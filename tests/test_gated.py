@@ -108,12 +108,12 @@ def test_memory_add_remove_and_state_dict_round_trip():
         make_gated_state(adapter, hp).load_state_dict(bad)
 
 
-@pytest.fixture(scope="module")
-def gated_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 3], ids=["one-token", "three-token"])
+def gated_run(tmp_path_factory, request):
     adapter = tiny_adapter("llama")
     stats = corpus_cov(adapter, [1])
     # no generated prefixes: k* is the key of the prompt itself, so the gate surely fires there
-    hp = GatedHParams(layers=[1], tau=0.6, v_lr=0.2, **{**FAST, "n_prefixes": 0})
+    hp = GatedHParams(layers=[1], tau=0.6, v_lr=0.2, gate_tokens=request.param, **{**FAST, "n_prefixes": 0})
     before = _logits(adapter, [r.prompt.format(r.subject) for r in REQS] + FOREIGN)
     W0 = adapter.down_weight(1).clone()
     led = Ledger.create(tmp_path_factory.mktemp("gated") / "ledger", adapter, "gated", hp)
@@ -243,8 +243,9 @@ def _gate_on(keys, valid, calls):
     d = keys.shape[-1]
     gate = _Gate(torch.eye(d, dtype=torch.float64), keys[None, None], torch.ones(1, 2), 0.9, "cpu", valid[None, None])
     out = []
-    for cache, k in calls:
-        gate.on_model_call(None, (), {"past_key_values": cache})
+    for call in calls:
+        cache, k, pos = (*call, None) if len(call) == 2 else call
+        gate.on_model_call(None, (), {"past_key_values": cache, "position_ids": pos})
         gate(None, (k[None],), torch.zeros(1, k.shape[0], 2))
         cache.n += k.shape[0]  # the forward fills its cache
         out.append(torch.nonzero(gate.last_fire[0]).flatten().tolist())
@@ -268,6 +269,15 @@ def test_a_multi_token_entry_fires_only_after_its_subjects_earlier_tokens():
     assert _gate_on(entry, both, [(other, torch.stack([a, a])), (other, c[None])]) == [[], []]
     # resuming a cache it did not see filled (a copy): the hidden token counts as matching
     assert _gate_on(entry, both, [(_FakeCache(0), torch.stack([a, a])), (_FakeCache(2), c[None])]) == [[], [0]]
+    # a one-token text then its continuation: the history reaches the text's start, nothing is before it
+    short = _FakeCache(0)
+    assert _gate_on(torch.stack([c, b, a]), torch.ones(3, dtype=torch.bool),
+                    [(short, b[None]), (short, c[None])]) == [[], []]
+    assert _gate_on(torch.stack([c, b, a]), torch.ones(3, dtype=torch.bool),
+                    [(short, b[None]), (_FakeCache(1), c[None])]) == [[], []]
+    # a row of a left-padded cached batch (v*): its position ids say where its text starts
+    assert _gate_on(entry, both, [(_FakeCache(3), c[None], torch.tensor([[0]]))]) == [[]]
+    assert _gate_on(entry, both, [(_FakeCache(3), c[None], torch.tensor([[1]]))]) == [[0]]
 
 
 def _multi_token_memory(adapter, text_ids, pos, before_key=None):

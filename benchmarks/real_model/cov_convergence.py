@@ -6,6 +6,12 @@ relative change of u = C⁻¹k* (ROME's update direction) and its cosine to u_re
 (real English prose: the long descriptions of the installed Python packages, offline everywhere)
 gives the same quantities against the model-sampled reference.
 
+With ``--probe-requests`` (facts no edit touches) it also measures what C changes in an edit's effect
+on other facts: the interference p(i, j) = k*_iᵀC⁻¹k_j / k*_iᵀC⁻¹k*_i between each edit key i and each
+probe fact's key j (a rank-one edit moves fact j's value by p(i, j)·δ_i; its own key's by exactly δ_i
+whatever C is). Per budget: ‖P_N − P_ref‖_F / ‖P_ref‖_F and mean |p|. ``--corpus`` replaces the
+default model-sampled corpus (e.g. a larger one written by ``sample_corpus.py``).
+
     .venv/bin/python benchmarks/real_model/cov_convergence.py --layers 4 --out runs/real/cov-convergence
 """
 
@@ -45,6 +51,10 @@ def main() -> None:
     ap.add_argument("--requests", default="runs/known-smollm2/tune.json")
     ap.add_argument("--n-keys", type=int, default=24)
     ap.add_argument("--ridge", type=float, default=0.0)
+    ap.add_argument("--corpus", default=None, help="JSONL of model-sampled text (field 'text'); default: the cached one")
+    ap.add_argument("--probe-requests", default=None, help="facts no edit touches: interference p against their keys")
+    ap.add_argument("--n-probe", type=int, default=200)
+    ap.add_argument("--skip-package-docs", action="store_true")
     ap.add_argument("--out", default="runs/real/cov-convergence")
     ap.add_argument("--plot-only", action="store_true", help="Redraw the figure from OUT/convergence.json.")
     args = ap.parse_args()
@@ -60,7 +70,16 @@ def main() -> None:
     reqs = load_requests(args.requests)[: args.n_keys]
     prefixes = context_prefixes(a, [10], 5, 0)
     keys = compute_keys(a, [r.prompt for r in reqs], [r.subject for r in reqs], layers, prefixes)
-    corpora = {"model-sampled": sampled_corpus(a), "package-docs": package_docs_corpus()}
+    probe_keys = None
+    if args.probe_requests:
+        from superedit.editing.keys import keys_at
+
+        pr = load_requests(args.probe_requests)[: args.n_probe]
+        probe_keys = keys_at(a, [r.prompt for r in pr], [r.subject for r in pr], layers)
+    sampled = Corpus.from_path(args.corpus) if args.corpus else sampled_corpus(a)
+    corpora = {"model-sampled": sampled}
+    if not args.skip_package_docs:
+        corpora["package-docs"] = package_docs_corpus()
     mats: dict[str, dict[int, dict[int, torch.Tensor]]] = {}
     counts = {}
     for name, corpus in corpora.items():
@@ -88,9 +107,17 @@ def main() -> None:
                              "rel_change_C": rel_c, "rel_change_u_median": float(rel_u.median()),
                              "rel_change_u_max": float(rel_u.max()), "cos_u_median": float(cos_u.median()),
                              "cos_u_min": float(cos_u.min())})
+                if probe_keys is not None:
+                    Kp = probe_keys[l].double()  # (n_probe, d_mlp)
+                    P = (Kp @ U) / (K * U.T).sum(1)  # (n_probe, n_keys): p(i, j) = k_jᵀC⁻¹k_i / k_iᵀC⁻¹k_i
+                    P_ref = (Kp @ U_ref) / (K * U_ref.T).sum(1)
+                    rows[-1].update({"rel_change_p": float((P - P_ref).norm() / P_ref.norm()),
+                                     "mean_abs_p": float(P.abs().mean()), "mean_abs_p_ref": float(P_ref.abs().mean())})
                 print(json.dumps(rows[-1]))
     (out / "convergence.json").write_text(json.dumps({"model": args.model, "reference_tokens": ref_n,
-                                                     "ridge": args.ridge, "n_keys": len(reqs), "rows": rows}, indent=2))
+                                                     "ridge": args.ridge, "n_keys": len(reqs),
+                                                     "corpus": args.corpus or "default model-sampled",
+                                                     "probe_requests": args.probe_requests, "rows": rows}, indent=2))
     plot(out / "convergence.json", out / "convergence.png")
 
 
@@ -104,7 +131,8 @@ def plot(json_path: Path, png_path: Path) -> None:
     data = json.loads(Path(json_path).read_text())
     rows, ref_n = data["rows"], data["reference_tokens"]
     layers = sorted({r["layer"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    with_p = any("rel_change_p" in r for r in rows)
+    fig, axes = plt.subplots(1, 3 if with_p else 2, figsize=(15 if with_p else 10.5, 3.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for c, l in zip(colors, layers):
         r = [x for x in rows if x["layer"] == l and x["corpus"] == "model-sampled" and x["n_tokens"] < ref_n]
@@ -116,11 +144,17 @@ def plot(json_path: Path, png_path: Path) -> None:
                      label=f"layer {l}, median key")
         axes[1].plot([x["tokens_used"] for x in ok], [x["rel_change_u_max"] for x in ok], marker="x", color=c,
                      linestyle=":", label=f"layer {l}, worst key")
+        if with_p:
+            axes[2].plot([x["tokens_used"] for x in ok], [x["rel_change_p"] for x in ok], marker="o", color=c,
+                         label=f"layer {l}")
         for x in pd:
             axes[1].scatter([x["tokens_used"]], [x["rel_change_u_median"]], marker="s", color=c, s=36,
                             edgecolor="k", zorder=3, label=f"layer {l}: package-docs text, median key")
     axes[0].set_title("‖C_N − C_ref‖ / ‖C_ref‖", fontsize=10)
     axes[1].set_title("‖u_N − u_ref‖ / ‖u_ref‖,  u = C⁻¹k*  (N ≥ 2,000)", fontsize=10)
+    if with_p:
+        axes[2].set_title("‖P_N − P_ref‖ / ‖P_ref‖,  p(i, j) = k_jᵀC⁻¹k*_i / k*_iᵀC⁻¹k*_i", fontsize=10)
+        axes[2].legend(frameon=False, fontsize=8)
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     ticks = sorted({x["tokens_used"] for x in rows})

@@ -239,6 +239,7 @@ class _Gate:
         self.last_fire: torch.Tensor | None = None  # (batch, seq) bool of the last call (diagnostics)
         self.last_fire_entries: torch.Tensor | None = None  # (batch, seq, n) bool, kept with ``record``
         self._cache, self._past = None, 0  # the KV cache of the forward under way, and its length before it
+        self._positions: torch.Tensor | None = None  # its explicit position ids, if any
         self._history: torch.Tensor | None = None  # (batch, m − 1, d_mlp) whitened unit keys of the last call
         self._history_of = None  # weak reference to the cache that call filled
 
@@ -247,6 +248,7 @@ class _Gate:
         cache = kwargs.get("past_key_values")
         cache = kwargs.get("cache") if cache is None else cache
         self._cache, self._past = cache, _cache_length(cache)
+        self._positions = kwargs.get("position_ids")  # (batch or 1, seq): each token's place in its own text
 
     def _tokens_before(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The whitened unit keys the earlier-token test reads: this call's, preceded by the previous
@@ -285,8 +287,15 @@ class _Gate:
                     seen = pos >= 0
                     cos = (z_ext[b, pos.clamp_min(0)] * self.unit_before[e, c, j - 1]).sum(-1)
                     needed = self.valid_before[e, c, j - 1]
-                    # unseen: none exists in a fresh forward (no match); one hidden in the KV cache counts as one
-                    ok &= ~needed | torch.where(seen, cos > self.tau_before, torch.full_like(seen, self._past > 0))
+                    # an unseen token: before the text's start there is none (no match); one hidden in the
+                    # KV cache counts as matching. Where a text starts: its position ids when the forward
+                    # has them (left-padded cached rows: v*), else z_ext's first column is position past − shift
+                    if self._positions is not None and self._positions.shape[-1] == z.shape[1]:
+                        where = self._positions.to(t.device).expand(z.shape[0], -1)[b, t]
+                        exists = where - j >= 0
+                    else:
+                        exists = pos + (self._past - shift) >= 0
+                    ok &= ~needed | torch.where(seen, cos > self.tau_before, exists)
                 hit = torch.zeros_like(hit)
                 hit[b[ok], t[ok], e[ok], c[ok]] = True
         fire = hit.any(-1)  # (batch, seq, n)
