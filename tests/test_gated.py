@@ -351,3 +351,20 @@ def test_v_star_recomputes_the_tokens_a_multi_token_gate_reads():
         remove_memory(adapter, 1)
     assert torch.allclose(got[1], want, atol=1e-4)
     assert not torch.allclose(got[0], want, atol=1e-2)  # the hidden earlier token counted as matching
+
+
+def test_rows_lookback_asks_m_minus_1_only_where_a_last_key_matched_near_the_subject():
+    from types import SimpleNamespace
+
+    from superedit.editing.methods.gated import rows_lookback
+
+    cand = torch.zeros(3, 8, dtype=torch.bool)
+    cand[0, 4] = True  # at the subject's last token (4)
+    cand[1, 1] = True  # before the window: that position is computed in the cached prefix, exactly
+    cand[2, 7] = True  # past the window (4 .. 4 + m − 2 = 5): its m − 1 earlier tokens are recomputed anyway
+    back = rows_lookback([SimpleNamespace(last_candidates=cand), SimpleNamespace(last_candidates=None)], 3)
+    assert back(torch.tensor([4, 4, 4])).tolist() == [2, 0, 0]
+    cand[2, 5] = True
+    assert back(torch.tensor([4, 4, 4])).tolist() == [2, 0, 2]
+    with pytest.raises(RuntimeError, match="rows"):
+        back(torch.tensor([4, 4]))

@@ -30,6 +30,7 @@ import copy
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -216,12 +217,13 @@ class _Rows:
         """Indices of the reads the planned groups compute, in the order :meth:`forward_reads` returns them."""
         return torch.sort(torch.cat([g.reads for g in self.groups or []])).values
 
-    def plan(self, adapter: ModelAdapter, by_split: bool, lookback: int = 0) -> "_Rows":
+    def plan(self, adapter: ModelAdapter, by_split: bool, lookback: "int | torch.Tensor" = 0) -> "_Rows":
         """Set ``groups``. With ``by_split`` each row recomputes only its positions from where δ enters
         on (causal attention: nothing before depends on δ), aligned at column 0, its earlier positions
         run once, no grad, into the model's KV cache (left-padded, with explicit position ids); rows
         are grouped by how many positions they recompute (:func:`plan_groups`). Without, one group of
-        whole rows from position 0. ``lookback`` positions before δ's are recomputed too."""
+        whole rows from position 0. ``lookback`` (an int, or one per row) positions before δ's are
+        recomputed too."""
         dev = self.input_ids.device
         lengths = self.attention_mask.sum(1)
         offsets = (self.subject_last - lookback).clamp_min(0) if by_split else torch.zeros_like(lengths)
@@ -314,8 +316,11 @@ def _fast_plan_key(adapter: ModelAdapter, layer: int, site: str, read_layer: int
     return ("values.fast_plan_ok", layer, site, read_layer, str(adapter.dtype), str(adapter.device))
 
 
+Lookback = Union[int, Callable[[torch.Tensor], torch.Tensor]]
+
+
 def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, read_layer: int,
-                  keep_reads: bool = False, lookback: int = 0) -> tuple[_Rows, Trace]:
+                  keep_reads: bool = False, lookback: Lookback = 0) -> tuple[_Rows, Trace]:
     """One plain no-grad forward of ``rows`` (v₀ at ``(site, layer)``, the input of block ``layer``; the
     residual after ``read_layer`` too with ``keep_reads``), then the fast plan: cached block input,
     rows grouped by where δ enters with their earlier positions in the KV cache.
@@ -336,7 +341,8 @@ def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, rea
                                            arity=plain.arity["resid", layer - 1])
     why = ""
     try:
-        fast = fast.plan(adapter, by_split=True, lookback=lookback)
+        back = lookback(rows.subject_last) if callable(lookback) else lookback  # right after the plain forward
+        fast = fast.plan(adapter, by_split=True, lookback=back)
         if verdict is None:
             want = _take(plain["resid", read_layer], rows.read_row, rows.read_col, rows.input_ids.device).float()
             with torch.no_grad():
@@ -390,7 +396,7 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
 
 def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], layer: int, site: str,
                     hp: ValueHParams, prefixes: list[str], chunk_rows: int = 512,
-                    lookback: int = 0) -> list[ValueResult]:
+                    lookback: Lookback = 0) -> list[ValueResult]:
     """Optimise v* for several requests ``(template, subject, target)`` at once.
 
     The requests' deltas form one (n, d_model) parameter and every step carries all active requests'
@@ -403,7 +409,9 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     positions from each row's δ position on (earlier ones sit in the model's KV cache, rows grouped
     by :func:`plan_groups`), the final norm and head only at the positions the loss reads; requests
     that stopped early leave the batch. ``lookback`` more positions before δ's are recomputed rather
-    than cached, for hooks that read the tokens just before (``gated``'s ``gate_tokens``).
+    than cached, for hooks that read the tokens just before (``gated``'s ``gate_tokens``): an int, or
+    a function of the rows' δ positions (rows,) returning one count per row, called right after the
+    plain forward of those rows (so a hook can say which rows need it from what it saw there).
     """
     if site not in ("value", "resid"):
         raise ValueError(f"value site must be 'value' (ROME) or 'resid' (MEMIT), got {site!r}")

@@ -32,7 +32,8 @@ an edited one (Boeing 737-100 / 737-600 on "0", iPhone 8 / 7 Plus). Where the to
 position are not visible — a forward that resumes from a KV cache — the gate uses the previous
 call's keys when that call filled the same cache (``generate``) and otherwise counts the hidden
 predecessors as matching (the one-token rule); v* therefore recomputes the m − 1 tokens before
-the subject's last (``optimize_values(lookback=…)``), so the gate sees there what a full forward sees.
+the subject's last in the rows where some entry's last key matches near it
+(:func:`rows_lookback`), so the gate sees there what a full forward sees.
 
 Requests of one batch that share a subject are edited in rounds (each subject at most once per
 round), so a second edit of a subject is optimised with the first one's entry in place, as in a
@@ -238,6 +239,7 @@ class _Gate:
         self.fired = 0  # tokens at which some entry fired (diagnostics)
         self.last_fire: torch.Tensor | None = None  # (batch, seq) bool of the last call (diagnostics)
         self.last_fire_entries: torch.Tensor | None = None  # (batch, seq, n) bool, kept with ``record``
+        self.last_candidates: torch.Tensor | None = None  # (batch, seq) bool: some entry's last key matched
         self._cache, self._past = None, 0  # the KV cache of the forward under way, and its length before it
         self._positions: torch.Tensor | None = None  # its explicit position ids, if any
         self._history: torch.Tensor | None = None  # (batch, m − 1, d_mlp) whitened unit keys of the last call
@@ -271,11 +273,12 @@ class _Gate:
     def __call__(self, module, args, out):
         n = self.values.shape[0]
         if n == 0:
-            self.last_fire = self.last_fire_entries = None
+            self.last_fire = self.last_fire_entries = self.last_candidates = None
             return None
         z = args[0].to(torch.float32) @ self.whiten_t
         z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (batch, seq, d_mlp)
         hit = (z @ self.unit_last_t).unflatten(-1, (n, self.contexts)) > self.tau  # (batch, seq, n, c)
+        self.last_candidates = hit.flatten(2).any(-1)
         if self.tokens > 1:
             z_ext, shift = self._tokens_before(z)
             self._keep_history(z_ext)
@@ -319,11 +322,11 @@ def entries_active(adapter: ModelAdapter, layer: int, whiten: torch.Tensor, keys
                    values: torch.Tensor, tau: float, valid: torch.Tensor | None = None,
                    tau_before: float | None = None):
     """Entries (keys (n, c, m, d), (n, c, d) or (n, d); values (n, d_model)) acting at ``layer`` for the
-    duration of a ``with`` (hooks removed on exit)."""
-    handles = _register(adapter, layer, _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid,
-                                              tau_before=tau_before))
+    duration of a ``with`` (hooks removed on exit); yields the gate."""
+    gate = _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, tau_before=tau_before)
+    handles = _register(adapter, layer, gate)
     try:
-        yield
+        yield gate
     finally:
         for h in handles:
             h.remove()
@@ -357,6 +360,29 @@ def installed_gate(adapter: ModelAdapter, layer: int) -> "_Gate | None":
     return installed[1] if installed is not None else None
 
 
+def rows_lookback(gates: list, tokens: int):
+    """For v*'s fast plan (``optimize_values(lookback=…)``): per row, how many positions before δ's the
+    gates must see. A gate reads the m − 1 tokens before a token only where some entry's last key
+    matched there (its candidates); the first positions a cached row recomputes, δ's and the m − 2 after
+    it, have those tokens in the cache. So a row needs m − 1 where the gates' last forward (the plain
+    forward of these rows, δ = 0; keys at the gate's layer do not depend on δ, which enters at its
+    output) had a candidate in that window, and 0 elsewhere."""
+    def lookback(subject_last: torch.Tensor) -> torch.Tensor:
+        need = torch.zeros(subject_last.shape[0], dtype=torch.bool)
+        cols = subject_last.cpu()[:, None] + torch.arange(max(tokens - 1, 1))[None]  # (rows, window)
+        for g in gates:
+            cand = g.last_candidates
+            if cand is None:
+                continue
+            cand = cand.cpu()
+            if cand.shape[0] != need.shape[0]:
+                raise RuntimeError(f"gated: the gate's last forward had {cand.shape[0]} rows, v* has {need.shape[0]}")
+            inside = cols < cand.shape[1]
+            need |= (cand[torch.arange(need.shape[0])[:, None], cols.clamp_max(cand.shape[1] - 1)] & inside).any(1)
+        return need.long().to(subject_last.device) * (tokens - 1)
+    return lookback
+
+
 def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, stats: CovarianceSource | None,
                state: GatedMemory | None = None) -> StepResult:
     """One batch on the model as it is (with the earlier entries installed): new entries in the journal.
@@ -377,14 +403,16 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
     done: list[int] = []
     for idx in subject_rounds([r.subject for r in requests]):
         with entries_active(adapter, layer, whiten, keys[done], values[done], hparams.tau, valid[done],
-                            hparams.tau_before):
+                            hparams.tau_before) as temporary:
             t0 = time.perf_counter()
             reqs = [requests[i] for i in idx]
             k, ok = context_tail_keys(adapter, [r.prompt for r in reqs], [r.subject for r in reqs], layer, prefixes,
                                       m)  # (round, contexts, m, d_mlp)
             t1 = time.perf_counter()
             vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in reqs], layer, "value",
-                                   hparams, prefixes, lookback=m - 1)
+                                   hparams, prefixes,
+                                   lookback=rows_lookback([g for g in (installed_gate(adapter, layer), temporary)
+                                                           if g is not None], m) if m > 1 else 0)
             timings["keys"] += t1 - t0
             timings["values"] += time.perf_counter() - t1
         for j, i in enumerate(idx):
