@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--probe", required=True, help="the retention probe's facts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--examples", type=int, default=0,
+                    help="also list this many firings per row: the text, the token, the entry's subject")
     args = ap.parse_args()
 
     import torch
@@ -45,6 +47,10 @@ def main() -> None:
     led = Ledger.open(args.ledger)
     led.apply_to(adapter)
     layer = led.state.layer
+    if args.examples:
+        from superedit.editing.methods.gated import install_memory
+
+        install_memory(adapter, led.state, record=True)  # which entry fired where
     gate = installed_gate(adapter, layer)
     n_done = len(led.state)
     mdir = local_model_dir(args.model)
@@ -53,9 +59,10 @@ def main() -> None:
     probe = [r for r in resolve_requests(mdir, args.probe) if r.subject not in edited]
     tok = adapter.tokenizer
 
-    def tokens_firing(texts: list[str]) -> tuple[int, int, int]:
-        """(texts with a firing token, tokens firing, tokens) over ``texts``."""
+    def tokens_firing(texts: list[str]) -> tuple[int, int, int, list]:
+        """(texts with a firing token, tokens firing, tokens, examples) over ``texts``."""
         hit_texts = fired = total = 0
+        examples = []
         for s in range(0, len(texts), 32):
             chunk = texts[s:s + 32]
             enc = tok(chunk, return_tensors="pt", padding=True, padding_side="right")
@@ -67,7 +74,11 @@ def main() -> None:
             fired += int(per_row.sum())
             hit_texts += int((per_row > 0).sum())
             total += int(mask.sum())
-        return hit_texts, fired, total
+            if args.examples and len(examples) < args.examples and gate.last_fire_entries is not None:
+                for r, t, e in torch.nonzero(gate.last_fire_entries & mask[..., None]).tolist():
+                    examples.append({"text": chunk[r], "token": tok.decode(enc["input_ids"][r, t]),
+                                     "entry_subject": stream[e].subject, "entry_prompt": stream[e].prompt})
+        return hit_texts, fired, total, examples[:args.examples]
 
     rows = {}
     for name, texts in [("own prompts", [r.prompt.format(r.subject) for r in stream]),
@@ -75,9 +86,13 @@ def main() -> None:
                         ("retention probe prompts", [r.prompt.format(r.subject) for r in probe]),
                         ("neighbourhood prompts (unedited subjects)",
                          [p for r in unedited_neighbours(stream, stream) for p in r.neighborhood_prompts])]:
-        hit, fired, total = tokens_firing(texts)
+        hit, fired, total, examples = tokens_firing(texts)
         rows[name] = {"texts": len(texts), "texts_with_a_firing_token": hit, "share": hit / max(1, len(texts)),
                       "tokens_firing": fired, "tokens": total}
+        if examples:
+            rows[name]["examples"] = examples
+            for x in examples:
+                print(f"    {x['token']!r:>14} in {x['text']!r}  <- entry {x['entry_subject']!r}")
         print(f"{name:42s} {len(texts):6d} texts: {hit / max(1, len(texts)):.3f} with a firing token "
               f"({fired} of {total} tokens)")
     if args.json:
