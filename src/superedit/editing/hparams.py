@@ -111,6 +111,22 @@ PathOrEmpty = Annotated[str, BeforeValidator(_path_or_empty)]
 LayerIndex = Annotated[int, BeforeValidator(_integer), Field(ge=0)]
 #: non-empty list of layer indices ≥ 0 (checked against the model by ``commands.common.build_hparams``)
 Layers = Annotated[list[LayerIndex], Field(min_length=1)]
+
+
+def _templates(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of prompts, each with one '{}' for the subject (or null)")
+    for i, t in enumerate(value):
+        if not isinstance(t, str) or t.count("{}") != 1 or not t.replace("{}", "").strip():
+            raise ValueError(f"item {i} ({t!r}) must be a prompt with exactly one '{{}}' for the subject and "
+                             "some words around it")
+    return list(value)
+
+
+#: prompt templates with one ``{}`` each, or None (the default list)
+Templates = Annotated[list[str] | None, BeforeValidator(_templates)]
 #: token lengths of context prefixes, each ≥ 1 (may be empty: no prefixes)
 Lengths = list[Annotated[int, BeforeValidator(_integer), Field(ge=1)]]
 
@@ -245,6 +261,18 @@ class ValueHParams(ContextHParams):
     kl_direction: KLDirection = _f("edited_orig", "Direction of the KL term: edited_orig = KL(P_edited ‖ P_orig) as "
                                                   "in ROME eq. 4 and its code (default); orig_edited = "
                                                   "KL(P_orig ‖ P_edited), what superedit used before 0.2.")
+    preserve_factor: Float = _f(0.0, "Weight of the KL term that keeps the model's next-token distribution after "
+                                     "prompts about the subject's OTHER attributes (preserve_templates, filled with "
+                                     "the request's subject, read at their last token), so an edit of one fact "
+                                     "moves its subject's other answers less; 0: off (default, as in ROME/MEMIT).",
+                             ge=0)
+    preserve_templates: Templates = _f(None, "Prompts for the preservation term, each with one '{}' for the "
+                                             "subject; null: superedit's own list "
+                                             "(editing.attribute_templates). A prompt whose unedited top token is "
+                                             "the request's own answer or its new target is left out for that "
+                                             "request (it asks the edited question).")
+    preserve_n: Int = _f(0, "How many of preserve_templates each request reads (a seeded draw per request, from "
+                            "its subject and prompt); 0: all. Each costs one short row per v* step.", ge=0)
     norm_anchor: Float = _f(0.0, "NAS (Norm-Anchor Scaling, Liu et al. 2026): rescale every solved value vector v* "
                                  "(ROME: the edited layer's MLP output; MEMIT, D4S, AlphaEdit: the last edited "
                                  "layer's MLP output plus z's delta) to this norm before the solve; 0: off (default). "

@@ -6,6 +6,8 @@ context-prefixed prompt and optimised with Adam on (ROME eq. 4 / MEMIT eq. 16):
     L(δ) = mean_p NLL(target | p + prompt, site += δ)
            + kl_factor · KL(P_δ(· | "{} is a") ‖ P_orig(· | "{} is a"))     at the subject's last token
            + v_weight_decay · ‖δ‖ / ‖v₀‖²           (exactly as ROME's compute_v and MEMIT's compute_z)
+           [+ preserve_factor · mean_a KL(P_δ(· | a) ‖ P_orig(· | a))   a: prompts about the subject's OTHER
+                                                    attributes, at their last token; superedit's option, off by default]
 
 (``kl_direction: orig_edited`` swaps the KL's arguments) with ‖δ‖ clamped to ``clamp_norm_factor · ‖v₀‖`` after each step. v₀ is the site's output at the
 subject's last token of the unprefixed prompt and v* = v₀ + δ.
@@ -27,7 +29,9 @@ tests/test_values_speed.py, which keeps the plain computation as the specificati
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable, Union
@@ -39,6 +43,7 @@ from ..models import ModelAdapter, Trace, encode_prompt_target, encode_prompts
 from ..models.hooks import StartAt, add_at_positions
 from ..models.positions import fill_template, pad_id
 from ..utils.logs import get_logger
+from .attribute_templates import ATTRIBUTE_TEMPLATES
 from .hparams import ValueHParams
 
 KL_TEMPLATES = ["{} is a"]
@@ -210,7 +215,11 @@ class _Rows:
         """The planned groups cut to the rows of the requests with ``keep[request]`` True (each group's
         KV cache is row-selected, not recomputed); the row set and its indices stay as they are, so
         :meth:`planned_reads` says which reads :meth:`forward_reads` then returns."""
-        groups = [g.subset(keep[self.owner[g.rows]]) for g in self.groups or []]
+        return self.keep_rows(keep[self.owner])
+
+    def keep_rows(self, keep: torch.Tensor) -> "_Rows":
+        """The planned groups cut to the rows with ``keep[row]`` True (rows,), as :meth:`keep_requests`."""
+        groups = [g.subset(keep[g.rows]) for g in self.groups or []]
         return replace(self, groups=[g for g in groups if g is not None])
 
     def planned_reads(self) -> torch.Tensor:
@@ -362,13 +371,23 @@ def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, rea
     return fast, plain
 
 
-def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixes: list[str]) -> tuple[_Rows, _Rows]:
+#: kinds of KL rows (:func:`value_rows`): the essence prompt, the request's own prompt (no target; read
+#: only to tell which preservation prompts ask the edited question), a preservation prompt
+KL_ESSENCE, KL_OWN, KL_PRESERVE = 0, 1, 2
+
+
+def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixes: list[str],
+               essence: bool = True, preserve: list[str] | tuple[str, ...] = (),
+               preserve_n: int = 0) -> tuple[_Rows, _Rows, torch.Tensor]:
     """The rows the v* loss reads: every request's prefixed prompts + target (reads: the positions that
-    predict a target token; requests in order, ``prefixes`` within each, "" first) and its KL prompts
-    (reads: the subject's last token)."""
+    predict a target token; requests in order, ``prefixes`` within each, "" first) and its KL rows, per
+    request: the essence prompts (``essence``; read at the subject's last token), then, if ``preserve``
+    is given, its own prompt and each ``preserve`` template (``preserve_n`` of them, a seeded draw per
+    request, if ``preserve_n`` > 0; read at the prompt's last token). Returns
+    the NLL rows, the KL rows and each KL row's kind (KL_ESSENCE / KL_OWN / KL_PRESERVE)."""
     device = adapter.device
     tok = adapter.tokenizer
-    n, n_pre, n_kl = len(items), len(prefixes), len(KL_TEMPLATES)
+    n, n_pre = len(items), len(prefixes)
     filled = [fill_template(pre + prompt, subject) for prompt, subject, _ in items for pre in prefixes]
     targets = [target for _, _, target in items for _ in prefixes]
     rw = encode_prompt_target(tok, [f[0] for f in filled], targets,
@@ -386,12 +405,49 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
     nll = _Rows(ids, keep[:, :width], torch.tensor(rw.subject_last, device=device),
                 torch.arange(n, device=device).repeat_interleave(n_pre), tgt_rows, tgt_cols,
                 labels[tgt_rows, tgt_cols], mask.sum(1))
-    kl = encode_prompts(tok, KL_TEMPLATES * n, [subject for _, subject, _ in items for _ in KL_TEMPLATES],
-                        padding_side="right", device=device)
+    per_request = []  # (template or None for the own prompt, kind) per KL row, request by request
+    for prompt, subject, _ in items:
+        chosen = _preserve_draw(preserve, preserve_n, subject, prompt) if preserve else []
+        per_request.append([(t, KL_ESSENCE) for t in (KL_TEMPLATES if essence else [])]
+                           + ([(None, KL_OWN)] + [(t, KL_PRESERVE) for t in chosen] if preserve else []))
+    kinds = torch.tensor([k for per in per_request for _, k in per], dtype=torch.long, device=device)
+    kl = encode_prompts(tok, [item[0] if t is None else t for item, per in zip(items, per_request) for t, _ in per],
+                        [item[1] for item, per in zip(items, per_request) for _ in per], padding_side="right",
+                        device=device)
     kl_last = torch.tensor(kl.subject_last, device=device)
-    return nll, _Rows(kl.input_ids, kl.attention_mask, kl_last,
-                      torch.arange(n, device=device).repeat_interleave(n_kl), torch.arange(n * n_kl, device=device),
-                      kl_last, torch.zeros_like(kl_last), torch.ones(n * n_kl, device=device))
+    read_col = torch.where(kinds == KL_ESSENCE, kl_last, torch.tensor(kl.last_token, device=device))
+    owner = torch.tensor([i for i, per in enumerate(per_request) for _ in per], dtype=torch.long, device=device)
+    rows = len(owner)
+    return nll, _Rows(kl.input_ids, kl.attention_mask, kl_last, owner, torch.arange(rows, device=device),
+                      read_col, torch.zeros_like(kl_last), torch.ones(rows, device=device)), kinds
+
+
+def _preserve_draw(templates: list[str] | tuple[str, ...], k: int, subject: str, prompt: str) -> list[str]:
+    """``k`` of ``templates`` (all if ``k`` is 0 or not smaller), drawn with a seed from the request's
+    subject and prompt: the same request always reads the same ones, whatever batch it is in."""
+    if not k or k >= len(templates):
+        return list(templates)
+    seed = int.from_bytes(hashlib.sha256(f"{subject}\x00{prompt}".encode()).digest()[:8], "little")
+    return random.Random(seed).sample(list(templates), k)
+
+
+def kl_row_weights(kinds: torch.Tensor, owner: torch.Tensor, ref_top: torch.Tensor, target_first: torch.Tensor,
+                   kl_factor: float, preserve_factor: float, n: int) -> torch.Tensor:
+    """Each KL row's weight in the loss (rows,): essence rows ``kl_factor`` / their count per request;
+    the request's own prompt 0; a preservation prompt ``preserve_factor`` / the request's kept ones,
+    where kept means its unedited top token (``ref_top``, (rows,)) is neither the own prompt's nor the
+    new target's first token (``target_first``, (n,)): such a prompt asks the edited question, and
+    keeping its answer would fight the edit."""
+    w = torch.zeros(len(kinds), dtype=torch.float32, device=kinds.device)
+    ess = kinds == KL_ESSENCE
+    n_ess = torch.zeros(n, device=kinds.device).index_add(0, owner, ess.float())
+    w[ess] = kl_factor / n_ess[owner[ess]]
+    own = torch.full((n,), -1, dtype=torch.long, device=kinds.device)
+    own[owner[kinds == KL_OWN]] = ref_top[kinds == KL_OWN]
+    kept = (kinds == KL_PRESERVE) & (ref_top != own[owner]) & (ref_top != target_first[owner])
+    n_kept = torch.zeros(n, device=kinds.device).index_add(0, owner, kept.float()).clamp_min(1)
+    w[kept] = preserve_factor / n_kept[owner[kept]]
+    return w
 
 
 def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], layer: int, site: str,
@@ -417,16 +473,19 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
         raise ValueError(f"value site must be 'value' (ROME) or 'resid' (MEMIT), got {site!r}")
     if not items:
         return []
-    per = requests_per_pass(len(prefixes), chunk_rows)
+    preserve = list(hp.preserve_templates or ATTRIBUTE_TEMPLATES) if hp.preserve_factor > 0 else []
+    n_keep = min(hp.preserve_n or len(preserve), len(preserve))
+    per = requests_per_pass(len(prefixes) + (1 + n_keep if preserve else 0), chunk_rows)
     if len(items) > per:
         return [r for i in range(0, len(items), per)
                 for r in optimize_values(adapter, items[i:i + per], layer, site, hp, prefixes, chunk_rows, lookback)]
     device = adapter.device
-    n, n_pre, n_kl = len(items), len(prefixes), len(KL_TEMPLATES)
+    n, n_pre = len(items), len(prefixes)
     last = adapter.n_layers - 1
     loss_layer = last if hp.v_loss_layer in (-1, last) else hp.v_loss_layer
-    all_nll, all_kl = value_rows(adapter, items, prefixes)
-    use_kl = hp.kl_factor > 0
+    all_nll, all_kl, kl_kinds = value_rows(adapter, items, prefixes, essence=hp.kl_factor > 0, preserve=preserve,
+                                           preserve_n=hp.preserve_n)
+    use_kl = hp.kl_factor > 0 or bool(preserve)
 
     all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer, lookback=lookback)
     first = torch.arange(n, device=device) * n_pre  # each request's unprefixed row ("" comes first)
@@ -437,7 +496,11 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
         with torch.no_grad():
             kl_ref = F.log_softmax(_head(adapter, _take(plain_kl["resid", last], all_kl.read_row, all_kl.read_col,
                                                         device)), dim=-1)
-        kl_rows = all_kl
+        # the new target's first token: each request's first read on its unprefixed row (reads are row-major)
+        target_first = all_nll.label[torch.searchsorted(all_nll.read_row, first)]
+        kl_weight = kl_row_weights(kl_kinds, all_kl.owner, kl_ref.argmax(-1), target_first, hp.kl_factor,
+                                   hp.preserve_factor, n)
+        kl_rows = all_kl.keep_rows(kl_weight > 0)  # rows read only for the weights leave the loop
         del plain_kl
     fast = all_nll.hidden is not None or any(g.cache is not None for g in all_nll.groups)
 
@@ -458,14 +521,14 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
             0, nll_rows.read_row[reads], -logp) / nll_rows.row_len
         nll = torch.zeros(n, device=device, dtype=row_nll.dtype).index_add(0, nll_rows.owner, row_nll) / n_pre
         loss = nll + hp.v_weight_decay * delta.norm(dim=1) / v0_norm ** 2
-        if use_kl:
+        if use_kl and kl_rows.groups:  # (none left: every active request's KL rows weigh 0)
             kl_reads = kl_rows.planned_reads()
             cur = F.log_softmax(_head(adapter, kl_rows.forward_reads(adapter, site, layer, delta[kl_rows.owner], last)),
                                 dim=-1)
-            kl_rowwise = kl_rows_divergence(cur, kl_ref[kl_reads], hp.kl_direction)
+            kl_rowwise = kl_rows_divergence(cur, kl_ref[kl_reads], hp.kl_direction) * kl_weight[kl_reads]
             kl_req = torch.zeros(n, device=device, dtype=kl_rowwise.dtype).index_add(
                 0, kl_rows.owner[kl_rows.read_row[kl_reads]], kl_rowwise)
-            loss = loss + hp.kl_factor * kl_req / n_kl
+            loss = loss + kl_req
         nll_now = nll.detach()
         if not bool(torch.isfinite(loss.detach()[active]).all()):
             if fast:  # e.g. an attention backend that returns NaN for a fully padded cached row
