@@ -51,15 +51,18 @@ def main() -> None:
     edited = {r.subject for r in stream}
     rng = random.Random(args.seed)
 
-    def questions(reqs) -> list[tuple[str, str]]:
-        out = []
+    def questions(reqs) -> tuple[list[tuple[str, str]], list[int]]:
+        out, new_first = [], []
         for r in reqs:
             others = sorted(t for rel, t in templates.items() if rel != r.fact_key[1])
-            out += [(t, r.subject) for t in rng.sample(others, min(args.per_subject, len(others)))]
-        return out
+            chosen = rng.sample(others, min(args.per_subject, len(others)))
+            out += [(t, r.subject) for t in chosen]
+            first = adapter.tokenizer(" " + r.target_new.strip(), add_special_tokens=False)["input_ids"][0]
+            new_first += [first] * len(chosen)
+        return out, new_first
 
-    asked = questions(stream)
-    control = questions([r for r in resolve_requests(mdir, args.control) if r.subject not in edited])
+    asked, asked_new = questions(stream)
+    control, _ = questions([r for r in resolve_requests(mdir, args.control) if r.subject not in edited])
 
     def top1(pairs) -> tuple[list[int], list[float]]:
         ids, probs = [], []
@@ -83,13 +86,16 @@ def main() -> None:
         ids, probs = before[name]
         same = [float(a == b) for a, b in zip(after, ids)]
         confident = [s for s, p in zip(same, probs) if p >= 0.2]
+        to_new = [float(a == t) for a, b, t in zip(after, ids, asked_new) if a != b] if name == "edited_subjects" else []
         result[name] = {"n": len(same), "unchanged": sum(same) / max(1, len(same)), "ci": bootstrap_ci(same),
+                        "changed_to_edit_target": sum(to_new) / len(to_new) if to_new else None,
                         "n_confident": len(confident),
                         "unchanged_confident": sum(confident) / max(1, len(confident)),
                         "ci_confident": bootstrap_ci(confident) if confident else None}
         print(f"{name}: top-1 unchanged {result[name]['unchanged']:.3f} {result[name]['ci']} (n {len(same)}); "
               f"where the unedited top-1 had p >= 0.2: {result[name]['unchanged_confident']:.3f} "
-              f"(n {len(confident)})")
+              f"(n {len(confident)})" + (f"; changed answers that are the edit's new target: "
+                                         f"{result[name]['changed_to_edit_target']:.3f}" if to_new else ""))
     if args.json:
         from superedit.utils.io import write_json_atomic
 
