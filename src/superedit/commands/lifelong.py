@@ -2,7 +2,8 @@
 
 Each method edits a fresh copy of the model through a ledger in ``OUT/<method>/ledger`` (resumable with
 ``--resume``); checkpoints every ``--eval-every`` edits go to ``OUT/metrics.jsonl``; ``OUT/report.html``
-shows the curves. See :mod:`superedit.lifelong.runner`.
+shows the curves. See :mod:`superedit.lifelong.runner`. ``--reedit-facts K`` makes the stream rounds of
+re-edits over K facts, so it can be longer than the number of facts (:mod:`superedit.lifelong.reedits`).
 """
 
 from __future__ import annotations
@@ -48,18 +49,24 @@ def subject_rounds(reqs: list) -> list:
     return [reqs[i] for _, i in sorted(rank)]
 
 
+def reads_saved_stream(requests: str | None, model_dir: Path | None, out: Path, resume: bool) -> bool:
+    """Whether :func:`load_stream` returns ``OUT/stream.jsonl`` as it was saved: on --resume without
+    --requests for a model that is not a testbed (a testbed rebuilds its requests)."""
+    return bool(resume and not requests and (out / "stream.jsonl").exists()
+                and (model_dir is None or not (model_dir / "testbed.json").exists()))
+
+
 def load_stream(requests: str | None, fmt: str, model_dir: Path | None, seed: int, out: Path, resume: bool,
                 order: str = "subject-rounds") -> list:
     """All candidate requests in stream order (seeded shuffle, then ``order``: see
     :func:`subject_rounds`). On --resume without --requests the saved stream comes first (so the run
-    continues on exactly the same edits)."""
+    continues on exactly the same edits; :func:`reads_saved_stream`)."""
     from ..data import EditRequest, load_requests
     from ..errors import SupereditError
     from ..utils.io import read_jsonl
 
-    saved = out / "stream.jsonl"
-    if resume and not requests and saved.exists() and (model_dir is None or not (model_dir / "testbed.json").exists()):
-        return [EditRequest.from_dict(r) for r in read_jsonl(saved)]
+    if reads_saved_stream(requests, model_dir, out, resume):
+        return [EditRequest.from_dict(r) for r in read_jsonl(out / "stream.jsonl")]
     if requests:
         reqs = list(load_requests(requests, fmt=fmt))
     else:
@@ -77,6 +84,23 @@ def load_stream(requests: str | None, fmt: str, model_dir: Path | None, seed: in
     return subject_rounds(reqs) if order == "subject-rounds" else reqs
 
 
+def reedit_or_saved(reqs: list, k: int, edits: int, seed: int, saved: bool) -> list:
+    """The --reedit-facts stream: :func:`superedit.lifelong.reedits.reedit_stream` over the candidates
+    ``reqs``, or, when ``reqs`` is the saved stream itself (``saved``: see :func:`reads_saved_stream`),
+    that stream as it is, checked to edit ``k`` facts (its targets were drawn among candidates no longer
+    at hand)."""
+    from ..errors import SupereditError
+    from ..lifelong.reedits import reedit_stream
+
+    if not saved:
+        return reedit_stream(reqs, k, edits, seed)
+    n_facts = len({r.fact_key for r in reqs[:edits]})
+    if n_facts != min(k, edits):
+        raise SupereditError(f"--reedit-facts {k}: the saved stream of this run edits {n_facts} distinct facts; "
+                             "resume with the original --reedit-facts")
+    return reqs[:edits]
+
+
 def register(app) -> None:
     @app.command("lifelong")
     @command
@@ -87,7 +111,9 @@ def register(app) -> None:
                                      "counterfactual requests)."),
         fmt: str = typer.Option("auto", "--format", help=f"Dataset format: {format_choices()}."),
         methods: str = typer.Option(DEFAULT_METHODS, "--methods", help=f"Comma-separated methods: {method_choices()}."),
-        edits: int = typer.Option(200, "--edits", "-n", help="Number of edits (requests) in the stream."),
+        edits: int = typer.Option(200, "--edits", "-n", help="Number of edits (requests) in the stream; with "
+                                  "--reedit-facts K it may exceed the number of facts (rounds of re-edits over "
+                                  "K facts)."),
         batch_size: int = typer.Option(1, "--batch-size", "-b", help="Requests per method call."),
         eval_every: int = typer.Option(50, "--eval-every", help="Checkpoint every this many edits (also at 0 and at the end)."),
         out: str = typer.Option(None, "--out", "-o", help="Output directory (default runs/lifelong-<time>)."),
@@ -110,6 +136,11 @@ def register(app) -> None:
         stream_order: str = typer.Option("subject-rounds", "--stream-order", help="subject-rounds: distinct "
                                          "subjects first, a subject is re-edited only after all were edited; "
                                          "shuffled: the seeded shuffle as is (re-edits anywhere)."),
+        reedit_facts: int = typer.Option(0, "--reedit-facts", help="K > 0: re-edit K facts. The stream is the "
+                                         "first K distinct facts of the ordered requests, then rounds over the "
+                                         "same K facts, each giving every fact a new seeded target (another "
+                                         "object of its relation), up to --edits; checkpoints score each fact's "
+                                         "latest edit only. 0: off (every request once)."),
         lm_eval_tasks: str = typer.Option(None, "--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks "
                                           "measured at every checkpoint (needs superedit[ability]; a task whose "
                                           "data is not available locally is reported as skipped)."),
@@ -148,6 +179,11 @@ def register(app) -> None:
                                  "give one of them")
         if edits < 1:
             raise SupereditError(f"--edits must be ≥ 1 (got {edits})")
+        if reedit_facts < 0:
+            raise SupereditError(f"--reedit-facts must be ≥ 0 (got {reedit_facts}); 0 edits every request once")
+        if reedit_facts and batch_size > reedit_facts:
+            raise SupereditError(f"--batch-size {batch_size} > --reedit-facts {reedit_facts}: a batch would edit one "
+                                 f"fact twice (two targets for one key); give --batch-size ≤ {reedit_facts}")
         task_names = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
         if lm_eval_include:  # checked before anything loads or is written
             if not Path(lm_eval_include).is_dir():
@@ -169,9 +205,15 @@ def register(app) -> None:
                                 layers, mom2_tokens if entries[m].needs_stats else None, corpus)
                for m in names}
         reqs = load_stream(requests, fmt, model_dir, seed, out_dir, resume, stream_order)
-        if len(reqs) < edits:
-            log.warning("only %d requests available; running %d edits instead of %d", len(reqs), len(reqs), edits)
-        stream, heldout = reqs[:edits], reqs[edits:]
+        if reedit_facts:
+            stream = reedit_or_saved(reqs, reedit_facts, edits, seed,
+                                     reads_saved_stream(requests, model_dir, out_dir, resume))
+            facts = {r.fact_key for r in stream}
+            heldout = [r for r in reqs if r.fact_key not in facts]
+        else:
+            if len(reqs) < edits:
+                log.warning("only %d requests available; running %d edits instead of %d", len(reqs), len(reqs), edits)
+            stream, heldout = reqs[:edits], reqs[edits:]
         if probe_pool is not None:
             edited = {r.fact_key for r in stream}
             heldout = [r for r in probe_pool if r.fact_key not in edited]

@@ -14,6 +14,7 @@ Files (all appended/written atomically)::
                                  general-ability items (lifelong.probe)
     OUT/metrics.jsonl            one record per (method, checkpoint)           ← the report reads this
     OUT/<method>/edit_probs.jsonl  per checkpoint: P(target_new) of every edit right after it and now
+                                 (now: None for an edit a re-edit of its fact has overwritten)
     OUT/<method>/steps.jsonl     per batch: value norms, edit time, P(new)/P(true) right after the edit,
                                  each edited layer's L1 after it and the L1 the batch added
     OUT/<method>/ledger/         the ledger
@@ -22,10 +23,13 @@ Files (all appended/written atomically)::
 A checkpoint (n = 0, every ``eval_every`` edits, and the end) records: efficacy/paraphrase/neighbourhood
 success (CounterFact rule: mean-token NLL(new) < NLL(true)) over all edits so far and over the last
 block; per block of ``block_size`` edits the degree of forgetting (success right after the edit minus
-success now); recall and retention of the untouched probe facts (teacher-forced ``fact_recall``);
-perplexity of held-out text; on a testbed the recall of every fact; L1 (‖W‖₁/numel) and Frobenius
-norms of each edited layer and of its delta; the norms of the inserted values; and for single-layer
-rank-one methods the measured interference (:mod:`superedit.lifelong.interference`); and ``ability``:
+success now); when the stream edits a fact again (:mod:`superedit.lifelong.reedits`), these are over
+the ``n_live`` live edits only, each fact's latest edit so far (an overwritten target is not expected to
+hold; without re-edits every edit is live); recall and retention of the untouched probe facts
+(teacher-forced ``fact_recall``); perplexity of held-out text; on a testbed the recall of every fact;
+L1 (‖W‖₁/numel) and Frobenius norms of each edited layer and of its delta; the norms of the inserted
+values; and for single-layer rank-one methods the measured interference
+(:mod:`superedit.lifelong.interference`); and ``ability``:
 every general-ability metric with its n (:class:`superedit.eval.ability.GeneralAbility`: perplexity,
 fluency, known-fact multiple choice, MQD T/F and MC on unedited tuples, lm-eval tasks available offline).
 At the end the collapse horizon of each method (:mod:`superedit.lifelong.horizon`) goes into the summary.
@@ -50,6 +54,7 @@ from ..utils.logs import get_logger
 from ..utils.progress import progress
 from .horizon import DEFAULT_THRESHOLD, horizons
 from .probe import Probe, measure_probe, requests_probe, restrict_ability, retention_by_subject, testbed_probe
+from .reedits import live_positions
 
 log = get_logger(__name__)
 F64 = torch.float64
@@ -395,14 +400,17 @@ def _per_edit(steps: dict, n: int, key: str) -> list:
 def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, probe, tracker, out: Path) -> dict:
     t0 = time.perf_counter()
     prev = max([k for k in recorded if k < n], default=0)
-    rec: dict[str, Any] = {"method": method, "n_edits": n, "n_batches": len(led.edits), "final": n == len(stream),
-                           "last_block": [prev, n], "layers_edited": list(led.layers)}
-    done = unedited_neighbours(stream[:n], stream)
+    # live edits: each fact's latest edit so far (every position, unless the stream re-edits facts)
+    live = live_positions(stream, n)
+    rec: dict[str, Any] = {"method": method, "n_edits": n, "n_live": len(live), "n_batches": len(led.edits),
+                           "final": n == len(stream), "last_block": [prev, n], "layers_edited": list(led.layers)}
+    done = unedited_neighbours([stream[i] for i in live], stream)
     res = batch_evaluate(adapter, done, probe.max_neighbours, True, probe.eval_batch_size) if n else []
+    last = [res[j] for j, i in enumerate(live) if i >= prev]  # the live edits of the last block
     for key, name in (("efficacy_score", "efficacy"), ("paraphrase_score", "paraphrase"),
                       ("neighborhood_score", "neighborhood"), ("efficacy_magnitude", "efficacy_magnitude")):
         rec[f"{name}_all"] = _mean([r.get(key) for r in res])
-        rec[f"{name}_last_block"] = _mean([r.get(key) for r in res[prev:n]])
+        rec[f"{name}_last_block"] = _mean([r.get(key) for r in last])
     for key, name in (("paraphrase_score", "paraphrase"), ("neighborhood_score", "neighborhood")):
         vals = [r[key] for r in res if r.get(key) is not None]  # per-edit shares: a bootstrap over the edits
         rec[f"{name}_all_n"] = len(vals)
@@ -412,13 +420,20 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
         from ..eval.metrics import harmonic_mean
 
         rec["score_all"] = harmonic_mean(parts)
-    now_success = [r["efficacy_score"] for r in res]
+    # per position (None where a later edit of the same fact overwrote it)
+    now_success: list = [None] * n
+    now_new: list = [None] * n
+    now_true: list = [None] * n
+    for i, r in zip(live, res):
+        now_success[i], now_new[i], now_true[i] = r["efficacy_score"], r["rewrite_prob_new"], r.get("rewrite_prob_true")
     at_edit = _per_edit(steps, n, "success")
+    live_set = set(live)
+    at_edit_live = [v if i in live_set else None for i, v in enumerate(at_edit)]  # forgetting: live edits only
     bs = probe.block_size
     blocks = []
     for b0 in range(0, n, bs):
         b1 = min(n, b0 + bs)
-        a, c = _mean(at_edit[b0:b1]), _mean(now_success[b0:b1])
+        a, c = _mean(at_edit_live[b0:b1]), _mean(now_success[b0:b1])
         blocks.append({"block": b0 // bs, "start": b0, "end": b1, "complete": b1 - b0 == bs,
                        "efficacy_at_edit": a, "efficacy_now": c,
                        "forgetting": (a - c) if a is not None and c is not None else None})
@@ -454,8 +469,7 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
     append_jsonl(out / method / "edit_probs.jsonl", {
         "method": method, "n_edits": n, "prob_new_at_edit": _per_edit(steps, n, "prob_new"),
         "prob_true_at_edit": _per_edit(steps, n, "prob_true"),
-        "prob_new_now": [r["rewrite_prob_new"] for r in res], "prob_true_now": [r.get("rewrite_prob_true") for r in res],
-        "success_at_edit": at_edit, "success_now": now_success})
+        "prob_new_now": now_new, "prob_true_now": now_true, "success_at_edit": at_edit, "success_now": now_success})
     log.info("%s @ %d edits: efficacy %.3f (last block %.3f), paraphrase %s, untouched retention %s, ppl %s",
              method, n, rec["efficacy_all"] or 0.0, rec["efficacy_last_block"] or 0.0,
              _fmt(rec.get("paraphrase_all")), _fmt(rec.get("untouched_retention")), _fmt(rec.get("perplexity")))
