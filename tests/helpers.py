@@ -139,3 +139,28 @@ def saved_model_and_corpus(root, n_texts: int = 6):
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(CORPUS[:n_texts]) + "\n")
     return saved_tiny_model(root / "model"), corpus
+
+
+def strip_timings(rec: dict) -> dict:
+    """A lifelong checkpoint record without its wall-clock fields (they differ between equal runs)."""
+    from superedit.lifelong.runner import TIMING_FIELDS
+
+    return {k: v for k, v in rec.items() if k not in TIMING_FIELDS}
+
+
+def assert_close_tree(a, b, path: str = "") -> None:
+    """Nested dicts/lists equal, floats to 1e-4 relative (resumed runs repeat float work in another order)."""
+    import pytest
+
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_close_tree(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close_tree(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-7), path
+    else:
+        assert a == b, path

@@ -336,7 +336,7 @@ def test_v_star_recomputes_the_tokens_a_multi_token_gate_reads():
     adapter = tiny_adapter("llama")
     layer, last = 1, adapter.n_layers - 1
     item = ("{} was born in", "Anna Berg", "Paris")
-    nll, _ = value_rows(adapter, [item], [""])
+    nll, _, _ = value_rows(adapter, [item], [""])
     s = int(nll.subject_last[0])
     mem = _multi_token_memory(adapter, nll.input_ids[:1, :s + 1], s, before_key=torch.randn(adapter.d_mlp))
     install_memory(adapter, mem)

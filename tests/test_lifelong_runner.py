@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import CORPUS, tiny_adapter
+from helpers import CORPUS, assert_close_tree, strip_timings, tiny_adapter
 from superedit.data import EditRequest
 from superedit.editing.hparams import D4SHParams, ROMEHParams
 from superedit.lifelong import runner as runner_mod
@@ -49,25 +49,6 @@ def world():
 
 def factory():
     return tiny_adapter("gpt2")
-
-
-def _strip(rec):
-    return {k: v for k, v in rec.items() if k not in runner_mod.TIMING_FIELDS}
-
-
-def _close(a, b, path=""):
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-7), path
-    else:
-        assert a == b, path
 
 
 @pytest.fixture(scope="module")
@@ -208,10 +189,10 @@ def test_resume_after_interruption_matches(world, full_run, tmp_path, monkeypatc
                      probe=probe())
     run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2, out_dir=out,
                  probe=probe(), resume=True)
-    a = [_strip(r) for r in read_jsonl(out_full / "metrics.jsonl")]
-    b = [_strip(r) for r in read_jsonl(out / "metrics.jsonl")]
+    a = [strip_timings(r) for r in read_jsonl(out_full / "metrics.jsonl")]
+    b = [strip_timings(r) for r in read_jsonl(out / "metrics.jsonl")]
     assert [(r["method"], r["n_edits"]) for r in b] == [(r["method"], r["n_edits"]) for r in a]
-    _close(a, b)
+    assert_close_tree(a, b)
     from superedit.lifelong.ledger import Ledger
 
     for m in ("rome", "d4s"):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import CORPUS, tiny_adapter
+from helpers import CORPUS, assert_close_tree, strip_timings, tiny_adapter
 from superedit.data import EditRequest
 from superedit.editing.hparams import FTHParams
 from superedit.errors import SupereditError
@@ -206,25 +206,6 @@ def _lifelong(micro, out, *extra):
                                     "--json", *extra])
 
 
-def _strip(rec):
-    return {k: v for k, v in rec.items() if k not in runner_mod.TIMING_FIELDS}
-
-
-def _close(a, b, path=""):
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-7), path
-    else:
-        assert a == b, path
-
-
 def test_cli_reedit_stream_checkpoints_and_resume(micro, tmp_path, monkeypatch):
     from superedit.commands.lifelong import load_stream
     from superedit.lifelong.ledger import Ledger
@@ -269,10 +250,10 @@ def test_cli_reedit_stream_checkpoints_and_resume(micro, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     led = Ledger.open(part / "ft" / "ledger")
     assert [r for e in led.edits for r in e["requests"]] == saved
-    a = [_strip(r) for r in read_jsonl(out / "metrics.jsonl")]
-    b = [_strip(r) for r in read_jsonl(part / "metrics.jsonl")]
+    a = [strip_timings(r) for r in read_jsonl(out / "metrics.jsonl")]
+    b = [strip_timings(r) for r in read_jsonl(part / "metrics.jsonl")]
     assert [r["n_edits"] for r in b] == [0, 3, 6, 8]
-    _close(a, b)  # the same checkpoints as the uninterrupted run
+    assert_close_tree(a, b)  # the same checkpoints as the uninterrupted run
     # another K on resume: the stream differs from the saved one
     res = _lifelong(micro, part, "--edits", "8", "--reedit-facts", "4", "--eval-every", "3", "--resume")
     assert res.exit_code == 2 and "stream" in res.output

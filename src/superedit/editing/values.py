@@ -378,13 +378,14 @@ KL_ESSENCE, KL_OWN, KL_PRESERVE = 0, 1, 2
 
 def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixes: list[str],
                essence: bool = True, preserve: list[str] | tuple[str, ...] = (),
-               preserve_n: int = 0) -> tuple[_Rows, _Rows, torch.Tensor]:
+               preserve_n: int = 0) -> tuple[_Rows, "_Rows | None", torch.Tensor]:
     """The rows the v* loss reads: every request's prefixed prompts + target (reads: the positions that
     predict a target token; requests in order, ``prefixes`` within each, "" first) and its KL rows, per
     request: the essence prompts (``essence``; read at the subject's last token), then, if ``preserve``
     is given, its own prompt and each ``preserve`` template (``preserve_n`` of them, a seeded draw per
     request, if ``preserve_n`` > 0; read at the prompt's last token). Returns
-    the NLL rows, the KL rows and each KL row's kind (KL_ESSENCE / KL_OWN / KL_PRESERVE)."""
+    the NLL rows, the KL rows (None if there are none) and each KL row's kind (KL_ESSENCE / KL_OWN /
+    KL_PRESERVE)."""
     device = adapter.device
     tok = adapter.tokenizer
     n, n_pre = len(items), len(prefixes)
@@ -411,6 +412,8 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
         per_request.append([(t, KL_ESSENCE) for t in (KL_TEMPLATES if essence else [])]
                            + ([(None, KL_OWN)] + [(t, KL_PRESERVE) for t in chosen] if preserve else []))
     kinds = torch.tensor([k for per in per_request for _, k in per], dtype=torch.long, device=device)
+    if not len(kinds):  # no KL term at all (kl_factor 0, no preservation)
+        return nll, None, kinds
     kl = encode_prompts(tok, [item[0] if t is None else t for item, per in zip(items, per_request) for t, _ in per],
                         [item[1] for item, per in zip(items, per_request) for _ in per], padding_side="right",
                         device=device)
