@@ -10,7 +10,8 @@ from superedit.data import EditRequest
 from superedit.editing.hparams import FTHParams
 from superedit.errors import SupereditError
 from superedit.lifelong import runner as runner_mod
-from superedit.lifelong.reedits import REEDIT_ROUND, live_positions, reedit_stream
+from superedit.lifelong.reedits import (PREVIOUS_TARGET, REEDIT_ROUND, live_positions, previous_target_requests,
+                                       reedit_stream)
 from superedit.lifelong.runner import Probe, run_lifelong
 from superedit.utils.io import read_jsonl
 
@@ -56,6 +57,7 @@ def test_reedit_stream_rounds_over_k_facts():
                       "neighborhood_answers", "relation_id", "case_id"):
                 assert getattr(r, f) == getattr(s[i % 3], f), f
             assert r.attribute_prompts == [] and r.attribute_answers == []  # they were about the old target
+            assert r.meta[PREVIOUS_TARGET] == before.target_new  # the target this re-edit overwrites
     assert [r.meta.get(REEDIT_ROUND) for r in s[9:]] == [3, 3]  # a partial last round
     # deterministic for a seed (fresh objects, separate calls), and the seed matters
     again = reedit_stream(candidates(), 3, 11, seed=0)
@@ -165,6 +167,13 @@ def test_checkpoints_score_live_edits_only(tmp_path):
     assert final["efficacy_all"] == pytest.approx(_mean([r["efficacy_score"] for r in res]))
     assert final["paraphrase_all"] == pytest.approx(_mean([r["paraphrase_score"] for r in res]))
     assert final["paraphrase_all_n"] == 3
+    # the live re-edits (all three here) against the target each overwrote, scored independently
+    idx, against = previous_target_requests([stream[i] for i in live])
+    assert idx == [0, 1, 2] and [r.target_true for r in against] == [stream[i - 3].target_new for i in live]
+    prev = batch_evaluate(a, against, max_neighbours=0, paraphrases=False)
+    assert final["n_live_reedits"] == 3
+    assert final["efficacy_vs_previous_target"] == pytest.approx(_mean([r["efficacy_score"] for r in prev]))
+    assert "efficacy_vs_previous_target" not in recs[3]  # no re-edit yet at 3 edits
 
 
 def test_without_reedits_every_edit_is_live(tmp_path):
@@ -172,6 +181,7 @@ def test_without_reedits_every_edit_is_live(tmp_path):
     recs, probs = _run(tmp_path / "run", stream, 2)
     for n, r in recs.items():
         assert r["n_live"] == n
+        assert "n_live_reedits" not in r and "efficacy_vs_previous_target" not in r
         p = probs[n]
         assert all(v is not None for v in p["success_now"]) and len(p["success_now"]) == n
         if n:  # the figures over all edits, as without live selection

@@ -23,10 +23,12 @@ from ..utils.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["reedit_stream", "live_positions", "REEDIT_ROUND"]
+__all__ = ["reedit_stream", "live_positions", "previous_target_requests", "REEDIT_ROUND", "PREVIOUS_TARGET"]
 
 #: ``EditRequest.meta`` key of a re-edit: its round (1, 2, ...); round-0 requests are the candidates as given
 REEDIT_ROUND = "reedit_round"
+#: ``EditRequest.meta`` key of a re-edit: the target the fact held before it (the one it overwrites)
+PREVIOUS_TARGET = "reedit_previous_target"
 
 
 def _relation(r) -> str:
@@ -101,7 +103,7 @@ def reedit_stream(requests: Sequence, k: int, n_edits: int, seed: int) -> list:
             choices = [o for o in pools[key] if o != current[key]]
             new = random.Random(f"lifelong-reedit:{seed}:{rnd}:{f.subject}|{key[1]}").choice(choices)
             stream.append(replace(f, target_new=new, attribute_prompts=[], attribute_answers=[],
-                                  meta={**f.meta, REEDIT_ROUND: rnd}))
+                                  meta={**f.meta, REEDIT_ROUND: rnd, PREVIOUS_TARGET: current[key]}))
             current[key] = new
     log.info("re-edit stream: %d facts, %d edits (%d rounds after the first)", k, len(stream), rnd)
     return stream
@@ -115,3 +117,19 @@ def live_positions(stream: Sequence, n: int) -> list[int]:
     for i, r in enumerate(stream[:n]):
         last[r.fact_key] = i
     return sorted(last.values())
+
+
+def previous_target_requests(requests: Sequence) -> tuple[list[int], list]:
+    """For the re-edits among ``requests`` (those with ``meta[PREVIOUS_TARGET]``): their indices and the
+    same requests with ``target_true`` set to the target they overwrote, with no paraphrase, neighbourhood
+    or attribute prompts. Scored with the CounterFact rule, such a request says whether the model now
+    prefers the new target to the OLD one (efficacy against the true object cannot: the old target may
+    still beat the new one while both beat the true object)."""
+    idx, out = [], []
+    for i, r in enumerate(requests):
+        prev = (r.meta or {}).get(PREVIOUS_TARGET)
+        if prev:
+            idx.append(i)
+            out.append(replace(r, target_true=prev, paraphrase_prompts=[], neighborhood_prompts=[],
+                               neighborhood_answers=[], attribute_prompts=[], attribute_answers=[]))
+    return idx, out

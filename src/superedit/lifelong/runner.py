@@ -25,7 +25,8 @@ success (CounterFact rule: mean-token NLL(new) < NLL(true)) over all edits so fa
 block; per block of ``block_size`` edits the degree of forgetting (success right after the edit minus
 success now); when the stream edits a fact again (:mod:`superedit.lifelong.reedits`), these are over
 the ``n_live`` live edits only, each fact's latest edit so far (an overwritten target is not expected to
-hold; without re-edits every edit is live); recall and retention of the untouched probe facts
+hold; without re-edits every edit is live; ``efficacy_vs_previous_target`` over the ``n_live_reedits``
+live re-edits: the new target preferred to the one it overwrote); recall and retention of the untouched probe facts
 (teacher-forced ``fact_recall``); perplexity of held-out text; on a testbed the recall of every fact;
 L1 (‖W‖₁/numel) and Frobenius norms of each edited layer and of its delta; the norms of the inserted
 values; and for single-layer rank-one methods the measured interference
@@ -54,7 +55,7 @@ from ..utils.logs import get_logger
 from ..utils.progress import progress
 from .horizon import DEFAULT_THRESHOLD, horizons
 from .probe import Probe, measure_probe, requests_probe, restrict_ability, retention_by_subject, testbed_probe
-from .reedits import live_positions
+from .reedits import live_positions, previous_target_requests
 
 log = get_logger(__name__)
 F64 = torch.float64
@@ -411,6 +412,11 @@ def _checkpoint(method, adapter, led, hp, stream, n, recorded, steps, base, prob
                       ("neighborhood_score", "neighborhood"), ("efficacy_magnitude", "efficacy_magnitude")):
         rec[f"{name}_all"] = _mean([r.get(key) for r in res])
         rec[f"{name}_last_block"] = _mean([r.get(key) for r in last])
+    reedited, against_previous = previous_target_requests(done)
+    if reedited:  # live re-edits: does the model prefer the new target to the one it overwrote?
+        prev_res = batch_evaluate(adapter, against_previous, 0, False, probe.eval_batch_size)
+        rec["n_live_reedits"] = len(reedited)
+        rec["efficacy_vs_previous_target"] = _mean([r.get("efficacy_score") for r in prev_res])
     for key, name in (("paraphrase_score", "paraphrase"), ("neighborhood_score", "neighborhood")):
         vals = [r[key] for r in res if r.get(key) is not None]  # per-edit shares: a bootstrap over the edits
         rec[f"{name}_all_n"] = len(vals)
