@@ -35,6 +35,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from superedit.analysis.tracing import target_token_id
     from superedit.commands.common import local_model_dir, resolve_requests
     from superedit.eval.metrics import bootstrap_ci
     from superedit.lifelong.ledger import Ledger
@@ -57,8 +58,7 @@ def main() -> None:
             others = sorted(t for rel, t in templates.items() if rel != r.fact_key[1])
             chosen = rng.sample(others, min(args.per_subject, len(others)))
             out += [(t, r.subject) for t in chosen]
-            first = adapter.tokenizer(" " + r.target_new.strip(), add_special_tokens=False)["input_ids"][0]
-            new_first += [first] * len(chosen)
+            new_first += [target_token_id(adapter.tokenizer, r.prompt.format(r.subject), r.target_new)] * len(chosen)
         return out, new_first
 
     asked, asked_new = questions(stream)
