@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from superedit.editing import values
-from superedit.editing.attribute_templates import ATTRIBUTE_TEMPLATES
+from superedit.editing.attribute_templates import (ATTRIBUTE_PROMPTS, ATTRIBUTE_TEMPLATES, RELATION_KINDS, kind_of,
+                                                  templates_for)
 from superedit.editing.contexts import context_prefixes
 from superedit.editing.hparams import HParamsError, ROMEHParams
 from superedit.editing.values import (KL_ESSENCE, KL_OWN, KL_PRESERVE, kl_row_weights, optimize_values,
@@ -141,3 +142,48 @@ def test_a_request_reads_the_same_drawn_prompts_in_any_batch(adapter):
     assert len(set(drawn)) == 4 and set(drawn) <= set(ATTRIBUTE_TEMPLATES)
     assert drawn == values._preserve_draw(ATTRIBUTE_TEMPLATES, 4, "Anna Berg", "{} was born in")
     assert values._preserve_draw(ATTRIBUTE_TEMPLATES, 0, "x", "{} y") == list(ATTRIBUTE_TEMPLATES)
+
+
+def test_templates_of_the_requests_own_answer_kind_are_left_out():
+    """``preserve_other_kinds``: a citizenship edit does not keep the answers of country prompts (they ask
+    the edited question or a near-synonym); an unknown relation keeps every template."""
+    countries = {t for t, k in ATTRIBUTE_PROMPTS if k == "country"}
+    assert countries and set(templates_for(ATTRIBUTE_TEMPLATES, "P27")) == set(ATTRIBUTE_TEMPLATES) - countries
+    assert templates_for(ATTRIBUTE_TEMPLATES, "university") == list(ATTRIBUTE_TEMPLATES)
+    assert templates_for(ATTRIBUTE_TEMPLATES, None) == list(ATTRIBUTE_TEMPLATES)
+    assert templates_for(["{} studied at"], "P27") == ["{} studied at"]  # a user's template has no kind
+    assert kind_of("{} is best known for") is None
+    # every kind a relation can have is the kind of some template, and the reverse
+    assert set(RELATION_KINDS.values()) == {k for _, k in ATTRIBUTE_PROMPTS if k is not None}
+
+
+def test_value_rows_leave_out_own_kind_per_request(adapter):
+    """The relation ids select each request's pool before the seeded draw; requests without one keep all."""
+    items = ITEMS[:2]
+    _, kl, kinds = value_rows(adapter, items, [""], essence=False, preserve=ATTRIBUTE_TEMPLATES,
+                              relations=["P103", None])
+    owners = kl.owner[kinds == KL_PRESERVE].tolist()
+    languages = sum(1 for t in ATTRIBUTE_TEMPLATES if kind_of(t) == "language")
+    assert owners.count(0) == len(ATTRIBUTE_TEMPLATES) - languages and owners.count(1) == len(ATTRIBUTE_TEMPLATES)
+    _, kl_n, kinds_n = value_rows(adapter, items, [""], essence=False, preserve=ATTRIBUTE_TEMPLATES, preserve_n=4,
+                                  relations=["P103", None])
+    assert (kl_n.owner[kinds_n == KL_PRESERVE] == 0).sum() == 4
+    with pytest.raises(ValueError, match="relations"):
+        value_rows(adapter, items, [""], preserve=ATTRIBUTE_TEMPLATES, relations=["P103"])
+
+
+def test_optimize_values_passes_relations_only_with_the_option(adapter, monkeypatch):
+    seen = []
+    real = values.value_rows
+
+    def spy(*a, **kw):
+        seen.append(kw.get("relations"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(values, "value_rows", spy)
+    layer = 1
+    for flag, expected in ((False, None), (True, ["P103", None])):
+        hp = ROMEHParams(layers=[layer], preserve_factor=1.0, preserve_n=2, preserve_other_kinds=flag,
+                         v_num_grad_steps=1, kl_factor=0.0)
+        optimize_values(adapter, ITEMS[:2], layer, "value", hp, [""], relations=["P103", None])
+        assert seen[-1] == expected

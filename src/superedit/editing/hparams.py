@@ -271,6 +271,12 @@ class ValueHParams(ContextHParams):
                                              "(editing.attribute_templates). A prompt whose unedited top token is "
                                              "the request's own answer or its new target is left out for that "
                                              "request (it asks the edited question).")
+    preserve_other_kinds: Bool = _f(False, "Leave out, per request, the preservation prompts whose answer is of "
+                                           "the same kind as the request's (a country for a citizenship edit: "
+                                           "they ask the edited question or a near-synonym of it), before the "
+                                           "draw of preserve_n. Needs the request's relation to be a Wikidata "
+                                           "property listed in editing.attribute_templates.RELATION_KINDS and "
+                                           "superedit's own templates; otherwise nothing is left out.")
     preserve_n: Int = _f(0, "How many of preserve_templates each request reads (a seeded draw per request, from "
                             "its subject and prompt); 0: all. Each costs one short row per v* step.", ge=0)
     norm_anchor: Float = _f(0.0, "NAS (Norm-Anchor Scaling, Liu et al. 2026): rescale every solved value vector v* "

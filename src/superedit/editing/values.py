@@ -34,7 +34,7 @@ import inspect
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from ..models import ModelAdapter, Trace, encode_prompt_target, encode_prompts
 from ..models.hooks import StartAt, add_at_positions
 from ..models.positions import fill_template, pad_id
 from ..utils.logs import get_logger
-from .attribute_templates import ATTRIBUTE_TEMPLATES
+from .attribute_templates import ATTRIBUTE_TEMPLATES, templates_for
 from .hparams import ValueHParams
 
 KL_TEMPLATES = ["{} is a"]
@@ -82,9 +82,10 @@ def kl_rows_divergence(edited: torch.Tensor, orig: torch.Tensor, direction: str 
 
 
 def optimize_value(adapter: ModelAdapter, prompt: str, subject: str, target: str, layer: int, site: str,
-                   hp: ValueHParams, prefixes: list[str]) -> ValueResult:
+                   hp: ValueHParams, prefixes: list[str], relation: str | None = None) -> ValueResult:
     """Optimise v* for one request (template ``prompt`` with ``{}``) at ``(site, layer)``."""
-    return optimize_values(adapter, [(prompt, subject, target)], layer, site, hp, prefixes)[0]
+    return optimize_values(adapter, [(prompt, subject, target)], layer, site, hp, prefixes,
+                           relations=[relation])[0]
 
 
 def requests_per_pass(n_prefixes: int, chunk_rows: int = 512) -> int:
@@ -378,12 +379,14 @@ KL_ESSENCE, KL_OWN, KL_PRESERVE = 0, 1, 2
 
 def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixes: list[str],
                essence: bool = True, preserve: list[str] | tuple[str, ...] = (),
-               preserve_n: int = 0) -> tuple[_Rows, "_Rows | None", torch.Tensor]:
+               preserve_n: int = 0, relations: Sequence[str | None] | None = None
+               ) -> tuple[_Rows, "_Rows | None", torch.Tensor]:
     """The rows the v* loss reads: every request's prefixed prompts + target (reads: the positions that
     predict a target token; requests in order, ``prefixes`` within each, "" first) and its KL rows, per
     request: the essence prompts (``essence``; read at the subject's last token), then, if ``preserve``
     is given, its own prompt and each ``preserve`` template (``preserve_n`` of them, a seeded draw per
-    request, if ``preserve_n`` > 0; read at the prompt's last token). Returns
+    request, if ``preserve_n`` > 0, after leaving out the templates of the request's own answer kind
+    where ``relations`` gives one relation id per request; read at the prompt's last token). Returns
     the NLL rows, the KL rows (None if there are none) and each KL row's kind (KL_ESSENCE / KL_OWN /
     KL_PRESERVE)."""
     device = adapter.device
@@ -407,8 +410,11 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
                 torch.arange(n, device=device).repeat_interleave(n_pre), tgt_rows, tgt_cols,
                 labels[tgt_rows, tgt_cols], mask.sum(1))
     per_request = []  # (template or None for the own prompt, kind) per KL row, request by request
-    for prompt, subject, _ in items:
-        chosen = _preserve_draw(preserve, preserve_n, subject, prompt) if preserve else []
+    if relations is not None and len(relations) != n:
+        raise ValueError(f"{len(relations)} relations for {n} requests")
+    for i, (prompt, subject, _) in enumerate(items):
+        pool = templates_for(preserve, relations[i]) if relations is not None and preserve else preserve
+        chosen = _preserve_draw(pool, preserve_n, subject, prompt) if pool else []
         per_request.append([(t, KL_ESSENCE) for t in (KL_TEMPLATES if essence else [])]
                            + ([(None, KL_OWN)] + [(t, KL_PRESERVE) for t in chosen] if preserve else []))
     kinds = torch.tensor([k for per in per_request for _, k in per], dtype=torch.long, device=device)
@@ -455,7 +461,7 @@ def kl_row_weights(kinds: torch.Tensor, owner: torch.Tensor, ref_top: torch.Tens
 
 def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], layer: int, site: str,
                     hp: ValueHParams, prefixes: list[str], chunk_rows: int = 512,
-                    lookback: Lookback = 0) -> list[ValueResult]:
+                    lookback: Lookback = 0, relations: Sequence[str | None] | None = None) -> list[ValueResult]:
     """Optimise v* for several requests ``(template, subject, target)`` at once.
 
     The requests' deltas form one (n, d_model) parameter and every step carries all active requests'
@@ -467,7 +473,9 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     Per step only what depends on δ is computed: blocks from ``layer`` on (their input is cached),
     positions from each row's δ position on (earlier ones sit in the model's KV cache, rows grouped
     by :func:`plan_groups`), the final norm and head only at the positions the loss reads; requests
-    that stopped early leave the batch. ``lookback`` more positions before δ's are recomputed rather
+    that stopped early leave the batch. ``relations`` (one relation id per request, optional) lets
+    ``hp.preserve_other_kinds`` leave out the preservation prompts of each request's own answer kind.
+    ``lookback`` more positions before δ's are recomputed rather
     than cached, for hooks that read the tokens just before (``gated``'s ``gate_tokens``): an int, or
     a function of the rows' δ positions (rows,) returning one count per row, called right after the
     plain forward of those rows (so a hook can say which rows need it from what it saw there).
@@ -481,13 +489,15 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     per = requests_per_pass(len(prefixes) + (1 + n_keep if preserve else 0), chunk_rows)
     if len(items) > per:
         return [r for i in range(0, len(items), per)
-                for r in optimize_values(adapter, items[i:i + per], layer, site, hp, prefixes, chunk_rows, lookback)]
+                for r in optimize_values(adapter, items[i:i + per], layer, site, hp, prefixes, chunk_rows, lookback,
+                                         None if relations is None else relations[i:i + per])]
     device = adapter.device
     n, n_pre = len(items), len(prefixes)
     last = adapter.n_layers - 1
     loss_layer = last if hp.v_loss_layer in (-1, last) else hp.v_loss_layer
     all_nll, all_kl, kl_kinds = value_rows(adapter, items, prefixes, essence=hp.kl_factor > 0, preserve=preserve,
-                                           preserve_n=hp.preserve_n)
+                                           preserve_n=hp.preserve_n,
+                                           relations=relations if hp.preserve_other_kinds else None)
     use_kl = hp.kl_factor > 0 or bool(preserve)
 
     all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer, lookback=lookback)
@@ -539,7 +549,7 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
                             "step from now on (exact, slower)", adapter.family, layer)
                 for read in {loss_layer, last}:
                     adapter.memo[_fast_plan_key(adapter, layer, site, read)] = False
-                return optimize_values(adapter, items, layer, site, hp, prefixes, chunk_rows)
+                return optimize_values(adapter, items, layer, site, hp, prefixes, chunk_rows, relations=relations)
             raise FloatingPointError(f"v* loss is not finite at step {step} (layer {layer}, site {site}) for "
                                      f"requests {torch.nonzero(~torch.isfinite(loss.detach()) & active).flatten().tolist()}")
         for i in torch.nonzero(active).flatten().tolist():

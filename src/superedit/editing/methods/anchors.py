@@ -76,7 +76,8 @@ def value_norms(adapter: ModelAdapter, requests: list, hparams, site: str) -> li
     layer = sorted(hparams.layers)[-1]
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
     vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in requests], layer, site,
-                           hparams, prefixes)
+                           hparams, prefixes,
+                           relations=[r.relation_id for r in requests])
     if site == "value":
         return [float(v.target.to(F64).norm()) for v in vals]
     v0 = value_site_outputs(adapter, requests, layer).to(F64)

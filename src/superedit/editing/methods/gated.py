@@ -412,7 +412,8 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
             vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in reqs], layer, "value",
                                    hparams, prefixes,
                                    lookback=rows_lookback([g for g in (installed_gate(adapter, layer), temporary)
-                                                           if g is not None], m) if m > 1 else 0)
+                                                           if g is not None], m) if m > 1 else 0,
+                                   relations=[r.relation_id for r in reqs])
             timings["keys"] += t1 - t0
             timings["values"] += time.perf_counter() - t1
         for j, i in enumerate(idx):

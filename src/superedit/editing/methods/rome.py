@@ -43,7 +43,8 @@ def rome_delta(adapter: ModelAdapter, requests: list, hparams: ROMEHParams, stat
             k = compute_keys(adapter, [req.prompt], [req.subject], [layer], prefixes, hparams.fact_token)[layer][0]
             k = adapter.on_layer(layer, k)
             t1 = time.perf_counter()
-            val = optimize_value(adapter, req.prompt, req.subject, req.target_new, layer, "value", hparams, prefixes)
+            val = optimize_value(adapter, req.prompt, req.subject, req.target_new, layer, "value", hparams, prefixes,
+                                 req.relation_id)
             target, info = val.target, {}
             if hparams.norm_anchor > 0:  # NAS: v* rescaled to the anchor norm (see .anchors)
                 target = anchored(val.target, hparams.norm_anchor)

@@ -65,7 +65,8 @@ def memit_targets(adapter: ModelAdapter, requests: list, hparams, prefixes: list
         for i in range(0, len(requests), per_pass):
             chunk = requests[i:i + per_pass]
             vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in chunk], z_layer, site,
-                                   hparams, prefixes, chunk_rows=VALUE_ROWS_PER_PASS)
+                                   hparams, prefixes, chunk_rows=VALUE_ROWS_PER_PASS,
+                                   relations=[r.relation_id for r in chunk])
             targets, extra = [v.target for v in vals], [{} for _ in vals]
             if out_norm is not None:
                 h = keys_at(adapter, [r.prompt for r in chunk], [r.subject for r in chunk], [z_layer],
