@@ -46,24 +46,17 @@ def main() -> None:
     from superedit.commands.common import local_model_dir, resolve_requests
     from superedit.models import encode_prompts, load_model
 
-    from gate_separation import template_of
+    from gate_separation import other_relation_templates, paraphrase_templates, relation_templates
 
     adapter = load_model(args.model)
     reqs = resolve_requests(local_model_dir(args.model), args.requests)
     ranks_cut = [int(x) for x in args.ranks.split(",")]
     probs_cut = [float(x) for x in args.probs.split(",")]
     guard_cuts = [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6]
-    templates: dict[str, str] = {}
-    for r in reqs:
-        templates.setdefault(r.fact_key[1], r.prompt)
-    rng = random.Random(args.seed)
     sets = {"edit_prompts": [(i, r.prompt) for i, r in enumerate(reqs)],
-            "paraphrases": [(i, t) for i, r in enumerate(reqs) for p in r.paraphrase_prompts
-                            if (t := template_of(p, r.subject)) is not None],
-            "other_relation": []}
-    for i, r in enumerate(reqs):
-        pool = sorted(t for rel, t in templates.items() if rel != r.fact_key[1])
-        sets["other_relation"] += [(i, t) for t in rng.sample(pool, min(args.per_subject, len(pool)))]
+            "paraphrases": paraphrase_templates(reqs),
+            "other_relation": other_relation_templates(reqs, relation_templates(reqs), args.per_subject,
+                                                       random.Random(args.seed))}
 
     def rank_and_prob(pairs):
         ranks, probs, dists, tops = [], [], [], []

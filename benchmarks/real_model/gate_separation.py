@@ -34,6 +34,30 @@ def template_of(prompt: str, subject: str) -> str | None:
         prompt[i + len(subject):].replace("{", "{{").replace("}", "}}")
 
 
+def relation_templates(reqs) -> dict[str, str]:
+    """One template per relation: the first request's prompt of each relation id, in file order."""
+    templates: dict[str, str] = {}
+    for r in reqs:
+        templates.setdefault(r.fact_key[1], r.prompt)
+    return templates
+
+
+def paraphrase_templates(reqs) -> list[tuple[int, str]]:
+    """(request index, template) for every paraphrase prompt that contains its request's subject."""
+    return [(i, t) for i, r in enumerate(reqs) for p in r.paraphrase_prompts
+            if (t := template_of(p, r.subject)) is not None]
+
+
+def other_relation_templates(reqs, templates: dict[str, str], per_subject: int, rng) -> list[tuple[int, str]]:
+    """(request index, template): per request, a draw of ``per_subject`` templates of OTHER relations (the
+    questions an edit of the request's fact should leave alone), in request order."""
+    out = []
+    for i, r in enumerate(reqs):
+        pool = sorted(t for rel, t in templates.items() if rel != r.fact_key[1])
+        out += [(i, t) for t in rng.sample(pool, min(per_subject, len(pool)))]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="pretrained:smollm2-135m")

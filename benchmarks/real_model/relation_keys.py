@@ -49,7 +49,7 @@ def main() -> None:
     from superedit.editing.keys import keys_at
     from superedit.stats.whitening import Whitener
 
-    from gate_separation import template_of
+    from gate_separation import other_relation_templates, paraphrase_templates, relation_templates
 
     layers = [int(x) for x in args.layers.split(",")]
     taus = [float(x) for x in args.taus.split(",")]
@@ -57,16 +57,8 @@ def main() -> None:
     hp = hp.replace(layers=layers, mom2_ridge=1e-3)  # gated's ridge: C is factorised
     stats = make_stats(adapter, hp) if args.site == "key" else None
     reqs = resolve_requests(mdir, args.requests)
-    templates: dict[str, str] = {}
-    for r in reqs:
-        templates.setdefault(r.fact_key[1], r.prompt)
-    rng = random.Random(args.seed)
-    para = [(i, t) for i, r in enumerate(reqs) for p in r.paraphrase_prompts
-            if (t := template_of(p, r.subject)) is not None]
-    other = []
-    for i, r in enumerate(reqs):
-        pool = sorted(t for rel, t in templates.items() if rel != r.fact_key[1])
-        other += [(i, t) for t in rng.sample(pool, min(args.per_subject, len(pool)))]
+    para = paraphrase_templates(reqs)
+    other = other_relation_templates(reqs, relation_templates(reqs), args.per_subject, random.Random(args.seed))
 
     def read(pairs):
         return keys_at(adapter, [t for _, t in pairs], [reqs[i].subject for i, _ in pairs], layers, "last",

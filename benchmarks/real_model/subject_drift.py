@@ -41,14 +41,14 @@ def main() -> None:
     from superedit.lifelong.ledger import Ledger
     from superedit.models import encode_prompts, load_model
 
+    from gate_separation import relation_templates
+
     adapter = load_model(args.model)
     mdir = local_model_dir(args.model)
     led = Ledger.open(args.ledger)
     n_done = sum(len(e["requests"]) for e in led.edits if e["status"] == "applied")
     stream = resolve_requests(mdir, args.stream)[:n_done]
-    templates: dict[str, str] = {}
-    for r in resolve_requests(mdir, args.templates):
-        templates.setdefault(r.fact_key[1], r.prompt)
+    templates = relation_templates(resolve_requests(mdir, args.templates))
     edited = {r.subject for r in stream}
     rng = random.Random(args.seed)
 
