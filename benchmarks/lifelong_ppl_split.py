@@ -4,7 +4,8 @@ On a testbed the perplexity texts are biographies of the world's people, edited 
 about an edited person states the old facts, so a successful edit raises its perplexity, and so does
 an edit that leaks into that person's other facts. Texts about people no edit touches measure the
 collateral damage alone. This applies the run's ledger (all its committed edits) and reports both
-groups before and after.
+groups before and after. A text counts as mentioning an edited subject when the subject's name occurs
+in it as a substring. The model loads on the default device and dtype, not necessarily the run's.
 
     python benchmarks/lifelong_ppl_split.py --run runs/h11-horizon-gated --method gated
 """

@@ -232,3 +232,16 @@ def test_ledger_cli_show_undo_export(full_run, tmp_path):
     led = Ledger.open(led_dir)
     assert torch.allclose(d.layers[1].dense(F64), led.total_delta(1))
     assert json.loads((tmp_path / "exp" / "edits.json").read_text())["edits"][5]["status"] == "undone"
+
+
+def test_a_ledger_from_before_a_new_field_resumes_and_a_changed_one_does_not():
+    """``--resume`` compares the ledger's recorded hyperparameters with the fields added since filled in at
+    their defaults (which keep the old behaviour); a changed value or a field that no longer exists still
+    differs, so the run is refused."""
+    hp = ROMEHParams(layers=[1], **FAST)
+    old = {k: v for k, v in hp.to_dict().items() if k not in ("preserve_factor", "preserve_other_kinds")}
+    assert runner_mod._with_defaults(hp, old) == hp.to_dict()
+    changed = {**old, "v_lr": hp.v_lr * 2}
+    assert runner_mod._with_defaults(hp, changed) != hp.to_dict()
+    gone = {**hp.to_dict(), "a_removed_field": 1}
+    assert runner_mod._with_defaults(hp, gone) == gone != hp.to_dict()

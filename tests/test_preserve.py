@@ -157,17 +157,29 @@ def test_templates_of_the_requests_own_answer_kind_are_left_out():
     assert set(RELATION_KINDS.values()) == {k for _, k in ATTRIBUTE_PROMPTS if k is not None}
 
 
-def test_value_rows_leave_out_own_kind_per_request(adapter):
+def test_value_rows_leave_out_own_kind_per_request(adapter, monkeypatch):
     """The relation ids select each request's pool before the seeded draw; requests without one keep all."""
     items = ITEMS[:2]
     _, kl, kinds = value_rows(adapter, items, [""], essence=False, preserve=ATTRIBUTE_TEMPLATES,
                               relations=["P103", None])
     owners = kl.owner[kinds == KL_PRESERVE].tolist()
     languages = sum(1 for t in ATTRIBUTE_TEMPLATES if kind_of(t) == "language")
-    assert owners.count(0) == len(ATTRIBUTE_TEMPLATES) - languages and owners.count(1) == len(ATTRIBUTE_TEMPLATES)
-    _, kl_n, kinds_n = value_rows(adapter, items, [""], essence=False, preserve=ATTRIBUTE_TEMPLATES, preserve_n=4,
-                                  relations=["P103", None])
-    assert (kl_n.owner[kinds_n == KL_PRESERVE] == 0).sum() == 4
+    assert languages and owners.count(0) == len(ATTRIBUTE_TEMPLATES) - languages
+    assert owners.count(1) == len(ATTRIBUTE_TEMPLATES)
+    drawn = {}
+    real = values._preserve_draw
+
+    def spy(pool, k, subject, prompt):
+        drawn[subject] = real(pool, k, subject, prompt)
+        return drawn[subject]
+
+    monkeypatch.setattr(values, "_preserve_draw", spy)
+    value_rows(adapter, items, [""], essence=False, preserve=ATTRIBUTE_TEMPLATES, preserve_n=4,
+               relations=["P103", None])
+    first, second = drawn[ITEMS[0][1]], drawn[ITEMS[1][1]]
+    assert len(first) == 4 and not any(kind_of(t) == "language" for t in first)
+    assert first == real(templates_for(ATTRIBUTE_TEMPLATES, "P103"), 4, ITEMS[0][1], ITEMS[0][0])
+    assert second == real(ATTRIBUTE_TEMPLATES, 4, ITEMS[1][1], ITEMS[1][0])  # no relation: the whole list
     with pytest.raises(ValueError, match="relations"):
         value_rows(adapter, items, [""], preserve=ATTRIBUTE_TEMPLATES, relations=["P103"])
 
@@ -187,3 +199,9 @@ def test_optimize_values_passes_relations_only_with_the_option(adapter, monkeypa
                          v_num_grad_steps=1, kl_factor=0.0)
         optimize_values(adapter, ITEMS[:2], layer, "value", hp, [""], relations=["P103", None])
         assert seen[-1] == expected
+    # split into passes of one request each: each pass gets its own request's relation
+    seen.clear()
+    optimize_values(adapter, ITEMS[:2], layer, "value", hp, [""], chunk_rows=1, relations=["P103", None])
+    assert seen == [["P103"], [None]]
+    with pytest.raises(ValueError, match="relations"):
+        optimize_values(adapter, ITEMS[:2], layer, "value", hp, [""], relations=["P103"])

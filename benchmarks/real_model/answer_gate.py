@@ -68,10 +68,10 @@ def main() -> None:
                 logits = adapter.model(**b.model_inputs()).logits
             p = logits[torch.arange(len(chunk)), torch.tensor(b.last_token)].float().softmax(-1)
             o = torch.tensor([target_token_id(adapter.tokenizer, t.format(reqs[i].subject), reqs[i].target_true)
-                              for i, t in chunk])
+                              for i, t in chunk], device=p.device)
             po = p[torch.arange(len(chunk)), o]
             new = torch.tensor([target_token_id(adapter.tokenizer, t.format(reqs[i].subject), reqs[i].target_new)
-                                for i, t in chunk])
+                                for i, t in chunk], device=p.device)
             top = p.max(-1)
             other = (top.indices != o) & (top.indices != new)
             tops += torch.where(other, top.values, torch.zeros_like(top.values)).tolist()

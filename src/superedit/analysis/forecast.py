@@ -119,7 +119,8 @@ def forecast_interference(adapter, request, protected: Sequence, cov, layers: Se
         yk = W.whiten(k)
         yj = W.whiten(k_prot[l])
         p = (yj @ yk) / (yk @ yk)
-        val = optimize_value(adapter, request.prompt, request.subject, request.target_new, l, "value", hp, prefixes)
+        val = optimize_value(adapter, request.prompt, request.subject, request.target_new, l, "value", hp, prefixes,
+                             request.relation_id)
         Wl = adapter.down_weight(l).detach().to(torch.float64)
         delta = val.target.to(torch.float64) - Wl @ k.to(Wl.device)
         dn = float(delta.norm())

@@ -38,11 +38,12 @@ ATTRIBUTE_PROMPTS: tuple[tuple[str, str | None], ...] = (
 )
 ATTRIBUTE_TEMPLATES: tuple[str, ...] = tuple(t for t, _ in ATTRIBUTE_PROMPTS)
 
-#: Kind of the answer of Wikidata properties (the relation ids of CounterFact, zsRE and MQuAKE), for the
-#: same purpose. A relation id not listed here (a testbed's, a user's) leaves nothing out.
+#: Kind of the answer of Wikidata properties (the relation ids CounterFact and MQuAKE requests carry; zsRE
+#: records carry none), for the same purpose. A relation id not listed here (a testbed's, a user's) leaves
+#: nothing out.
 RELATION_KINDS: dict[str, str] = {
     **dict.fromkeys(("P17", "P27", "P495", "P1001"), "country"),
-    **dict.fromkeys(("P19", "P20", "P36", "P131", "P159", "P276", "P740", "P937"), "city"),
+    **dict.fromkeys(("P19", "P20", "P36", "P159", "P190", "P276", "P740", "P937"), "city"),
     **dict.fromkeys(("P37", "P103", "P364", "P407", "P1412"), "language"),
     **dict.fromkeys(("P108", "P127", "P176", "P178", "P264", "P449", "P463", "P749"), "organisation"),
     "P30": "continent",

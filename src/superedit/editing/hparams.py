@@ -275,8 +275,9 @@ class ValueHParams(ContextHParams):
                                            "the same kind as the request's (a country for a citizenship edit: "
                                            "they ask the edited question or a near-synonym of it), before the "
                                            "draw of preserve_n. Needs the request's relation to be a Wikidata "
-                                           "property listed in editing.attribute_templates.RELATION_KINDS and "
-                                           "superedit's own templates; otherwise nothing is left out.")
+                                           "property listed in editing.attribute_templates.RELATION_KINDS "
+                                           "(CounterFact's, MQuAKE's) and superedit's own templates; otherwise "
+                                           "nothing is left out.")
     preserve_n: Int = _f(0, "How many of preserve_templates each request reads (a seeded draw per request, from "
                             "its subject and prompt); 0: all. Each costs one short row per v* step.", ge=0)
     norm_anchor: Float = _f(0.0, "NAS (Norm-Anchor Scaling, Liu et al. 2026): rescale every solved value vector v* "

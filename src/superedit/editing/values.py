@@ -482,6 +482,8 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     """
     if site not in ("value", "resid"):
         raise ValueError(f"value site must be 'value' (ROME) or 'resid' (MEMIT), got {site!r}")
+    if relations is not None and len(relations) != len(items):
+        raise ValueError(f"{len(relations)} relations for {len(items)} requests")
     if not items:
         return []
     preserve = list(hp.preserve_templates or ATTRIBUTE_TEMPLATES) if hp.preserve_factor > 0 else []

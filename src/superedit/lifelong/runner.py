@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..editing.hparams import HParamsError
 from ..errors import SupereditError
 from ..eval.metrics import batch_evaluate, bootstrap_ci
 from ..eval.scoring import fact_recall
@@ -216,9 +217,9 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
             raise SupereditError(f"{ldir}: a ledger exists already; pass --resume or choose another --out directory")
         if led.method != method:
             raise SupereditError(f"{ldir}: this ledger is a {led.method!r} run, not {method!r}")
-        if led.info["hparams"] != hp.to_dict():
-            diff = sorted(k for k in set(led.info["hparams"]) | set(hp.to_dict())
-                          if led.info["hparams"].get(k) != hp.to_dict().get(k))
+        made_with = _with_defaults(hp, led.info["hparams"])
+        if made_with != hp.to_dict():
+            diff = sorted(k for k in set(made_with) | set(hp.to_dict()) if made_with.get(k) != hp.to_dict().get(k))
             raise SupereditError(f"{ldir}: the ledger was made with other {method} hyperparameters (fields {diff}); "
                                  "resume with the original ones or choose another --out directory")
         n_led = sum(len(e["requests"]) for e in led.edits)
@@ -514,3 +515,14 @@ def _compact(rec: dict) -> dict:
             out[f"interference_{s}_rel_error"] = inter[s]["rel_error"]
             out[f"interference_{s}_top5_share"] = inter[s]["top5_share"]
     return out
+
+
+def _with_defaults(hp, recorded: dict) -> dict:
+    """A ledger's recorded hyperparameters with the fields added to ``hp``'s class since then at their
+    defaults (each new field's default keeps the behaviour from before it existed), so a run started
+    before a field was added still resumes; as recorded where they no longer validate."""
+    try:
+        return type(hp).from_dict(recorded).to_dict()
+    except HParamsError:  # a field removed or changed since: compare as recorded (and refuse)
+        return dict(recorded)
+
