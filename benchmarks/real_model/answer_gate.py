@@ -1,5 +1,5 @@
 """Does the UNEDITED model's own next-token prediction tell the edited question from another question
-about the same subject? The measurement behind gated's answer check (lifelong issue).
+about the same subject? The measurement behind a possible answer check for gated (lifelong issue #14).
 
 ``gated`` writes an edit's value at its subject's last token, before the question is asked, so the
 value reaches every question about that subject (``subject_drift.py``); a key at the last token does
