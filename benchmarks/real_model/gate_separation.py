@@ -89,10 +89,9 @@ def main() -> None:
                           hp.fact_token)
     k_ctx = context_keys(adapter, [r.prompt for r in reqs], [r.subject for r in reqs], layers, prefixes,
                          hp.fact_token)
-    para = [(i, t, r.subject) for i, r in enumerate(reqs) for p in r.paraphrase_prompts
-            if (t := template_of(p, r.subject)) is not None]
-    k_para = keys_at(adapter, [t for _, t, _ in para], [s for _, _, s in para], layers, hp.fact_token)
-    para_owner = torch.tensor([i for i, _, _ in para])
+    para = paraphrase_templates(reqs)
+    k_para = keys_at(adapter, [t for _, t in para], [reqs[i].subject for i, _ in para], layers, hp.fact_token)
+    para_owner = torch.tensor([i for i, _ in para])
 
     # negatives: every token of every prompt (neighbourhood, attribute, other requests' own prompts)
     texts = sorted({p for r in reqs for p in (*r.neighborhood_prompts, *r.attribute_prompts)}
