@@ -8,6 +8,12 @@ the run's ``max_neighbours``). The script checks that the re-scored means equal 
 bootstrap intervals over the edits::
 
     python benchmarks/lifelong_rescore.py runs/keel-1000 [--json OUT.json]
+
+``--testbed-neighbours``: testbed requests written before 29 Nov 2026 (evening) did not name their neighbours'
+subjects, so a lifelong run scored also the neighbours its own stream edits on the same relation
+(expected to change, not a specificity failure). This re-reads the stream's requests from the testbed
+(now with ``neighborhood_subjects``), leaves those neighbours out as the runner now does
+(``unedited_neighbours``) and scores the neighbourhood of the final state and of the unedited model.
 """
 
 from __future__ import annotations
@@ -22,7 +28,20 @@ log = logging.getLogger("lifelong_rescore")
 SCORES = (("efficacy_score", "efficacy"), ("paraphrase_score", "paraphrase"), ("neighborhood_score", "neighborhood"))
 
 
-def rescore(run: Path) -> list[dict]:
+def testbed_stream(stream: list, model: str) -> list:
+    """The stream's requests as the testbed builds them now (same prompt, subject and new target)."""
+    from superedit.commands.common import local_model_dir
+    from superedit.testbed.access import default_edit_requests
+
+    fresh = {(r.prompt, r.subject, r.target_new): r for r in default_edit_requests(local_model_dir(model), None)}
+    missing = [r.case_id for r in stream if (r.prompt, r.subject, r.target_new) not in fresh]
+    if missing:
+        raise SystemExit(f"{len(missing)} stream requests are not testbed requests (e.g. {missing[:3]}); "
+                         "--testbed-neighbours needs a testbed run without re-edits")
+    return [fresh[(r.prompt, r.subject, r.target_new)] for r in stream]
+
+
+def rescore(run: Path, testbed_neighbours: bool = False) -> list[dict]:
     import torch
 
     from superedit.data import EditRequest
@@ -36,6 +55,10 @@ def rescore(run: Path) -> list[dict]:
     model = params.get("model") or "builtin"
     place = {k: params.get(k) for k in ("device", "dtype", "device_map")}  # as the run loaded it
     stream = [EditRequest.from_dict(r) for r in read_jsonl(run / "stream.jsonl")]
+    if testbed_neighbours:
+        from superedit.lifelong.runner import unedited_neighbours
+
+        stream = unedited_neighbours(testbed_stream(stream, model), testbed_stream(stream, model))
     probe = Probe.from_dict(json.loads((run / "probe.json").read_text()))
     recorded = {}
     for rec in read_jsonl(run / "metrics.jsonl"):
@@ -52,6 +75,18 @@ def rescore(run: Path) -> list[dict]:
             led.apply_to(adapter)
         res = batch_evaluate(adapter, stream[:n], probe.max_neighbours, True, probe.eval_batch_size)
         row = {"method": method, "n_edits": n}
+        if testbed_neighbours:  # the recorded means scored other neighbours: no check, the unedited model beside
+            vals = [r["neighborhood_score"] for r in res if r.get("neighborhood_score") is not None]
+            base = [r["neighborhood_score"] for r in batch_evaluate(load_model(model, **place), stream[:n],
+                                                                    probe.max_neighbours, True,
+                                                                    probe.eval_batch_size)
+                    if r.get("neighborhood_score") is not None]
+            row["neighbourhood, unedited neighbours"] = {"mean": sum(vals) / len(vals), "n": len(vals),
+                                                         "ci": bootstrap_ci(vals),
+                                                         "unedited_model": sum(base) / len(base)}
+            rows.append(row)
+            led.close()
+            continue
         for key, name in SCORES:
             vals = [r[key] for r in res if r.get(key) is not None]
             mean = sum(vals) / len(vals) if vals else None
@@ -69,9 +104,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="output folder of `superedit lifelong`")
     ap.add_argument("--json", help="write the rows here as JSON")
+    ap.add_argument("--testbed-neighbours", action="store_true",
+                    help="score only the neighbours the stream does not edit (testbed runs made before 29 Nov 2026, evening)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = rescore(Path(args.run))
+    rows = rescore(Path(args.run), args.testbed_neighbours)
+    if args.testbed_neighbours:
+        for r in rows:
+            v = r["neighbourhood, unedited neighbours"]
+            print(f"{r['method']} @ {r['n_edits']}: neighbourhood over the neighbours the stream does not edit "
+                  f"{v['mean']:.3f} ({v['ci'][0]:.3f}–{v['ci'][1]:.3f}), n {v['n']}; unedited model {v['unedited_model']:.3f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     print("| method | edits | " + " | ".join(f"{n} (95% CI)" for _, n in SCORES) + " |")
     print("|---|---|" + "---|" * len(SCORES))
     for r in rows:

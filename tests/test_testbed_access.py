@@ -36,3 +36,27 @@ def test_builtin_spec_and_plain_directory_give_identical_logits():
     enc = a.tokenizer(["Anna Berg was born in", "The museum was quiet"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(a.model(**enc).logits, b.model(**enc).logits)
+
+
+def test_testbed_requests_name_their_neighbours_so_a_stream_scores_only_unedited_ones():
+    """Each neighbourhood prompt's subject is in the request's meta; a lifelong stream that edits a
+    neighbour on the same relation leaves that prompt out (its answer is meant to change)."""
+    from superedit.lifelong.runner import unedited_neighbours
+
+    world = load_world(SHIPPED_DIR)
+    reqs = access.default_edit_requests(SHIPPED_DIR, None, seed=0)
+    for r in reqs[:50]:
+        subjects = r.meta["neighborhood_subjects"]
+        assert len(subjects) == len(r.neighborhood_prompts) and r.subject not in subjects
+        for s, p, a in zip(subjects, r.neighborhood_prompts, r.neighborhood_answers):
+            assert p == r.prompt.replace("{}", s) and world.subject(s).facts[r.relation_id] == a
+    r = next(r for r in reqs if len(r.meta["neighborhood_subjects"]) >= 2)
+    edited_neighbour = r.meta["neighborhood_subjects"][0]
+    stream = [r] + [q for q in reqs if q.subject == edited_neighbour and q.relation_id == r.relation_id]
+    assert len(stream) == 2
+    kept = unedited_neighbours([r], stream)[0]
+    assert kept.meta["neighborhood_subjects"] == r.meta["neighborhood_subjects"][1:]
+    assert kept.neighborhood_prompts == r.neighborhood_prompts[1:]
+    # a stream that edits the neighbour on ANOTHER relation keeps the prompt
+    other = [q for q in reqs if q.subject == edited_neighbour and q.relation_id != r.relation_id][:1]
+    assert unedited_neighbours([r], [r] + other)[0].neighborhood_prompts == r.neighborhood_prompts

@@ -184,6 +184,9 @@ def counterfactual_requests_from_facts(
                 case_id=fact.get("id", idx),
                 relation_id=relation,
                 source=where,
+                # the neighbours' subjects, one per prompt: a lifelong run leaves out those it edits itself
+                # on this relation (lifelong.runner.unedited_neighbours), as for derived CounterFact requests
+                meta={"neighborhood_subjects": [s for s, _ in nb]},
             )
         except RequestFormatError as exc:
             if getattr(exc, "field", None) == "prompt":

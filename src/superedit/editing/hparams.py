@@ -413,11 +413,31 @@ class GatedHParams(ROMEHParams):
                                            "None: tau. Their keys vary more with the text before the subject.",
                                      gt=-1, lt=1)
 
+    question_layer: Int | None = _f(None, "Question gate (off: null). An entry then also keeps the key at the "
+                                          "LAST token of its prompt at this layer, fires at a token only where that "
+                                          "key matches (cos_C > tau_question) and its subject gate (at 'layers') "
+                                          "fired earlier in the same text, and adds its value THERE, at this "
+                                          "layer's MLP output: an edit reaches the edited question and not the "
+                                          "subject's other questions. Must be deeper than 'layers'. Choose it on a "
+                                          "tuning split (benchmarks/real_model/relation_keys.py).", ge=0)
+    tau_question: Float = _f(0.5, "Threshold of the question gate (question_layer): the whitening cosine between a "
+                                  "token's key and the edit prompt's last-token key in any of its contexts.",
+                             gt=-1, lt=1)
+
     @model_validator(mode="after")
     def _one_layer(self) -> "GatedHParams":  # overrides ROME's check, with this method's name in the message
         if len(self.layers) != 1:
             raise ValueError(f"field 'layers' = {self.layers}: gated keeps its entries at exactly one layer "
                              "(give one, e.g. layers: [2])")
+        if self.question_layer is not None:
+            if self.question_layer <= self.layers[0]:
+                raise ValueError(f"field 'question_layer' = {self.question_layer}: the question gate reads a layer "
+                                 f"deeper than the subject gate's (layers: {self.layers}); give a larger one or null")
+            for name in ("kl_factor", "preserve_factor"):
+                if getattr(self, name) > 0:
+                    raise ValueError(f"field '{name}' = {getattr(self, name)}: with a question gate the value is "
+                                     "added at the question's last token, where those subject-token KL terms do "
+                                     f"not apply; set {name}: 0 (the gate keeps the other questions instead)")
         return self
 
     @model_validator(mode="after")

@@ -330,7 +330,7 @@ Lookback = Union[int, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, read_layer: int,
-                  keep_reads: bool = False, lookback: Lookback = 0) -> tuple[_Rows, Trace]:
+                  keep_reads: bool = False, lookback: Lookback = 0, exact: bool = False) -> tuple[_Rows, Trace]:
     """One plain no-grad forward of ``rows`` (v₀ at ``(site, layer)``, the input of block ``layer``; the
     residual after ``read_layer`` too with ``keep_reads``), then the fast plan: cached block input,
     rows grouped by where δ enters with their earlier positions in the KV cache.
@@ -338,14 +338,15 @@ def _prepare_rows(adapter: ModelAdapter, rows: _Rows, layer: int, site: str, rea
     The first time per model, layer, site, dtype and device, the fast plan is checked against the
     plain residual at the reads (δ = 0) and the verdict kept in ``adapter.memo``; a plan that does not
     reproduce it is never used for that model: every step then forwards every row from the embeddings
-    (exact, slower) and a warning names the family. Returns the rows and the plain Trace."""
+    (exact, slower) and a warning names the family. ``exact`` asks for that plain plan (hooks below
+    the edited layer or before δ's position must run every step). Returns the rows and the plain Trace."""
     memo_key = _fast_plan_key(adapter, layer, site, read_layer)
     verdict = adapter.memo.get(memo_key)
     below = [("resid", layer - 1)] if layer > 0 else []
     reads = [(site, layer)] + below + ([("resid", read_layer)] if keep_reads or verdict is None else [])
     with torch.no_grad(), Trace(adapter, reads=reads, stop_after=True) as plain:
         adapter.model(**rows.inputs())
-    if verdict is False:
+    if verdict is False or exact:
         return rows.plan(adapter, by_split=False), plain
     fast = rows if layer == 0 else replace(rows, hidden=plain["resid", layer - 1].to(rows.input_ids.device),
                                            arity=plain.arity["resid", layer - 1])
@@ -379,7 +380,7 @@ KL_ESSENCE, KL_OWN, KL_PRESERVE = 0, 1, 2
 
 def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixes: list[str],
                essence: bool = True, preserve: list[str] | tuple[str, ...] = (),
-               preserve_n: int = 0, relations: Sequence[str | None] | None = None
+               preserve_n: int = 0, relations: Sequence[str | None] | None = None, delta_at: str = "subject"
                ) -> tuple[_Rows, "_Rows | None", torch.Tensor]:
     """The rows the v* loss reads: every request's prefixed prompts + target (reads: the positions that
     predict a target token; requests in order, ``prefixes`` within each, "" first) and its KL rows, per
@@ -388,7 +389,10 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
     request, if ``preserve_n`` > 0, after leaving out the templates of the request's own answer kind
     where ``relations`` gives one relation id per request; read at the prompt's last token). Returns
     the NLL rows, the KL rows (None if there are none) and each KL row's kind (KL_ESSENCE / KL_OWN /
-    KL_PRESERVE)."""
+    KL_PRESERVE). ``delta_at``: where δ enters a prompt row, "subject" (its subject's last token, ROME) or
+    "last" (the prompt's last token, the one that predicts the target's first: ``gated``'s question gate)."""
+    if delta_at not in ("subject", "last"):
+        raise ValueError(f"delta_at must be 'subject' or 'last', got {delta_at!r}")
     device = adapter.device
     tok = adapter.tokenizer
     n, n_pre = len(items), len(prefixes)
@@ -406,7 +410,10 @@ def value_rows(adapter: ModelAdapter, items: list[tuple[str, str, str]], prefixe
     width = int(torch.nonzero(keep.any(0)).max()) + 1
     pad = pad_id(tok)
     ids = torch.where(keep.bool(), rw.input_ids, torch.full_like(rw.input_ids, pad))[:, :width]
-    nll = _Rows(ids, keep[:, :width], torch.tensor(rw.subject_last, device=device),
+    at = torch.tensor(rw.subject_last, device=device)
+    if delta_at == "last":  # each row's first read: the prompt's last token (reads are row-major)
+        at = torch.full_like(at, ids.shape[1]).scatter_reduce(0, tgt_rows, tgt_cols, "amin")
+    nll = _Rows(ids, keep[:, :width], at,
                 torch.arange(n, device=device).repeat_interleave(n_pre), tgt_rows, tgt_cols,
                 labels[tgt_rows, tgt_cols], mask.sum(1))
     per_request = []  # (template or None for the own prompt, kind) per KL row, request by request
@@ -461,7 +468,8 @@ def kl_row_weights(kinds: torch.Tensor, owner: torch.Tensor, ref_top: torch.Tens
 
 def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], layer: int, site: str,
                     hp: ValueHParams, prefixes: list[str], chunk_rows: int = 512,
-                    lookback: Lookback = 0, relations: Sequence[str | None] | None = None) -> list[ValueResult]:
+                    lookback: Lookback = 0, relations: Sequence[str | None] | None = None,
+                    delta_at: str = "subject", exact: bool = False) -> list[ValueResult]:
     """Optimise v* for several requests ``(template, subject, target)`` at once.
 
     The requests' deltas form one (n, d_model) parameter and every step carries all active requests'
@@ -479,6 +487,9 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     than cached, for hooks that read the tokens just before (``gated``'s ``gate_tokens``): an int, or
     a function of the rows' δ positions (rows,) returning one count per row, called right after the
     plain forward of those rows (so a hook can say which rows need it from what it saw there).
+    ``delta_at`` "last" adds δ at each prompt's last token instead of the subject's (:func:`value_rows`);
+    ``exact`` forwards every row from the embeddings every step, for hooks that must see the whole text
+    (``gated``'s question gate reads what its subject gate saw at a shallower layer).
     """
     if site not in ("value", "resid"):
         raise ValueError(f"value site must be 'value' (ROME) or 'resid' (MEMIT), got {site!r}")
@@ -492,22 +503,24 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
     if len(items) > per:
         return [r for i in range(0, len(items), per)
                 for r in optimize_values(adapter, items[i:i + per], layer, site, hp, prefixes, chunk_rows, lookback,
-                                         None if relations is None else relations[i:i + per])]
+                                         None if relations is None else relations[i:i + per], delta_at, exact)]
     device = adapter.device
     n, n_pre = len(items), len(prefixes)
     last = adapter.n_layers - 1
     loss_layer = last if hp.v_loss_layer in (-1, last) else hp.v_loss_layer
     all_nll, all_kl, kl_kinds = value_rows(adapter, items, prefixes, essence=hp.kl_factor > 0, preserve=preserve,
                                            preserve_n=hp.preserve_n,
-                                           relations=relations if hp.preserve_other_kinds else None)
+                                           relations=relations if hp.preserve_other_kinds else None,
+                                           delta_at=delta_at)
     use_kl = hp.kl_factor > 0 or bool(preserve)
 
-    all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer, lookback=lookback)
+    all_nll, plain = _prepare_rows(adapter, all_nll, layer, site, loss_layer, lookback=lookback, exact=exact)
     first = torch.arange(n, device=device) * n_pre  # each request's unprefixed row ("" comes first)
     v0 = _take(plain[site, layer], first, all_nll.subject_last[first], device).clone()
     del plain
     if use_kl:
-        all_kl, plain_kl = _prepare_rows(adapter, all_kl, layer, site, last, keep_reads=True, lookback=lookback)
+        all_kl, plain_kl = _prepare_rows(adapter, all_kl, layer, site, last, keep_reads=True, lookback=lookback,
+                                         exact=exact)
         with torch.no_grad():
             kl_ref = F.log_softmax(_head(adapter, _take(plain_kl["resid", last], all_kl.read_row, all_kl.read_col,
                                                         device)), dim=-1)
@@ -551,7 +564,8 @@ def optimize_values(adapter: ModelAdapter, items: list[tuple[str, str, str]], la
                             "step from now on (exact, slower)", adapter.family, layer)
                 for read in {loss_layer, last}:
                     adapter.memo[_fast_plan_key(adapter, layer, site, read)] = False
-                return optimize_values(adapter, items, layer, site, hp, prefixes, chunk_rows, relations=relations)
+                return optimize_values(adapter, items, layer, site, hp, prefixes, chunk_rows, relations=relations,
+                                       delta_at=delta_at, exact=exact)
             raise FloatingPointError(f"v* loss is not finite at step {step} (layer {layer}, site {site}) for "
                                      f"requests {torch.nonzero(~torch.isfinite(loss.detach()) & active).flatten().tolist()}")
         for i in torch.nonzero(active).flatten().tolist():

@@ -127,5 +127,6 @@ register(MethodEntry("guard", GuardHParams, f"{_M}.guard:guard_step", True,
                      state=f"{_M}.guard:make_guard_state"))
 register(MethodEntry("gated", GatedHParams, f"{_M}.gated:gated_step", True,
                      "gated (superedit): each edit a key–value entry at one layer that acts only where a token's key "
-                     "matches the edit's subject key (whitening cosine above tau); weights never change.",
+                     "matches the edit's subject key (whitening cosine above tau), and with question_layer only at the "
+                     "token that asks the edited question; weights never change.",
                      state=f"{_M}.gated:make_gated_state", undo="any", forward=f"{_M}.gated:install_memory"))

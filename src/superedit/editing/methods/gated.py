@@ -35,12 +35,23 @@ predecessors as matching (the one-token rule); v* therefore recomputes the m −
 the subject's last in the rows where some entry's last key matches near it
 (:func:`rows_lookback`), so the gate sees there what a full forward sees.
 
+With ``question_layer`` q (the question gate, :class:`_QuestionGate`) an entry also keeps the key
+at layer q at the LAST token of its prompt, in each context, and its value is optimised and added at
+layer q's MLP output at that token instead: the entry fires at token t where its subject gate fired at
+some token s ≤ t of the same text AND the key at t matches one of those last-token keys (cos_C above
+``tau_question``). An edit then reaches the question it edits and not its subject's other questions
+(measured on the testbed, where the last-token key tells a paraphrase from the same subject's other
+questions with AUC 0.999 at layer 2; on SmolLM2 it does so with AUC 0.68–0.77, too weakly:
+``docs/results/lifelong.md``). v* runs every row from its start (``exact``): a cached prefix would
+hide the subject from the gate.
+
 Requests of one batch that share a subject are edited in rounds (each subject at most once per
 round), so a second edit of a subject is optimised with the first one's entry in place, as in a
 stream; both entries then fire together on that subject.
 
 The state (:class:`GatedMemory`) holds, per layer: the entries' keys (n, contexts, d_mlp) and values
-(n, d_model), their ids, and the whitening factor L⁻¹ of C (d_mlp, d_mlp), so a ledger restores the
+(n, d_model), their ids, and the whitening factor L⁻¹ of C (d_mlp, d_mlp) (with a question gate also
+the question keys (n, contexts, d_mlp) and that layer's factor), so a ledger restores the
 edited model without the corpus. A step's journal holds its own entries, so any edit can be taken out
 exactly (``undo="any"``). The registry entry's ``forward`` capability installs a snapshot of the memory
 on the model (:func:`install_memory`); ``Ledger.apply_to`` does that after every commit.
@@ -60,7 +71,7 @@ from ..contexts import context_prefixes
 from ..covariance import CovarianceSource
 from ..delta import WeightDelta
 from ..hparams import GatedHParams
-from ..keys import context_tail_keys
+from ..keys import context_keys, context_tail_keys
 from ..values import optimize_values
 from .protocol import StepResult
 
@@ -104,6 +115,9 @@ class GatedMemory:
 
     def __init__(self, layer: int, d_mlp: int, d_model: int, hparams: GatedHParams, stats: CovarianceSource | None):
         self.layer, self.hparams, self.stats = layer, hparams, stats
+        self.question_layer: int | None = hparams.question_layer
+        self.qkeys = torch.zeros(0, 1, d_mlp)  # (n, c, d_mlp) keys at the question layer (question gate only)
+        self.whiten_q: torch.Tensor | None = None
         self.keys = torch.zeros(0, 1, 1, d_mlp)
         self.valid = torch.zeros(0, 1, 1, dtype=torch.bool)
         self.values = torch.zeros(0, d_model)
@@ -120,6 +134,13 @@ class GatedMemory:
                 raise SupereditError(f"method gated: layer {self.layer} needs the key covariance C (stats) for its "
                                      "first step; its whitening factor is kept in the state after that")
             self.whiten = whitening_factor(stats.mom2(self.layer), self.hparams.mom2_ridge, self.layer).cpu()
+        if self.question_layer is not None and self.whiten_q is None:
+            stats = stats if stats is not None else self.stats
+            if stats is None:
+                raise SupereditError(f"method gated: the question layer {self.question_layer} needs the key "
+                                     "covariance C (stats) for its first step")
+            self.whiten_q = whitening_factor(stats.mom2(self.question_layer), self.hparams.mom2_ridge,
+                                             self.question_layer).cpu()
         return self.whiten
 
     def next_uid(self) -> int:
@@ -144,6 +165,14 @@ class GatedMemory:
         values = torch.cat([self.values, journal[f"layer.{l}.values"].float()])
         uids = torch.cat([self.uid, uid])
         order = torch.argsort(uids)
+        if self.question_layer is not None:
+            q = f"question.{self.question_layer}.keys"
+            if q not in journal:
+                raise SupereditError(f"gated: the memory has a question gate at layer {self.question_layer} but "
+                                     f"the new entries carry no '{q}' (question_layer changed within one run?)")
+            new_q = journal[q].float()
+            qkeys = torch.cat([self.qkeys if len(self) else self.qkeys.new_zeros(0, *new_q.shape[1:]), new_q])
+            self.qkeys = qkeys[order]
         self.keys, self.valid, self.values, self.uid = keys[order], valid[order], values[order], uids[order]
 
     def remove(self, journal: dict[str, torch.Tensor]) -> None:
@@ -151,6 +180,8 @@ class GatedMemory:
         if f"layer.{l}.uid" not in journal:
             return
         keep = ~torch.isin(self.uid, journal[f"layer.{l}.uid"].long())
+        if self.question_layer is not None and len(self.qkeys) == len(self.uid):
+            self.qkeys = self.qkeys[keep]
         self.keys, self.valid, self.values, self.uid = self.keys[keep], self.valid[keep], self.values[keep], \
             self.uid[keep]
 
@@ -160,6 +191,10 @@ class GatedMemory:
                f"layer.{l}.values": self.values.clone(), f"layer.{l}.uid": self.uid.clone()}
         if self.whiten is not None:
             out[f"layer.{l}.whiten"] = self.whiten.clone()
+        if self.question_layer is not None:
+            out[f"question.{self.question_layer}.keys"] = self.qkeys.clone()
+            if self.whiten_q is not None:
+                out[f"question.{self.question_layer}.whiten"] = self.whiten_q.clone()
         return out
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> "GatedMemory":
@@ -175,6 +210,19 @@ class GatedMemory:
             self.keys, self.valid, self.values, self.uid = keys.clone(), valid.clone(), values.clone(), uid.clone()
         if f"layer.{l}.whiten" in sd:
             self.whiten = sd[f"layer.{l}.whiten"].to(F64).clone()
+        if self.question_layer is not None:
+            q = f"question.{self.question_layer}"
+            if f"{q}.keys" in sd:
+                qkeys = sd[f"{q}.keys"].float()
+                if qkeys.shape[0] != len(self) or qkeys.shape[2] != self.qkeys.shape[2]:
+                    raise ValueError(f"gated state: question keys {tuple(qkeys.shape)} do not match {len(self)} "
+                                     f"entries of width {self.qkeys.shape[2]}")
+                self.qkeys = qkeys.clone()
+            elif len(self):
+                raise ValueError(f"gated state has {len(self)} entries but no '{q}.keys' for the profile's "
+                                 f"question gate at layer {self.question_layer}")
+            if f"{q}.whiten" in sd:
+                self.whiten_q = sd[f"{q}.whiten"].to(F64).clone()
         return self
 
     def total_delta(self, layer: int) -> torch.Tensor | None:
@@ -186,6 +234,8 @@ def make_gated_state(adapter: ModelAdapter, hparams: GatedHParams, stats: Covari
     """An empty memory at ``hparams.layers[0]`` (C is read from ``stats`` on the first step)."""
     layer = hparams.layers[0]
     adapter.check_layer(layer)
+    if hparams.question_layer is not None:
+        adapter.check_layer(hparams.question_layer)
     return GatedMemory(layer, adapter.d_mlp, adapter.d_model, hparams, stats)
 
 
@@ -271,11 +321,20 @@ class _Gate:
             self._history = z_ext[:, -(self.tokens - 1):].detach()
 
     def __call__(self, module, args, out):
+        fire = self.match(args[0])
+        if fire is None or not bool(self.last_fire.any()):
+            return None
+        self.fired += int(self.last_fire.sum())
+        return out + (fire.to(torch.float32) @ self.values).to(out.dtype)
+
+    def match(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which entries' keys match at each token of ``x`` (batch, seq, d_mlp), the down-projection's
+        input: (batch, seq, n) bool, None without entries; sets the diagnostics (``last_fire`` …)."""
         n = self.values.shape[0]
         if n == 0:
             self.last_fire = self.last_fire_entries = self.last_candidates = None
             return None
-        z = args[0].to(torch.float32) @ self.whiten_t
+        z = x.to(torch.float32) @ self.whiten_t
         z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (batch, seq, d_mlp)
         hit = (z @ self.unit_last_t).unflatten(-1, (n, self.contexts)) > self.tau  # (batch, seq, n, c)
         self.last_candidates = hit.flatten(2).any(-1)
@@ -304,27 +363,126 @@ class _Gate:
         fire = hit.any(-1)  # (batch, seq, n)
         self.last_fire = fire.any(-1)
         self.last_fire_entries = fire if self.record else None
+        return fire
+
+
+class _QuestionGate:
+    """The question gate (``question_layer``): entry e adds δ_e to the question layer's MLP output at
+    token t where
+
+    * its subject gate (a :class:`_Gate` at the subject layer, whose values are not used) fired at some
+      token s ≤ t of the same text — the subject was named —, and
+    * cos_C(k_t, q_e,c) > τ_q for some context c, q_e,c the question layer's key at the last token of
+      the edit prompt in context c — the edited question is being asked.
+
+    Two forward hooks (:meth:`on_subject` at the subject layer, this object at the question layer)
+    share one forward: the subject layer runs first and leaves ``seen`` (batch, seq, n) for it. A
+    forward that resumes a KV cache filled by the previous call (``generate``) carries that call's
+    ``seen`` at its last token forward."""
+
+    def __init__(self, subject: _Gate, whiten_q: torch.Tensor, qkeys: torch.Tensor, values: torch.Tensor,
+                 tau_q: float, device, record: bool = False):
+        self.subject = subject
+        self.whiten_t = whiten_q.to(device=device, dtype=torch.float32).T.contiguous()
+        n, c, d = qkeys.shape
+        z = qkeys.reshape(-1, d).to(device=device, dtype=torch.float32) @ self.whiten_t
+        self.unit_t = (z / z.norm(dim=1, keepdim=True).clamp_min(1e-30)).T.contiguous()  # (d_mlp_q, n · c)
+        self.contexts = c
+        self.values = values.to(device=device, dtype=torch.float32)
+        self.tau = float(tau_q)
+        self.record = record
+        self.fired = 0
+        self.seen: torch.Tensor | None = None  # (batch, seq, n) of the forward under way
+        self.last_fire: torch.Tensor | None = None
+        self.last_fire_entries: torch.Tensor | None = None
+        self._carry: torch.Tensor | None = None  # (batch, n) ``seen`` at the last token of the previous call
+        self._carry_of = None  # weak reference to the cache that call filled
+
+    @property
+    def last_candidates(self) -> torch.Tensor | None:
+        return self.subject.last_candidates
+
+    def on_model_call(self, module, args, kwargs):
+        self.seen = None
+        return self.subject.on_model_call(module, args, kwargs)
+
+    def on_subject(self, module, args, out):
+        """Forward hook at the subject layer: where each entry's subject has been named so far."""
+        fire = self.subject.match(args[0])
+        if fire is None:
+            self.seen = None
+            return None
+        seen = fire.cumsum(dim=1) > 0  # (batch, seq, n): named at this token or before
+        cache = self.subject._cache
+        same = self._carry_of is not None and cache is not None and self._carry_of() is cache
+        if self.subject._past > 0 and same and self._carry is not None and self._carry.shape[0] == seen.shape[0]:
+            seen = seen | self._carry[:, None]
+        self._carry, self._carry_of = None, None
+        if cache is not None:
+            try:
+                self._carry_of = weakref.ref(cache)
+                self._carry = seen[:, -1].detach()
+            except TypeError:  # a cache type without weak references: nothing carried to the next call
+                pass
+        self.seen = seen
+        return None
+
+    def __call__(self, module, args, out):
+        n = self.values.shape[0]
+        if n == 0:
+            return None
+        x = args[0]
+        if self.seen is None or self.seen.shape[:2] != x.shape[:2]:
+            raise RuntimeError("gated: the question gate needs its subject layer to run in the same forward "
+                               f"(it saw {None if self.seen is None else tuple(self.seen.shape[:2])} tokens, the "
+                               f"question layer {tuple(x.shape[:2])}); a forward that starts above the subject "
+                               "layer cannot use it")
+        z = x.to(torch.float32) @ self.whiten_t
+        z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        asked = ((z @ self.unit_t).unflatten(-1, (n, self.contexts)) > self.tau).any(-1)  # (batch, seq, n)
+        fire = asked & self.seen
+        self.last_fire = fire.any(-1)
+        self.last_fire_entries = fire if self.record else None
         if not bool(self.last_fire.any()):
             return None
         self.fired += int(self.last_fire.sum())
         return out + (fire.to(torch.float32) @ self.values).to(out.dtype)
 
 
-def _register(adapter: ModelAdapter, layer: int, gate: _Gate) -> tuple:
-    """Hook ``gate`` on ``layer``'s down-projection and its companion pre-hook on the model: the handles."""
+def _register(adapter: ModelAdapter, layer: int, gate: "_Gate | _QuestionGate",
+              question_layer: int | None = None) -> tuple:
+    """Hook ``gate`` on ``layer``'s down-projection and its companion pre-hook on the model: the handles.
+    A question gate hooks its subject part on ``layer`` and itself on ``question_layer``."""
     mod = adapter.site_module("key", layer)
+    if isinstance(gate, _QuestionGate):
+        return (mod.register_forward_hook(gate.on_subject),
+                adapter.site_module("key", question_layer).register_forward_hook(gate),
+                adapter.model.register_forward_pre_hook(gate.on_model_call, with_kwargs=True))
     return (mod.register_forward_hook(gate),
             adapter.model.register_forward_pre_hook(gate.on_model_call, with_kwargs=True))
+
+
+def _make_gate(adapter: ModelAdapter, layer: int, whiten: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               tau: float, valid: torch.Tensor | None, tau_before: float | None, record: bool = False,
+               question: "tuple[int, torch.Tensor, torch.Tensor, float] | None" = None):
+    """A subject gate, or with ``question`` = (layer, whitening factor, keys (n, c, d), τ) a question gate."""
+    if question is None:
+        return _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, record, tau_before)
+    q_layer, whiten_q, qkeys, tau_q = question
+    subject = _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, False, tau_before)
+    return _QuestionGate(subject, whiten_q, qkeys, values, tau_q, adapter.layer_device(q_layer), record)
 
 
 @contextmanager
 def entries_active(adapter: ModelAdapter, layer: int, whiten: torch.Tensor, keys: torch.Tensor,
                    values: torch.Tensor, tau: float, valid: torch.Tensor | None = None,
-                   tau_before: float | None = None):
+                   tau_before: float | None = None,
+                   question: "tuple[int, torch.Tensor, torch.Tensor, float] | None" = None):
     """Entries (keys (n, c, m, d), (n, c, d) or (n, d); values (n, d_model)) acting at ``layer`` for the
-    duration of a ``with`` (hooks removed on exit); yields the gate."""
-    gate = _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, tau_before=tau_before)
-    handles = _register(adapter, layer, gate)
+    duration of a ``with`` (hooks removed on exit); yields the gate. ``question`` = (question layer,
+    its whitening factor, question keys (n, c, d), τ_q) makes it a question gate (values added there)."""
+    gate = _make_gate(adapter, layer, whiten, keys, values, tau, valid, tau_before, question=question)
+    handles = _register(adapter, layer, gate, None if question is None else question[0])
     try:
         yield gate
     finally:
@@ -340,9 +498,13 @@ def install_memory(adapter: ModelAdapter, state: GatedMemory, record: bool = Fal
     remove_memory(adapter, state.layer)
     if len(state) == 0:
         return
-    gate = _Gate(state.ensure_whitening(None), state.keys, state.values, state.hparams.tau,
-                 adapter.layer_device(state.layer), state.valid, record, state.hparams.tau_before)
-    setattr(adapter.site_module("key", state.layer), _HANDLE, (_register(adapter, state.layer, gate), gate))
+    whiten = state.ensure_whitening(None)
+    question = None if state.question_layer is None else (state.question_layer, state.whiten_q, state.qkeys,
+                                                           state.hparams.tau_question)
+    gate = _make_gate(adapter, state.layer, whiten, state.keys, state.values, state.hparams.tau, state.valid,
+                      state.hparams.tau_before, record, question)
+    setattr(adapter.site_module("key", state.layer), _HANDLE,
+            (_register(adapter, state.layer, gate, state.question_layer), gate))
 
 
 def remove_memory(adapter: ModelAdapter, layer: int) -> None:
@@ -391,7 +553,7 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
     with the entries of earlier rounds acting through a temporary hook. ``state`` gets the new entries
     only when everything succeeded."""
     state = make_gated_state(adapter, hparams, stats) if state is None else state
-    layer = state.layer
+    layer, q_layer = state.layer, state.question_layer
     whiten = state.ensure_whitening(stats)
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
     timings = {"keys": 0.0, "values": 0.0}
@@ -399,24 +561,34 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
     keys = torch.zeros(n, len(prefixes), m, adapter.d_mlp)
     valid = torch.zeros(n, len(prefixes), m, dtype=torch.bool)
     values = torch.zeros(n, adapter.d_model)
+    qkeys = torch.zeros(n, len(prefixes), adapter.d_mlp) if q_layer is not None else None
     per_request: list[dict] = [{} for _ in range(n)]
     done: list[int] = []
     for idx in subject_rounds([r.subject for r in requests]):
+        question = None if q_layer is None else (q_layer, state.whiten_q, qkeys[done], hparams.tau_question)
         with entries_active(adapter, layer, whiten, keys[done], values[done], hparams.tau, valid[done],
-                            hparams.tau_before) as temporary:
+                            hparams.tau_before, question) as temporary:
             t0 = time.perf_counter()
             reqs = [requests[i] for i in idx]
-            k, ok = context_tail_keys(adapter, [r.prompt for r in reqs], [r.subject for r in reqs], layer, prefixes,
-                                      m)  # (round, contexts, m, d_mlp)
+            prompts, subjects = [r.prompt for r in reqs], [r.subject for r in reqs]
+            k, ok = context_tail_keys(adapter, prompts, subjects, layer, prefixes, m)  # (round, contexts, m, d_mlp)
+            if q_layer is not None:  # (round, contexts, d_mlp) at each prompt's last token
+                q = context_keys(adapter, prompts, subjects, [q_layer], prefixes, "last")[q_layer]
             t1 = time.perf_counter()
-            vals = optimize_values(adapter, [(r.prompt, r.subject, r.target_new) for r in reqs], layer, "value",
-                                   hparams, prefixes,
-                                   lookback=rows_lookback([g for g in (installed_gate(adapter, layer), temporary)
-                                                           if g is not None], m) if m > 1 else 0,
-                                   relations=[r.relation_id for r in reqs])
+            items = [(r.prompt, r.subject, r.target_new) for r in reqs]
+            if q_layer is None:
+                vals = optimize_values(adapter, items, layer, "value", hparams, prefixes,
+                                       lookback=rows_lookback([g for g in (installed_gate(adapter, layer), temporary)
+                                                               if g is not None], m) if m > 1 else 0,
+                                       relations=[r.relation_id for r in reqs])
+            else:  # the value goes in at the question's last token; the gates must see every row from its start
+                vals = optimize_values(adapter, items, q_layer, "value", hparams, prefixes,
+                                       relations=[r.relation_id for r in reqs], delta_at="last", exact=True)
             timings["keys"] += t1 - t0
             timings["values"] += time.perf_counter() - t1
         for j, i in enumerate(idx):
+            if q_layer is not None:
+                qkeys[i] = q[j].detach().float().cpu()
             keys[i], valid[i] = k[j].detach().float().cpu(), ok[j].cpu()
             values[i] = vals[j].delta.detach().float().cpu()
             per_request[i] = {"case_id": requests[i].case_id, "layer": layer,
@@ -425,6 +597,8 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
     uid = torch.arange(state.next_uid(), state.next_uid() + n, dtype=torch.long)
     journal = {f"layer.{layer}.keys": keys, f"layer.{layer}.valid": valid, f"layer.{layer}.values": values,
                f"layer.{layer}.uid": uid}
+    if q_layer is not None:
+        journal[f"question.{q_layer}.keys"] = qkeys
     state.add(journal)
     meta = {"model": adapter.identity(), "hparams": hparams.to_dict(), "requests": per_request,
             "timings": timings, "memory_entries": len(state)}
