@@ -187,3 +187,27 @@ def test_question_gated_edits_through_a_ledger(tmp_path):
     led.apply_to(adapter)
     assert torch.equal(logits(), after_one)
     remove_memory(adapter, SUBJECT_LAYER)
+
+
+def test_a_padding_token_never_counts_as_naming_the_subject():
+    """A padded position whose key matches an entry's subject key (identity whitening, unit keys) does
+    not name the subject where the forward's attention mask says it is padding."""
+    from superedit.editing.methods.gated import _Gate, _QuestionGate
+
+    d = 6
+    a, b, c = torch.eye(d)[:3]
+    eye = torch.eye(d, dtype=torch.float64)
+    subject = _Gate(eye, a[None], torch.ones(1, 2), 0.9, "cpu")
+    gate = _QuestionGate(subject, eye, c[None, None], torch.ones(1, 2), 0.9, "cpu")
+    x = torch.stack([a, b, c])[None]  # (1, 3, d): the subject's key at position 0, the question's at 2
+
+    def run(mask):
+        gate.on_model_call(None, (), {} if mask is None else {"attention_mask": mask})
+        gate.on_subject(None, (x,), None)
+        return gate(None, (x,), torch.zeros(1, 3, 2))
+
+    assert run(None)[0, 2].tolist() == [1.0, 1.0] and gate.seen[0, :, 0].tolist() == [True, True, True]
+    assert run(torch.tensor([[1, 1, 1]]))[0, 2].tolist() == [1.0, 1.0]
+    assert run(torch.tensor([[0, 1, 1]])) is None and not bool(gate.seen.any())  # position 0 is padding
+    # a mask that also covers cached positions (past + seq): its last seq columns apply
+    assert run(torch.tensor([[1, 1, 0, 1, 1]])) is None

@@ -397,6 +397,7 @@ class _QuestionGate:
         self.last_fire_entries: torch.Tensor | None = None
         self._carry: torch.Tensor | None = None  # (batch, n) ``seen`` at the last token of the previous call
         self._carry_of = None  # weak reference to the cache that call filled
+        self._mask: torch.Tensor | None = None  # the forward's attention mask (batch, past + seq), if given
 
     @property
     def last_candidates(self) -> torch.Tensor | None:
@@ -404,6 +405,8 @@ class _QuestionGate:
 
     def on_model_call(self, module, args, kwargs):
         self.seen = None
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         return self.subject.on_model_call(module, args, kwargs)
 
     def on_subject(self, module, args, out):
@@ -412,6 +415,9 @@ class _QuestionGate:
         if fire is None:
             self.seen = None
             return None
+        if self._mask is not None and self._mask.shape[0] == fire.shape[0] and self._mask.shape[1] >= fire.shape[1]:
+            # a padding token names no subject (its key is computed all the same, and could match)
+            fire = fire & self._mask[:, -fire.shape[1]:].to(device=fire.device, dtype=torch.bool)[..., None]
         seen = fire.cumsum(dim=1) > 0  # (batch, seq, n): named at this token or before
         cache = self.subject._cache
         same = self._carry_of is not None and cache is not None and self._carry_of() is cache
