@@ -58,7 +58,8 @@ def rescore(run: Path, testbed_neighbours: bool = False) -> list[dict]:
     if testbed_neighbours:
         from superedit.lifelong.runner import unedited_neighbours
 
-        stream = unedited_neighbours(testbed_stream(stream, model), testbed_stream(stream, model))
+        stream = testbed_stream(stream, model)
+        stream = unedited_neighbours(stream, stream)
     probe = Probe.from_dict(json.loads((run / "probe.json").read_text()))
     recorded = {}
     for rec in read_jsonl(run / "metrics.jsonl"):

@@ -180,7 +180,7 @@ class GatedMemory:
         if f"layer.{l}.uid" not in journal:
             return
         keep = ~torch.isin(self.uid, journal[f"layer.{l}.uid"].long())
-        if self.question_layer is not None and len(self.qkeys) == len(self.uid):
+        if self.question_layer is not None:
             self.qkeys = self.qkeys[keep]
         self.keys, self.valid, self.values, self.uid = self.keys[keep], self.valid[keep], self.values[keep], \
             self.uid[keep]
@@ -398,10 +398,6 @@ class _QuestionGate:
         self._carry: torch.Tensor | None = None  # (batch, n) ``seen`` at the last token of the previous call
         self._carry_of = None  # weak reference to the cache that call filled
         self._mask: torch.Tensor | None = None  # the forward's attention mask (batch, past + seq), if given
-
-    @property
-    def last_candidates(self) -> torch.Tensor | None:
-        return self.subject.last_candidates
 
     def on_model_call(self, module, args, kwargs):
         self.seen = None
