@@ -45,6 +45,17 @@ questions with AUC 0.999 at layer 2; on SmolLM2 it does so with AUC 0.68–0.77,
 ``docs/results/lifelong.md``). v* runs every row from its start (``exact``): a cached prefix would
 hide the subject from the gate.
 
+What a token costs (:func:`_make_gate`): entries whose keys are bit-identical — a fact edited again
+computes exactly its first edit's keys — fire together and are held as one entry with the sum of
+their values (:func:`merge_identical_entries`), so re-edits do not grow the per-token work; the
+subject test compares each token with every distinct key once (one subject's keys in one context are
+shared by its relations when the subject opens the prompt); the question test compares a row's
+tokens only with the entries whose subject that row has named; and a one-token gate on a fresh
+forward answers an input equal, bit for bit, to a recent one from memory (v* forwards the same rows
+at every step, and keys below the value's layer do not depend on δ). On the testbed's re-edit stream
+at 1,000 entries this took a batch of 100 edits from 202 s to 65 s (one thread), with the same
+values bit for bit.
+
 Requests of one batch that share a subject are edited in rounds (each subject at most once per
 round), so a second edit of a subject is optimised with the first one's entry in place, as in a
 stream; both entries then fire together on that subject.
@@ -254,6 +265,51 @@ def _four_d(keys: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torc
     return keys, valid
 
 
+def _first_occurrence_groups(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """For rows (n, D): a group id per row (n,) int64, equal exactly for bit-identical rows and numbered
+    in order of first occurrence (so rows without duplicates keep their order: group i is row i); and
+    the number of groups."""
+    if rows.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=rows.device), 0
+    _, inv = torch.unique(rows, dim=0, return_inverse=True)
+    n_groups = int(inv.max()) + 1
+    first = torch.full((n_groups,), rows.shape[0], dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, inv, torch.arange(rows.shape[0], device=rows.device), reduce="amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(n_groups, device=rows.device)
+    return rank[inv], n_groups
+
+
+def merge_identical_entries(keys: torch.Tensor, valid: torch.Tensor | None, values: torch.Tensor,
+                            qkeys: torch.Tensor | None = None):
+    """Entries whose keys are bit-identical (subject keys, their validity and, with a question gate, the
+    question keys) fire at exactly the same tokens, so a gate may hold them as one entry with the sum of
+    their values: the same output up to float rounding of the sum. A stream that edits a fact again (a
+    re-edit computes the same keys, bit for bit, as the fact's first edit) then costs the gate nothing.
+
+    Returns (keys, valid, values, qkeys) of the merged entries, in order of first occurrence, and
+    ``group`` (n,) int64: each original entry's merged index (the identity when nothing merges)."""
+    keys, valid = _four_d(keys, valid)
+    n = keys.shape[0]
+    if n == 0:
+        return keys, valid, values, qkeys, torch.zeros(0, dtype=torch.long)
+    parts = [keys.reshape(n, -1).float(), valid.reshape(n, -1).float()]
+    if qkeys is not None:
+        parts.append(qkeys.reshape(n, -1).float())
+    group, n_groups = _first_occurrence_groups(torch.cat(parts, dim=1))
+    if n_groups == n:  # nothing to merge: group is the identity (first-occurrence order)
+        return keys, valid, values, qkeys, group
+    first = torch.full((n_groups,), n, dtype=torch.long)
+    first.scatter_reduce_(0, group, torch.arange(n), reduce="amin")
+    merged_values = torch.zeros(n_groups, values.shape[1], dtype=values.dtype).index_add_(0, group, values)
+    return (keys[first], valid[first], merged_values, None if qkeys is None else qkeys[first], group)
+
+
+def _per_stored_entry(fire: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
+    """(batch, seq, merged entries) → (batch, seq, entries as stored) for diagnostics."""
+    return fire if group is None else fire[..., group.to(fire.device)]
+
+
 def _cache_length(cache) -> int:
     """Positions already in a KV cache (a transformers ``Cache`` or a legacy tuple); 0 for None."""
     if cache is None:
@@ -261,6 +317,35 @@ def _cache_length(cache) -> int:
     if isinstance(cache, (tuple, list)):
         return int(cache[0][0].shape[-2]) if len(cache) and cache[0] is not None else 0
     return int(cache.get_seq_length())
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Equal bit for bit (both None counts as equal)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+class _Recent:
+    """The last few (input, answer) pairs of a gate, newest first. v* forwards the same few groups of
+    rows in turn at every step, so one remembered input would always be the other group's."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.items = size, []
+
+    def find(self, *inputs):
+        for i, item in enumerate(self.items):
+            if all(_same(a, b) for a, b in zip(item[0], inputs)):
+                if i:
+                    self.items.insert(0, self.items.pop(i))
+                return item
+        return None
+
+    def put(self, inputs: tuple, answer) -> tuple:
+        item = (tuple(None if t is None else t.detach().clone() for t in inputs), answer)
+        self.items.insert(0, item)
+        del self.items[self.size:]
+        return item
 
 
 class _Gate:
@@ -273,13 +358,23 @@ class _Gate:
     that resumes a KV cache (see the module docstring for what the gate does then)."""
 
     def __init__(self, whiten: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: float, device,
-                 valid: torch.Tensor | None = None, record: bool = False, tau_before: float | None = None):
+                 valid: torch.Tensor | None = None, record: bool = False, tau_before: float | None = None,
+                 group: torch.Tensor | None = None):
         self.whiten_t = whiten.to(device=device, dtype=torch.float32).T.contiguous()  # k @ L⁻ᵀ = (L⁻¹k)ᵀ
         keys, valid = _four_d(keys, valid)
         n, self.contexts, self.tokens, d = keys.shape
         z = keys.reshape(-1, d).to(device=device, dtype=torch.float32) @ self.whiten_t
         unit = (z / z.norm(dim=1, keepdim=True).clamp_min(1e-30)).reshape(n, self.contexts, self.tokens, d)
-        self.unit_last_t = unit[:, :, 0].reshape(-1, d).T.contiguous()  # (d_mlp, n · c)
+        # the last-token test runs against each DISTINCT key once: one subject's keys in one context are
+        # bit-identical across its relations whenever the subject comes first in the prompt (on the
+        # testbed 1,650 distinct columns of 12,100), and across re-edits of a fact
+        last = unit[:, :, 0].reshape(-1, d)
+        col, n_cols = _first_occurrence_groups(last)
+        first = torch.full((n_cols,), last.shape[0], dtype=torch.long, device=last.device)
+        first.scatter_reduce_(0, col, torch.arange(last.shape[0], device=last.device), reduce="amin")
+        self.unique_last_t = last[first].T.contiguous()  # (d_mlp, distinct columns)
+        self.column_of = col  # (n · c,) each (entry, context)'s column
+        self.group = group  # (entries as stored,) → entry here, when the caller merged identical entries
         self.unit_before = unit[:, :, 1:]  # (n, c, m − 1, d_mlp)
         self.valid_before = valid[:, :, 1:].to(device)
         self.values = values.to(device=device, dtype=torch.float32)
@@ -294,6 +389,9 @@ class _Gate:
         self._positions: torch.Tensor | None = None  # its explicit position ids, if any
         self._history: torch.Tensor | None = None  # (batch, m − 1, d_mlp) whitened unit keys of the last call
         self._history_of = None  # weak reference to the cache that call filled
+        self._recent = _Recent()  # ((input,), (fire, candidates)) of recent fresh calls
+        self.memo_hit = False  # whether the last call reused one
+        self.memo_item: tuple | None = None  # the remembered call the last one was or became
 
     def on_model_call(self, module, args, kwargs):
         """Forward pre-hook of the whole model: note the KV cache the forward resumes (if any)."""
@@ -331,12 +429,23 @@ class _Gate:
         """Which entries' keys match at each token of ``x`` (batch, seq, d_mlp), the down-projection's
         input: (batch, seq, n) bool, None without entries; sets the diagnostics (``last_fire`` …)."""
         n = self.values.shape[0]
+        self.memo_hit, self.memo_item = False, None
         if n == 0:
             self.last_fire = self.last_fire_entries = self.last_candidates = None
             return None
+        # A one-token gate on a forward that resumes no cache is a function of x alone: v* forwards the
+        # same rows every step (keys below the value's layer do not depend on δ), so an input equal, bit
+        # for bit, to the last one gets the last answer without the comparison against every entry.
+        fresh = self.tokens == 1 and self._past == 0
+        item = self._recent.find(x) if fresh else None
+        if item is not None:
+            fire, self.last_candidates = item[1]
+            self.memo_hit, self.memo_item = True, item
+            return self._finish(fire)
         z = x.to(torch.float32) @ self.whiten_t
         z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (batch, seq, d_mlp)
-        hit = (z @ self.unit_last_t).unflatten(-1, (n, self.contexts)) > self.tau  # (batch, seq, n, c)
+        hit = ((z @ self.unique_last_t) > self.tau)[..., self.column_of]  # (batch, seq, n · c)
+        hit = hit.unflatten(-1, (n, self.contexts))  # (batch, seq, n, c)
         self.last_candidates = hit.flatten(2).any(-1)
         if self.tokens > 1:
             z_ext, shift = self._tokens_before(z)
@@ -361,8 +470,13 @@ class _Gate:
                 hit = torch.zeros_like(hit)
                 hit[b[ok], t[ok], e[ok], c[ok]] = True
         fire = hit.any(-1)  # (batch, seq, n)
+        if fresh:
+            self.memo_item = self._recent.put((x,), (fire, self.last_candidates))
+        return self._finish(fire)
+
+    def _finish(self, fire: torch.Tensor) -> torch.Tensor:
         self.last_fire = fire.any(-1)
-        self.last_fire_entries = fire if self.record else None
+        self.last_fire_entries = _per_stored_entry(fire, self.group) if self.record else None
         return fire
 
 
@@ -381,13 +495,20 @@ class _QuestionGate:
     ``seen`` at its last token forward."""
 
     def __init__(self, subject: _Gate, whiten_q: torch.Tensor, qkeys: torch.Tensor, values: torch.Tensor,
-                 tau_q: float, device, record: bool = False):
+                 tau_q: float, device, record: bool = False, group: torch.Tensor | None = None):
         self.subject = subject
         self.whiten_t = whiten_q.to(device=device, dtype=torch.float32).T.contiguous()
         n, c, d = qkeys.shape
         z = qkeys.reshape(-1, d).to(device=device, dtype=torch.float32) @ self.whiten_t
-        self.unit_t = (z / z.norm(dim=1, keepdim=True).clamp_min(1e-30)).T.contiguous()  # (d_mlp_q, n · c)
+        unit = z / z.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        self.unit = unit.reshape(n, c, d)  # (n, c, d_mlp_q) whitened unit question keys
+        self.unit_t = unit.T.contiguous()  # (d_mlp_q, n · c)
         self.contexts = c
+        self.group = group  # (entries as stored,) → entry here, when the caller merged identical entries
+        # recent fresh calls: (subject call, mask) → seen, and per such entry (question-layer input) → change
+        self._recent_seen = _Recent()
+        self._recent_asked: _Recent | None = None  # the question-layer answers of the call under way's ``seen``
+        self._seen_reused = False
         self.values = values.to(device=device, dtype=torch.float32)
         self.tau = float(tau_q)
         self.record = record
@@ -408,13 +529,27 @@ class _QuestionGate:
     def on_subject(self, module, args, out):
         """Forward hook at the subject layer: where each entry's subject has been named so far."""
         fire = self.subject.match(args[0])
+        self._seen_reused, self._recent_asked = False, None
         if fire is None:
             self.seen = None
             return None
-        if self._mask is not None and self._mask.shape[0] == fire.shape[0] and self._mask.shape[1] >= fire.shape[1]:
-            # a padding token names no subject (its key is computed all the same, and could match)
-            fire = fire & self._mask[:, -fire.shape[1]:].to(device=fire.device, dtype=torch.bool)[..., None]
-        seen = fire.cumsum(dim=1) > 0  # (batch, seq, n): named at this token or before
+        mask = self._mask
+        item = None
+        if self.subject.memo_item is not None:  # a fresh forward: its subject call is remembered (found or new)
+            for it in self._recent_seen.items:
+                if it[1][0] is self.subject.memo_item and _same(it[0][0], mask):
+                    item = it
+                    break
+        if item is not None:  # the same subject-layer input and padding as a recent call
+            seen, self._recent_asked, self._seen_reused = item[1][1], item[1][2], True
+        else:
+            if mask is not None and mask.shape[0] == fire.shape[0] and mask.shape[1] >= fire.shape[1]:
+                # a padding token names no subject (its key is computed all the same, and could match)
+                fire = fire & mask[:, -fire.shape[1]:].to(device=fire.device, dtype=torch.bool)[..., None]
+            seen = fire.cumsum(dim=1) > 0  # (batch, seq, n): named at this token or before
+            if self.subject.memo_item is not None:
+                self._recent_asked = _Recent(4)
+                self._recent_seen.put((mask,), (self.subject.memo_item, seen, self._recent_asked))
         cache = self.subject._cache
         same = self._carry_of is not None and cache is not None and self._carry_of() is cache
         if self.subject._past > 0 and same and self._carry is not None and self._carry.shape[0] == seen.shape[0]:
@@ -439,16 +574,43 @@ class _QuestionGate:
                                f"(it saw {None if self.seen is None else tuple(self.seen.shape[:2])} tokens, the "
                                f"question layer {tuple(x.shape[:2])}); a forward that starts above the subject "
                                "layer cannot use it")
-        z = x.to(torch.float32) @ self.whiten_t
-        z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        asked = ((z @ self.unit_t).unflatten(-1, (n, self.contexts)) > self.tau).any(-1)  # (batch, seq, n)
-        fire = asked & self.seen
+        item = self._recent_asked.find(x) if self._recent_asked is not None else None
+        if item is not None:
+            fire, add = item[1]  # the same subject decisions and question-layer input as a recent call
+        else:
+            z = x.to(torch.float32) @ self.whiten_t
+            z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            fire = self._asked(z) & self.seen  # (batch, seq, n)
+            add = (fire.to(torch.float32) @ self.values) if bool(fire.any()) else None
+            if self._recent_asked is not None:
+                self._recent_asked.put((x,), (fire, add))
         self.last_fire = fire.any(-1)
-        self.last_fire_entries = fire if self.record else None
-        if not bool(self.last_fire.any()):
+        self.last_fire_entries = _per_stored_entry(fire, self.group) if self.record else None
+        if add is None:
             return None
         self.fired += int(self.last_fire.sum())
-        return out + (fire.to(torch.float32) @ self.values).to(out.dtype)
+        return out + add.to(out.dtype)
+
+
+    def _asked(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, n) bool: cos_C(k_t, q_e,c) > τ_q for some c, computed only for the entries whose
+        subject each row has named (elsewhere False: such an entry cannot fire there). A row names
+        few subjects, so this compares each token with a handful of entries instead of all of them;
+        where rows name many, every entry is compared (the same answer at the named entries)."""
+        seen = self.seen
+        b, s, n = seen.shape
+        named = seen.any(1)  # (batch, n)
+        m = int(named.sum(1).max()) if b else 0
+        if m == 0:
+            return torch.zeros_like(seen)
+        c, d = self.contexts, z.shape[-1]
+        if 4 * m > n:
+            return ((z @ self.unit_t).unflatten(-1, (n, c)) > self.tau).any(-1)
+        order = torch.argsort(named.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]  # (batch, m)
+        keys = self.unit[order].reshape(b, m * c, d)  # each row's named entries (and fillers), (batch, m·c, d)
+        asked = (torch.bmm(z, keys.transpose(1, 2)).unflatten(-1, (m, c)) > self.tau).any(-1)  # (batch, seq, m)
+        asked &= torch.gather(named, 1, order)[:, None, :]  # fillers never ask
+        return torch.zeros_like(seen).scatter_(2, order[:, None, :].expand(b, s, m), asked)
 
 
 def _register(adapter: ModelAdapter, layer: int, gate: "_Gate | _QuestionGate",
@@ -467,12 +629,16 @@ def _register(adapter: ModelAdapter, layer: int, gate: "_Gate | _QuestionGate",
 def _make_gate(adapter: ModelAdapter, layer: int, whiten: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                tau: float, valid: torch.Tensor | None, tau_before: float | None, record: bool = False,
                question: "tuple[int, torch.Tensor, torch.Tensor, float] | None" = None):
-    """A subject gate, or with ``question`` = (layer, whitening factor, keys (n, c, d), τ) a question gate."""
+    """A subject gate, or with ``question`` = (layer, whitening factor, keys (n, c, d), τ) a question gate.
+    Entries with bit-identical keys are held as one (:func:`merge_identical_entries`)."""
+    qkeys = None if question is None else question[2]
+    keys, valid, values, qkeys, group = merge_identical_entries(keys, valid, values, qkeys)
+    group = None if group.numel() == keys.shape[0] else group  # nothing merged: entries as stored
     if question is None:
-        return _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, record, tau_before)
-    q_layer, whiten_q, qkeys, tau_q = question
+        return _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, record, tau_before, group)
+    q_layer, whiten_q, _, tau_q = question
     subject = _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, False, tau_before)
-    return _QuestionGate(subject, whiten_q, qkeys, values, tau_q, adapter.layer_device(q_layer), record)
+    return _QuestionGate(subject, whiten_q, qkeys, values, tau_q, adapter.layer_device(q_layer), record, group)
 
 
 @contextmanager
