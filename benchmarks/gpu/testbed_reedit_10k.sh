@@ -3,6 +3,9 @@
 # gate (benchmarks/hparams/testbed-gated-question) over 10,000 edits of the default testbed: ten rounds of
 # new targets for the same 1,000 facts, batches of 100, a checkpoint every 1,000 edits (the horizon is as
 # fine as that). Resumable: run it again with the same OUT and it continues from its ledger.
+# Since the gate holds re-edits of a fact as one entry (commit 1e7dff3), this also runs on 2 CPU cores in about
+# an hour (runs/tb10k/queue41.sh, docs/results/lifelong.md); the script stays for a lent GPU and for the
+# longer streams (EDITS=50000 and more).
 #
 #   OUT=/tmp/tb10k bash benchmarks/gpu/testbed_reedit_10k.sh             # on the GPU machine, from the repo root
 #   OUT=/tmp/tb10k EDITS=300 EVERY=100 bash benchmarks/gpu/testbed_reedit_10k.sh   # a short check, any machine

@@ -53,8 +53,8 @@ shared by its relations when the subject opens the prompt); the question test co
 tokens only with the entries whose subject that row has named; and a one-token gate on a fresh
 forward answers an input equal, bit for bit, to a recent one from memory (v* forwards the same rows
 at every step, and keys below the value's layer do not depend on δ). On the testbed's re-edit stream
-at 1,000 entries this took a batch of 100 edits from 202 s to 69 s (one thread, under cProfile), with the same
-values bit for bit.
+at 1,000 entries this took a batch of 100 edits from 202 s to 69 s (one thread, under cProfile), with
+the same values bit for bit.
 
 Requests of one batch that share a subject are edited in rounds (each subject at most once per
 round), so a second edit of a subject is optimised with the first one's entry in place, as in a
@@ -265,19 +265,21 @@ def _four_d(keys: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torc
     return keys, valid
 
 
-def _first_occurrence_groups(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _first_occurrence_groups(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows (n, D): a group id per row (n,) int64, equal exactly for bit-identical rows and numbered
     in order of first occurrence (so rows without duplicates keep their order: group i is row i); and
-    the number of groups."""
-    if rows.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=rows.device), 0
+    each group's first row (groups,) int64, ascending."""
+    n = rows.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=rows.device)
+        return empty, empty.clone()
     _, inv = torch.unique(rows, dim=0, return_inverse=True)
-    n_groups = int(inv.max()) + 1
-    first = torch.full((n_groups,), rows.shape[0], dtype=torch.long, device=rows.device)
-    first.scatter_reduce_(0, inv, torch.arange(rows.shape[0], device=rows.device), reduce="amin")
+    first = torch.full((int(inv.max()) + 1,), n, dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, inv, torch.arange(n, device=rows.device), reduce="amin")
+    order = torch.argsort(first)
     rank = torch.empty_like(first)
-    rank[torch.argsort(first)] = torch.arange(n_groups, device=rows.device)
-    return rank[inv], n_groups
+    rank[order] = torch.arange(first.numel(), device=rows.device)
+    return rank[inv], first[order]
 
 
 def merge_identical_entries(keys: torch.Tensor, valid: torch.Tensor | None, values: torch.Tensor,
@@ -296,12 +298,10 @@ def merge_identical_entries(keys: torch.Tensor, valid: torch.Tensor | None, valu
     parts = [keys.reshape(n, -1).float(), valid.reshape(n, -1).float()]
     if qkeys is not None:
         parts.append(qkeys.reshape(n, -1).float())
-    group, n_groups = _first_occurrence_groups(torch.cat(parts, dim=1))
-    if n_groups == n:  # nothing to merge: group is the identity (first-occurrence order)
+    group, first = _first_occurrence_groups(torch.cat(parts, dim=1))
+    if first.numel() == n:  # nothing to merge: group is the identity (first-occurrence order)
         return keys, valid, values, qkeys, group
-    first = torch.full((n_groups,), n, dtype=torch.long)
-    first.scatter_reduce_(0, group, torch.arange(n), reduce="amin")
-    merged_values = torch.zeros(n_groups, values.shape[1], dtype=values.dtype).index_add_(0, group, values)
+    merged_values = torch.zeros(first.numel(), values.shape[1], dtype=values.dtype).index_add_(0, group, values)
     return (keys[first], valid[first], merged_values, None if qkeys is None else qkeys[first], group)
 
 
@@ -369,9 +369,7 @@ class _Gate:
         # bit-identical across its relations whenever the subject comes first in the prompt (on the
         # testbed 1,650 distinct columns of 12,100), and across re-edits of a fact
         last = unit[:, :, 0].reshape(-1, d)
-        col, n_cols = _first_occurrence_groups(last)
-        first = torch.full((n_cols,), last.shape[0], dtype=torch.long, device=last.device)
-        first.scatter_reduce_(0, col, torch.arange(last.shape[0], device=last.device), reduce="amin")
+        col, first = _first_occurrence_groups(last)
         self.unique_last_t = last[first].T.contiguous()  # (d_mlp, distinct columns)
         self.column_of = col  # (n · c,) each (entry, context)'s column
         self.group = group  # (entries as stored,) → entry here, when the caller merged identical entries
