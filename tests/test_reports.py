@@ -285,6 +285,20 @@ def test_lifelong_final_table_gives_every_share_its_n_and_interval(tmp_path):
     assert "paraphrase 95% interval" in text and "n, last block" in text and "n (facts recalled before)" in text and "n (probe facts)" in text
 
 
+def test_efficacy_interval_of_a_re_edit_stream_counts_the_latest_edits_only():
+    """On a --reedit-facts stream efficacy over all edits is a share of each fact's latest edit
+    (``n_live``), so its interval is too: 999 of 1,000, not of the 10,000 edits made."""
+    from superedit.report.lifelong_report import final_table
+    from superedit.report.plots import wilson
+
+    rec = {"method": "gated", "n_edits": 10000, "n_live": 1000, "efficacy_all": 0.999, "last_block": [9000, 10000]}
+    row = final_table({"gated": [rec]})[0]
+    lo, hi = wilson(0.999, 1000)
+    assert row["efficacy_ci"] == f"{lo:.2f}–{hi:.2f}" == "0.99–1.00"
+    plain = final_table({"rome": [{**rec, "n_live": None, "n_edits": 1000}]})[0]
+    assert plain["efficacy_ci"] == row["efficacy_ci"]  # without re-edits every edit is scored
+
+
 def test_retention_split_only_when_it_differs_from_the_total(tmp_path):
     from superedit.report.lifelong_report import knowledge_quantities, load_metrics
 

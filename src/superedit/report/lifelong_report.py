@@ -54,8 +54,20 @@ def _get(rec: dict, path: str):
 
 
 # ------------------------------------------------------------------------------------------ trials per rate
-def n_edits(rec: dict) -> int | None:
-    return int(rec["n_edits"]) or None
+def n_scored_edits(rec: dict) -> int | None:
+    """Edits the efficacy over all edits is a share of: every edit so far, or on a re-edit stream
+    (``--reedit-facts``) each fact's latest edit only (``n_live``)."""
+    return int(rec.get("n_live") or rec["n_edits"]) or None
+
+
+def n_paraphrased(rec: dict) -> int | None:
+    """Edits the paraphrase share is over (those with paraphrases), as recorded; else the scored edits."""
+    return rec.get("paraphrase_all_n") or n_scored_edits(rec)
+
+
+def n_with_neighbours(rec: dict) -> int | None:
+    """Edits the neighbourhood share is over (those with unedited neighbours), as recorded; else the scored edits."""
+    return rec.get("neighborhood_all_n") or n_scored_edits(rec)
 
 
 def n_last_block(rec: dict) -> int | None:
@@ -106,14 +118,14 @@ class CurveFigure:
 
 CURVE_FIGURES: tuple[CurveFigure, ...] = (
     CurveFigure("efficacy", "Efficacy: P(new) > P(true) on the edit prompt", (
-        Quantity("efficacy_all", "all edits so far", "share of edits", n_edits),
+        Quantity("efficacy_all", "all edits so far", "share of edits", n_scored_edits),
         Quantity("efficacy_last_block", "edits since the previous checkpoint", "share of edits", n_last_block)),
         "Left: of all edits made so far, the share whose new object still beats the old one; right: the same for "
         "the edits made since the previous checkpoint only. A method that keeps its latest edits (right stays "
         "high) while the left curve sinks is overwriting its earlier edits."),
     CurveFigure("generalisation", "Paraphrases and neighbourhood", (
-        Quantity("paraphrase_all", "paraphrase success, all edits", "share of edits", n_edits),
-        Quantity("neighborhood_all", "neighbourhood kept, all edits", "share of edits", n_edits)),
+        Quantity("paraphrase_all", "paraphrase success, all edits", "share of edits", n_paraphrased),
+        Quantity("neighborhood_all", "neighbourhood kept, all edits", "share of edits", n_with_neighbours)),
         "Left: the edit also holds when the question is rephrased. Right: prompts about other subjects keep "
         "their original answer (1 = no collateral damage). Look for the curve that falls as edits accumulate."),
     CurveFigure("drift", "How far the edited weights drift", (
@@ -584,7 +596,7 @@ def final_table(runs: dict[str, list[dict]]) -> list[dict]:
         r = recs[-1]
         row = {"method": m, "n_edits": r["n_edits"]}
         row.update({k: r.get(k) for k, _ in TABLE_COLS})
-        row["efficacy_ci"] = _ci_text(r.get("efficacy_all"), n_edits(r))
+        row["efficacy_ci"] = _ci_text(r.get("efficacy_all"), n_scored_edits(r))
         row["efficacy_last_block_n"] = n_last_block(r)
         row["efficacy_last_block_ci"] = _ci_text(r.get("efficacy_last_block"), n_last_block(r))
         for name in ("paraphrase", "neighborhood"):  # bootstrap over the per-edit shares (runs since they are saved)

@@ -53,8 +53,8 @@ shared by its relations when the subject opens the prompt); the question test co
 tokens only with the entries whose subject that row has named; and a one-token gate on a fresh
 forward answers an input equal, bit for bit, to a recent one from memory (v* forwards the same rows
 at every step, and keys below the value's layer do not depend on δ). On the testbed's re-edit stream
-at 1,000 entries this took a batch of 100 edits from 202 s to 69 s (one thread, under cProfile), with
-the same values bit for bit.
+at 1,000 entries this took a batch of 100 edits from 204 s to 59 s (one thread, alone), with the same
+values bit for bit.
 
 Requests of one batch that share a subject are edited in rounds (each subject at most once per
 round), so a second edit of a subject is optimised with the first one's entry in place, as in a
