@@ -1,5 +1,5 @@
 """gated's gate holds entries with bit-identical keys (a fact edited again) as one entry, compares each
-token against every distinct key once, and reuses its decision for an input equal to the last one
+token against every distinct key once, and reuses its decision for an input equal to a recent one
 (editing/methods/gated.py). None of this may change what the model computes."""
 
 import pytest
@@ -62,6 +62,10 @@ def test_a_merged_gate_adds_what_the_entries_add_one_by_one(seed):
     out = torch.zeros(3, 6, adapter.d_model)
     want, got = plain(None, (x,), out), merged(None, (x,), out)
     assert want is not None and torch.allclose(got, want, atol=1e-5)
+    # by hand: cosine of each token with each entry's key in each context (identity whitening)
+    unit = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
+    by_hand = ((unit(x)[:, :, None, None] * unit(keys[:, :, 0])[None, None]).sum(-1) > 0.9).any(-1)
+    assert torch.allclose(got, by_hand.float() @ values, atol=1e-4)
     assert torch.equal(merged.last_fire_entries, plain.last_fire_entries)  # per entry as stored
     assert bool(merged.last_fire_entries[0, 2, [0, 2, 6]].all()) and merged.fired == plain.fired
 
@@ -128,14 +132,30 @@ def test_repeated_and_interleaved_forwards_through_an_installed_question_gate_ag
         with torch.no_grad():
             return adapter.model(input_ids=ids).logits
 
-    with entries_active(adapter, 0, eye, keys, values, -1.0, question=(1, eye, qkeys, -1.0)):  # τ −1: all fire
+    from superedit.models import Trace
+
+    def keys_of(ids, layer):
+        with torch.no_grad(), Trace(adapter, reads=[("key", layer)], stop_after=True) as tr:
+            adapter.model(input_ids=ids)
+        return tr["key", layer]
+
+    # entries keyed on batch a's own activations: they fire on a (at those tokens) and not on b
+    sa, qa = keys_of(ids_a, 0), keys_of(ids_a, 1)
+    keys = torch.stack([sa[0, 1], sa[1, 2], sa[0, 4]])[:, None, None]  # subjects named at a's tokens 1, 2, 4
+    qkeys = torch.stack([qa[0, 5], qa[1, 6], qa[0, 6]])[:, None]  # questions asked later in the same rows
+    question = (1, eye, qkeys, 0.99)
+    with entries_active(adapter, 0, eye, keys, values, 0.99, question=question) as gate:
         a1, b1, a2 = logits(ids_a), logits(ids_b), logits(ids_a)
+        fired_a = gate.last_fire.clone()
         a3 = logits(ids_a)
-    with entries_active(adapter, 0, eye, keys, values, -1.0, question=(1, eye, qkeys, -1.0)):
+    with entries_active(adapter, 0, eye, keys, values, 0.99, question=question):
         b_fresh = logits(ids_b)
-    plain = logits(ids_a)
-    assert torch.equal(a1, a2) and torch.equal(a2, a3) and torch.equal(b1, b_fresh)
-    assert not torch.allclose(a1, plain)  # the entries did act
+    with entries_active(adapter, 0, eye, keys, values, 0.99, question=question):
+        a_fresh = logits(ids_a)
+    plain_a, plain_b = logits(ids_a), logits(ids_b)
+    assert bool(fired_a.any()) and not torch.allclose(a1, plain_a)  # the entries act on a ...
+    assert torch.equal(b1, plain_b)  # ... and not on b, right after a (a memo keyed wrongly would)
+    assert torch.equal(a1, a2) and torch.equal(a2, a3) and torch.equal(a1, a_fresh) and torch.equal(b1, b_fresh)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from superedit.commands.common import parse_layers  # noqa: E402
@@ -177,6 +177,8 @@ def test_fractional_value_for_an_integer_field_is_an_error_naming_it(name, value
 
 @SETTINGS
 @given(st.text(max_size=80))
+@example("?")  # YAML for {None: None}: a key that is no text (found by this test)
+@example("1: 2")
 def test_arbitrary_yaml_text(text):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "h.yaml"

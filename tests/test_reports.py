@@ -299,6 +299,17 @@ def test_efficacy_interval_of_a_re_edit_stream_counts_the_latest_edits_only():
     assert plain["efficacy_ci"] == row["efficacy_ci"]  # without re-edits every edit is scored
 
 
+def test_no_never_edited_panel_when_the_stream_edits_every_subject():
+    """A re-edit stream that edits every person leaves no never-edited subject after its first batch:
+    that panel would hold one point at 0 edits, so it is left out; the edited-subjects panel stays."""
+    from superedit.report.lifelong_report import knowledge_quantities
+
+    recs = [{"n_edits": 0, "untouched_n_other_subjects": 176, "untouched_n_edited_subjects": 0},
+            {"n_edits": 1000, "untouched_n_other_subjects": 0, "untouched_n_edited_subjects": 176}]
+    keys = [q.key for q in knowledge_quantities({"gated": recs})]
+    assert keys == ["untouched_retention", "untouched_retention_edited_subjects"]
+
+
 def test_retention_split_only_when_it_differs_from_the_total(tmp_path):
     from superedit.report.lifelong_report import knowledge_quantities, load_metrics
 

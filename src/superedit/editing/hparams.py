@@ -209,6 +209,10 @@ class HParams(BaseModel):
         """Validate ``data`` (field → value); errors name ``source`` (or the field's ``origin``) and the field."""
         if not isinstance(data, dict):
             raise HParamsError(f"{source}: expected a mapping of field: value, got {type(data).__name__}")
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:  # e.g. YAML "?" or "1: x": a key that is no field name (Python refuses it as a keyword)
+            raise HParamsError(f"{source}: field names must be text; got the key {bad[0]!r} "
+                               f"({type(bad[0]).__name__}). Valid fields: {', '.join(sorted(cls.model_fields))}")
         try:
             return cls.model_validate(data)  # runs __init__, which turns a ValidationError into HParamsError
         except HParamsError as exc:

@@ -142,11 +142,15 @@ def knowledge_quantities(runs: dict[str, list[dict]]) -> tuple[Quantity, ...]:
     """Retention panels; the split by subject only when facts of edited subjects were probed (else it is
     the same line as the total)."""
     qs = [Quantity("untouched_retention", "untouched facts still recalled", "share of recalled facts", n_recalled)]
-    if any((r.get("untouched_n_edited_subjects") or 0) > 0 for recs in runs.values() for r in recs):
-        qs += [Quantity("untouched_retention_other_subjects", "… of never-edited subjects", "share of recalled facts",
-                        _n_field("untouched_n_other_subjects")),
-               Quantity("untouched_retention_edited_subjects", "… of edited subjects' other facts",
-                        "share of recalled facts", _n_field("untouched_n_edited_subjects"))]
+    def after_edits(field: str) -> bool:  # measured at some checkpoint after edits were made
+        return any((r.get(field) or 0) > 0 and r["n_edits"] > 0 for recs in runs.values() for r in recs)
+
+    if after_edits("untouched_n_edited_subjects"):
+        if after_edits("untouched_n_other_subjects"):  # (a stream that edits every subject leaves none)
+            qs.append(Quantity("untouched_retention_other_subjects", "… of never-edited subjects",
+                               "share of recalled facts", _n_field("untouched_n_other_subjects")))
+        qs.append(Quantity("untouched_retention_edited_subjects", "… of edited subjects' other facts",
+                           "share of recalled facts", _n_field("untouched_n_edited_subjects")))
     if any(r.get("all_facts_recall") is not None for recs in runs.values() for r in recs):
         qs.append(Quantity("all_facts_recall", "all original facts recalled (testbed)", "share of facts", rate=True))
     return tuple(qs)

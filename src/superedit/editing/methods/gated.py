@@ -52,9 +52,10 @@ subject test compares each token with every distinct key once (one subject's key
 shared by its relations when the subject opens the prompt); the question test compares a row's
 tokens only with the entries whose subject that row has named; and a one-token gate on a fresh
 forward answers an input equal, bit for bit, to a recent one from memory (v* forwards the same rows
-at every step, and keys below the value's layer do not depend on δ). On the testbed's re-edit stream
-at 1,000 entries this took a batch of 100 edits from 204 s to 59 s (one thread, alone), with the same
-values bit for bit.
+at every step, and keys below the value's layer do not depend on δ). Merged sums and the smaller
+matrix products agree with the plain computation up to float rounding; on the testbed's re-edit
+stream at 1,000 entries a batch of 100 edits went from 204 s to 59 s (one thread, alone) and gave the
+same values bit for bit.
 
 Requests of one batch that share a subject are edited in rounds (each subject at most once per
 round), so a second edit of a subject is optimised with the first one's entry in place, as in a
@@ -301,8 +302,10 @@ def merge_identical_entries(keys: torch.Tensor, valid: torch.Tensor | None, valu
     group, first = _first_occurrence_groups(torch.cat(parts, dim=1))
     if first.numel() == n:  # nothing to merge: group is the identity (first-occurrence order)
         return keys, valid, values, qkeys, group
-    merged_values = torch.zeros(first.numel(), values.shape[1], dtype=values.dtype).index_add_(0, group, values)
-    return (keys[first], valid[first], merged_values, None if qkeys is None else qkeys[first], group)
+    merged_values = values.new_zeros(first.numel(), values.shape[1]).index_add_(0, group.to(values.device), values)
+    first = first.cpu()
+    return (keys[first.to(keys.device)], valid[first.to(valid.device)], merged_values,
+            None if qkeys is None else qkeys[first.to(qkeys.device)], group)
 
 
 def _per_stored_entry(fire: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
@@ -323,15 +326,16 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """Equal bit for bit (both None counts as equal)."""
     if a is None or b is None:
         return a is None and b is None
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 class _Recent:
     """The last few (input, answer) pairs of a gate, newest first. v* forwards the same few groups of
-    rows in turn at every step, so one remembered input would always be the other group's."""
+    rows in turn at every step, so one remembered input would always be the other group's. Holds at
+    most ``size`` pairs and ``max_bytes`` of remembered inputs (the oldest go first)."""
 
-    def __init__(self, size: int = 16):
-        self.size, self.items = size, []
+    def __init__(self, size: int = 16, max_bytes: int = 256 * 2**20):
+        self.size, self.max_bytes, self.items = size, max_bytes, []
 
     def find(self, *inputs):
         for i, item in enumerate(self.items):
@@ -345,6 +349,12 @@ class _Recent:
         item = (tuple(None if t is None else t.detach().clone() for t in inputs), answer)
         self.items.insert(0, item)
         del self.items[self.size:]
+        total = 0
+        for i, it in enumerate(self.items):
+            total += sum(t.numel() * t.element_size() for t in it[0] if t is not None)
+            if total > self.max_bytes and i > 0:
+                del self.items[i:]
+                break
         return item
 
 
@@ -433,7 +443,7 @@ class _Gate:
             return None
         # A one-token gate on a forward that resumes no cache is a function of x alone: v* forwards the
         # same rows every step (keys below the value's layer do not depend on δ), so an input equal, bit
-        # for bit, to the last one gets the last answer without the comparison against every entry.
+        # for bit, to a recent one gets that call's answer without the comparison against every entry.
         fresh = self.tokens == 1 and self._past == 0
         item = self._recent.find(x) if fresh else None
         if item is not None:
@@ -511,7 +521,7 @@ class _QuestionGate:
         self.tau = float(tau_q)
         self.record = record
         self.fired = 0
-        self.seen: torch.Tensor | None = None  # (batch, seq, n) of the forward under way
+        self.seen: torch.Tensor | None = None  # (batch, seq, n held entries) of the forward under way
         self.last_fire: torch.Tensor | None = None
         self.last_fire_entries: torch.Tensor | None = None
         self._carry: torch.Tensor | None = None  # (batch, n) ``seen`` at the last token of the previous call
@@ -546,6 +556,8 @@ class _QuestionGate:
                 fire = fire & mask[:, -fire.shape[1]:].to(device=fire.device, dtype=torch.bool)[..., None]
             seen = fire.cumsum(dim=1) > 0  # (batch, seq, n): named at this token or before
             if self.subject.memo_item is not None:
+                live = {id(it) for it in self.subject._recent.items}  # a subject call forgotten there cannot recur
+                self._recent_seen.items = [it for it in self._recent_seen.items if id(it[1][0]) in live]
                 self._recent_asked = _Recent(4)
                 self._recent_seen.put((mask,), (self.subject.memo_item, seen, self._recent_asked))
         cache = self.subject._cache
@@ -602,7 +614,7 @@ class _QuestionGate:
         if m == 0:
             return torch.zeros_like(seen)
         c, d = self.contexts, z.shape[-1]
-        if 4 * m > n:
+        if 4 * m > n or b * m * c * d > 2**26:  # rows name many entries, or the per-row keys would be large
             return ((z @ self.unit_t).unflatten(-1, (n, c)) > self.tau).any(-1)
         order = torch.argsort(named.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]  # (batch, m)
         keys = self.unit[order].reshape(b, m * c, d)  # each row's named entries (and fillers), (batch, m·c, d)
