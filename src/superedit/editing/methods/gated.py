@@ -601,7 +601,6 @@ class _QuestionGate:
         self.fired += int(self.last_fire.sum())
         return out + add.to(out.dtype)
 
-
     def _asked(self, z: torch.Tensor) -> torch.Tensor:
         """(batch, seq, n) bool: cos_C(k_t, q_e,c) > τ_q for some c, computed only for the entries whose
         subject each row has named (elsewhere False: such an entry cannot fire there). A row names
