@@ -427,6 +427,16 @@ class GatedHParams(ROMEHParams):
     tau_question: Float = _f(0.5, "Threshold of the question gate (question_layer): the whitening cosine between a "
                                   "token's key and the edit prompt's last-token key in any of its contexts.",
                              gt=-1, lt=1)
+    boundary_requests: Str = _f("", "Name-boundary test (off: empty). A TUNING request file (any format superedit "
+                                    "reads; disjoint from what is evaluated) whose prompts, with their subject "
+                                    "spans, train a linear test on the key of the token after a firing token: an "
+                                    "entry does not fire at a token whose next token in the same forward continues "
+                                    "a name (the entry of 'Adobe Flash' stays out of 'Adobe Flash Player'). Learned "
+                                    "on the first step and kept in the state (editing.boundary; choose the two "
+                                    "fields below with benchmarks/real_model/name_boundary.py).")
+    boundary_threshold: Float = _f(0.85, "Probability above which the name-boundary test takes the next token to "
+                                         "continue the name.", gt=0, lt=1)
+    boundary_l2: Float = _f(3e-4, "L2 weight of the name-boundary test's logistic regression.", gt=0)
 
     @model_validator(mode="after")
     def _one_layer(self) -> "GatedHParams":  # overrides ROME's check, with this method's name in the message

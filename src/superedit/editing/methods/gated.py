@@ -79,6 +79,7 @@ import torch
 
 from ...errors import SupereditError
 from ...models import ModelAdapter
+from ..boundary import NameBoundary, learn_boundary
 from ..contexts import context_prefixes
 from ..covariance import CovarianceSource
 from ..delta import WeightDelta
@@ -135,6 +136,7 @@ class GatedMemory:
         self.values = torch.zeros(0, d_model)
         self.uid = torch.zeros(0, dtype=torch.long)
         self.whiten: torch.Tensor | None = None
+        self.boundary: NameBoundary | None = None  # the name-boundary test (``boundary_requests``), once learned
 
     def __len__(self) -> int:
         return int(self.uid.numel())
@@ -154,6 +156,18 @@ class GatedMemory:
             self.whiten_q = whitening_factor(stats.mom2(self.question_layer), self.hparams.mom2_ridge,
                                              self.question_layer).cpu()
         return self.whiten
+
+    def ensure_boundary(self, adapter: ModelAdapter) -> NameBoundary | None:
+        """The name-boundary test of ``boundary_requests`` (None when the field is empty): learned on the first
+        call with this memory's whitening, then kept (and saved in the state)."""
+        hp = self.hparams
+        if not hp.boundary_requests:
+            return None
+        if self.boundary is None:
+            self.boundary = learn_boundary(adapter, hp.boundary_requests, self.layer, self.ensure_whitening(None),
+                                           hp.boundary_l2, hp.boundary_threshold)
+        self.boundary.threshold = hp.boundary_threshold
+        return self.boundary
 
     def next_uid(self) -> int:
         return int(self.uid.max()) + 1 if len(self) else 0
@@ -203,6 +217,9 @@ class GatedMemory:
                f"layer.{l}.values": self.values.clone(), f"layer.{l}.uid": self.uid.clone()}
         if self.whiten is not None:
             out[f"layer.{l}.whiten"] = self.whiten.clone()
+        if self.boundary is not None:
+            out[f"layer.{l}.boundary.weight"] = self.boundary.weight.clone()
+            out[f"layer.{l}.boundary.bias"] = torch.tensor([self.boundary.bias], dtype=F64)
         if self.question_layer is not None:
             out[f"question.{self.question_layer}.keys"] = self.qkeys.clone()
             if self.whiten_q is not None:
@@ -222,6 +239,13 @@ class GatedMemory:
             self.keys, self.valid, self.values, self.uid = keys.clone(), valid.clone(), values.clone(), uid.clone()
         if f"layer.{l}.whiten" in sd:
             self.whiten = sd[f"layer.{l}.whiten"].to(F64).clone()
+        if f"layer.{l}.boundary.weight" in sd:
+            w = sd[f"layer.{l}.boundary.weight"].float()
+            if w.shape != (self.keys.shape[3],):
+                raise ValueError(f"gated state: the name-boundary weight has shape {tuple(w.shape)}, expected "
+                                 f"({self.keys.shape[3]},)")
+            self.boundary = NameBoundary(w.clone(), float(sd[f"layer.{l}.boundary.bias"].reshape(-1)[0]),
+                                         self.hparams.boundary_threshold)
         if self.question_layer is not None:
             q = f"question.{self.question_layer}"
             if f"{q}.keys" in sd:
@@ -365,11 +389,17 @@ class _Gate:
     subject token j the entry has (valid), cos_C(k_{t−j}, k_e,c,j) > τ_before (default τ). The one-token test runs on all
     (token, entry, context) pairs; the earlier tokens are checked only for the pairs that pass it.
     A companion pre-hook on the whole model (:meth:`on_model_call`) tells a fresh forward from one
-    that resumes a KV cache (see the module docstring for what the gate does then)."""
+    that resumes a KV cache (see the module docstring for what the gate does then).
+
+    With a name-boundary test (``boundary``, :mod:`..boundary`) no entry fires at a token whose NEXT token
+    in the same forward (not padding) continues a name: the entry of "Adobe Flash" stays out of "Adobe
+    Flash Player". A forward's last token has no next token in it and is decided without the test, so a
+    text split across KV-cache calls right after a subject's last token can fire where the whole text
+    would not; ``generate`` splits after the prompt, which rarely ends in a name."""
 
     def __init__(self, whiten: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: float, device,
                  valid: torch.Tensor | None = None, record: bool = False, tau_before: float | None = None,
-                 group: torch.Tensor | None = None):
+                 group: torch.Tensor | None = None, boundary: NameBoundary | None = None):
         self.whiten_t = whiten.to(device=device, dtype=torch.float32).T.contiguous()  # k @ L⁻ᵀ = (L⁻¹k)ᵀ
         keys, valid = _four_d(keys, valid)
         n, self.contexts, self.tokens, d = keys.shape
@@ -386,6 +416,8 @@ class _Gate:
         self.unit_before = unit[:, :, 1:]  # (n, c, m − 1, d_mlp)
         self.valid_before = valid[:, :, 1:].to(device)
         self.values = values.to(device=device, dtype=torch.float32)
+        self.boundary = boundary
+        self._mask: torch.Tensor | None = None  # the forward's attention mask (batch, past + seq), if given
         self.tau = float(tau)
         self.tau_before = self.tau if tau_before is None else float(tau_before)
         self.record = record
@@ -407,6 +439,18 @@ class _Gate:
         cache = kwargs.get("cache") if cache is None else cache
         self._cache, self._past = cache, _cache_length(cache)
         self._positions = kwargs.get("position_ids")  # (batch or 1, seq): each token's place in its own text
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _name_goes_on(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: the next token of this forward continues a name (the boundary test at t + 1)."""
+        goes_on = self.boundary.continues(z)  # (batch, seq): this token continues a name
+        mask = self._mask
+        if mask is not None and mask.shape[0] == z.shape[0] and mask.shape[1] >= z.shape[1]:
+            goes_on = goes_on & mask[:, -z.shape[1]:].to(device=z.device, dtype=torch.bool)  # padding continues nothing
+        stop = torch.zeros_like(goes_on)
+        stop[:, :-1] = goes_on[:, 1:]
+        return stop
 
     def _tokens_before(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The whitened unit keys the earlier-token test reads: this call's, preceded by the previous
@@ -445,7 +489,8 @@ class _Gate:
         # same rows every step (keys below the value's layer do not depend on δ), so an input equal, bit
         # for bit, to a recent one gets that call's answer without the comparison against every entry.
         fresh = self.tokens == 1 and self._past == 0
-        item = self._recent.find(x) if fresh else None
+        memo_key = (x,) if self.boundary is None else (x, self._mask)  # the boundary test also reads the padding
+        item = self._recent.find(*memo_key) if fresh else None
         if item is not None:
             fire, self.last_candidates = item[1]
             self.memo_hit, self.memo_item = True, item
@@ -478,8 +523,10 @@ class _Gate:
                 hit = torch.zeros_like(hit)
                 hit[b[ok], t[ok], e[ok], c[ok]] = True
         fire = hit.any(-1)  # (batch, seq, n)
+        if self.boundary is not None and bool(fire.any()):
+            fire = fire & ~self._name_goes_on(z)[..., None]
         if fresh:
-            self.memo_item = self._recent.put((x,), (fire, self.last_candidates))
+            self.memo_item = self._recent.put(memo_key, (fire, self.last_candidates))
         return self._finish(fire)
 
     def _finish(self, fire: torch.Tensor) -> torch.Tensor:
@@ -637,16 +684,20 @@ def _register(adapter: ModelAdapter, layer: int, gate: "_Gate | _QuestionGate",
 
 def _make_gate(adapter: ModelAdapter, layer: int, whiten: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                tau: float, valid: torch.Tensor | None, tau_before: float | None, record: bool = False,
-               question: "tuple[int, torch.Tensor, torch.Tensor, float] | None" = None):
-    """A subject gate, or with ``question`` = (layer, whitening factor, keys (n, c, d), τ) a question gate.
-    Entries with bit-identical keys are held as one (:func:`merge_identical_entries`)."""
+               question: "tuple[int, torch.Tensor, torch.Tensor, float] | None" = None,
+               boundary: NameBoundary | None = None):
+    """A subject gate, or with ``question`` = (layer, whitening factor, keys (n, c, d), τ) a question gate;
+    ``boundary`` adds the name-boundary test to the subject gate. Entries with bit-identical keys are held
+    as one (:func:`merge_identical_entries`)."""
     qkeys = None if question is None else question[2]
     keys, valid, values, qkeys, group = merge_identical_entries(keys, valid, values, qkeys)
     group = None if group.numel() == keys.shape[0] else group  # nothing merged: entries as stored
     if question is None:
-        return _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, record, tau_before, group)
+        return _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, record, tau_before, group,
+                     boundary)
     q_layer, whiten_q, _, tau_q = question
-    subject = _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, False, tau_before)
+    subject = _Gate(whiten, keys, values, tau, adapter.layer_device(layer), valid, False, tau_before,
+                    boundary=boundary)
     return _QuestionGate(subject, whiten_q, qkeys, values, tau_q, adapter.layer_device(q_layer), record, group)
 
 
@@ -654,11 +705,14 @@ def _make_gate(adapter: ModelAdapter, layer: int, whiten: torch.Tensor, keys: to
 def entries_active(adapter: ModelAdapter, layer: int, whiten: torch.Tensor, keys: torch.Tensor,
                    values: torch.Tensor, tau: float, valid: torch.Tensor | None = None,
                    tau_before: float | None = None,
-                   question: "tuple[int, torch.Tensor, torch.Tensor, float] | None" = None):
+                   question: "tuple[int, torch.Tensor, torch.Tensor, float] | None" = None,
+                   boundary: NameBoundary | None = None):
     """Entries (keys (n, c, m, d), (n, c, d) or (n, d); values (n, d_model)) acting at ``layer`` for the
     duration of a ``with`` (hooks removed on exit); yields the gate. ``question`` = (question layer,
-    its whitening factor, question keys (n, c, d), τ_q) makes it a question gate (values added there)."""
-    gate = _make_gate(adapter, layer, whiten, keys, values, tau, valid, tau_before, question=question)
+    its whitening factor, question keys (n, c, d), τ_q) makes it a question gate (values added there);
+    ``boundary`` adds the name-boundary test."""
+    gate = _make_gate(adapter, layer, whiten, keys, values, tau, valid, tau_before, question=question,
+                      boundary=boundary)
     handles = _register(adapter, layer, gate, None if question is None else question[0])
     try:
         yield gate
@@ -679,7 +733,7 @@ def install_memory(adapter: ModelAdapter, state: GatedMemory, record: bool = Fal
     question = None if state.question_layer is None else (state.question_layer, state.whiten_q, state.qkeys,
                                                            state.hparams.tau_question)
     gate = _make_gate(adapter, state.layer, whiten, state.keys, state.values, state.hparams.tau, state.valid,
-                      state.hparams.tau_before, record, question)
+                      state.hparams.tau_before, record, question, state.ensure_boundary(adapter))
     setattr(adapter.site_module("key", state.layer), _HANDLE,
             (_register(adapter, state.layer, gate, state.question_layer), gate))
 
@@ -732,6 +786,7 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
     state = make_gated_state(adapter, hparams, stats) if state is None else state
     layer, q_layer = state.layer, state.question_layer
     whiten = state.ensure_whitening(stats)
+    boundary = state.ensure_boundary(adapter)
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
     timings = {"keys": 0.0, "values": 0.0}
     n, m = len(requests), hparams.gate_tokens
@@ -744,7 +799,7 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
     for idx in subject_rounds([r.subject for r in requests]):
         question = None if q_layer is None else (q_layer, state.whiten_q, qkeys[done], hparams.tau_question)
         with entries_active(adapter, layer, whiten, keys[done], values[done], hparams.tau, valid[done],
-                            hparams.tau_before, question) as temporary:
+                            hparams.tau_before, question, boundary) as temporary:
             t0 = time.perf_counter()
             reqs = [requests[i] for i in idx]
             prompts, subjects = [r.prompt for r in reqs], [r.subject for r in reqs]
