@@ -111,6 +111,44 @@ def test_an_entry_stays_out_of_a_longer_name_and_acts_where_its_name_ends(flash)
     assert _fires(adapter, L_inv, key, delta, without, texts)[1, pos]  # the same key fires without the test
 
 
+def test_right_padding_after_a_subject_never_reads_as_the_name_going_on(flash):
+    """A test that would read the pad's key as "continues": the padded row still fires where its text ends."""
+    adapter, L_inv, texts, pos, key, delta, test = flash
+    z, enc = _z(adapter, L_inv, texts)
+    mask = enc["attention_mask"].bool()
+    assert not mask[2, pos + 1]  # "Anna Berg" is right-padded after its subject
+    w = z[2, pos + 1]
+    real = float((z @ w)[mask].max())
+    assert real < 0.99
+    pads_go_on = NameBoundary(w.clone(), -(1.0 + real) / 2, threshold=0.5)
+    assert pads_go_on.continues(z[2, pos + 1]) and not pads_go_on.continues(z[mask]).any()
+    fire = _fires(adapter, L_inv, key, delta, pads_go_on, texts)
+    assert fire[2].nonzero().flatten().tolist() == [pos]
+
+
+def test_a_kv_cache_split_decides_as_the_whole_text_unless_it_falls_right_after_the_subject(flash):
+    """Calls that resume a KV cache see the same next tokens as the full forward except at their own
+    last token: split after " Paris" the entry stays silent as in the full text; split right after
+    "Berg" the first call decides "Berg" without " Paris" and fires (the documented limit)."""
+    from transformers import DynamicCache
+
+    from superedit.editing.values import _cache_kwarg
+
+    adapter, L_inv, texts, pos, key, delta, test = flash
+    ids = adapter.tokenizer(texts[1], return_tensors="pt")["input_ids"]
+    name = _cache_kwarg(adapter.model)
+    with torch.no_grad(), entries_active(adapter, LAYER, L_inv, key, delta, 0.99, boundary=test) as gate:
+        full = adapter.model(input_ids=ids).logits
+        assert not gate.last_fire.any()
+        for split, fires_first in ((pos + 2, False), (pos + 1, True)):
+            cache = DynamicCache()
+            first = adapter.model(input_ids=ids[:, :split], use_cache=True, **{name: cache}).logits
+            assert bool(gate.last_fire.any()) == fires_first
+            rest = adapter.model(input_ids=ids[:, split:], use_cache=True, **{name: cache}).logits
+            chunked = torch.cat([first, rest], dim=1)
+            assert torch.allclose(chunked, full, atol=1e-5) == (not fires_first)
+
+
 def test_left_padding_and_a_remembered_call_give_the_same_decisions(flash):
     adapter, L_inv, texts, pos, key, delta, test = flash
     left = _fires(adapter, L_inv, key, delta, test, texts, padding_side="left")
@@ -152,6 +190,7 @@ def test_a_ledger_learns_the_test_once_keeps_it_in_its_state_and_restores_it(tmp
     with torch.no_grad():
         here = adapter.model(**enc).logits
     fresh = tiny_adapter("llama")
+    (tmp_path / "tune.json").unlink()  # the saved test is used: the tuning file is not read again
     reopened = Ledger.open(led.dir)
     reopened.apply_to(fresh)  # the test comes from the state file, not from boundary_requests
     assert torch.equal(reopened.state.boundary.weight, test.weight) and reopened.state.boundary.bias == test.bias
@@ -161,6 +200,9 @@ def test_a_ledger_learns_the_test_once_keeps_it_in_its_state_and_restores_it(tmp
     bad = dict(sd, **{f"layer.{LAYER}.boundary.weight": test.weight[:3]})
     with pytest.raises(ValueError, match="name-boundary weight"):
         make_gated_state(adapter, hp).load_state_dict(bad)
+    no_bias = {k: v for k, v in sd.items() if k != f"layer.{LAYER}.boundary.bias"}
+    with pytest.raises(ValueError, match="come together"):
+        make_gated_state(adapter, hp).load_state_dict(no_bias)
 
 
 def test_an_unreadable_or_one_sided_boundary_file_is_refused_naming_the_field(tmp_path):
@@ -187,3 +229,53 @@ def test_an_unreadable_or_one_sided_boundary_file_is_refused_naming_the_field(tm
 def test_boundary_hparams_are_checked(bad, match):
     with pytest.raises(HParamsError, match=match):
         GatedHParams(**bad)
+
+
+def test_a_question_gate_reads_its_subject_through_the_same_boundary(flash):
+    """With a question gate the subject part decides whether the subject was named: stopped by the test in
+    "Anna Berg Paris …", the entry never acts there, while "Anna Berg was born in" still gets its value."""
+    adapter, L_inv, texts, pos, key, delta, test = flash
+    q_layer = 2
+    L_q = whitening_factor(corpus_cov(adapter, [q_layer]).mom2(q_layer), 1e-3, q_layer)
+    qkeys = torch.randn(1, 1, adapter.d_mlp, generator=torch.Generator().manual_seed(1))
+    question = (q_layer, L_q, qkeys, -1.0)  # τ_q = −1: every token asks, so only the subject part decides
+    enc = adapter.tokenizer(texts[:2], return_tensors="pt", padding=True, padding_side="right")
+    fired = {}
+    for name, boundary in (("with", test), ("without", None)):
+        with entries_active(adapter, LAYER, L_inv, key, delta, 0.99, question=question, boundary=boundary) as gate:
+            with torch.no_grad():
+                adapter.model(**enc)
+            fired[name] = (gate.last_fire & enc["attention_mask"].bool()).any(1).tolist()
+    assert fired == {"with": [True, False], "without": [True, True]}
+
+
+def _fast_vs_plain(adapter, L_inv, key, delta, test, lookback):
+    """v*'s rows for "Anna Berg Paris" (whose "Berg" is the prefix entry's subject end) and "Anna Berg":
+    per row, the relative difference between the fast plan's reads and the plain forward's (δ = 0)."""
+    from superedit.editing import values as V
+
+    read_layer = adapter.n_layers - 1
+    items = [("{} was born in", "Anna Berg Paris", "Oslo"), ("{} was born in", "Anna Berg", "Oslo")]
+    rows, _, _ = V.value_rows(adapter, items, [""], essence=False)
+    with torch.no_grad(), entries_active(adapter, LAYER, L_inv, key, delta, 0.99, boundary=test) as gate:
+        adapter.memo[V._fast_plan_key(adapter, LAYER, "value", read_layer)] = True  # skip the one-time check
+        fast, plain = V._prepare_rows(adapter, rows, LAYER, "value", read_layer, keep_reads=True,
+                                      lookback=lookback(gate))
+        want = V._take(plain["resid", read_layer], rows.read_row, rows.read_col, rows.input_ids.device).float()
+        got = fast.forward_reads(adapter, "value", LAYER, None, read_layer).float()
+    adapter.memo.clear()
+    return [float((got[rows.read_row == r] - want[rows.read_row == r]).norm() / want[rows.read_row == r].norm())
+            for r in range(len(items))]
+
+
+def test_v_stars_fast_plan_recomputes_a_row_whose_cached_prefix_ends_inside_a_longer_name(flash):
+    """The fast plan caches a row's positions before δ's in a separate forward; its last one ("Berg" in
+    "Anna Berg Paris", δ at " Paris") has no next token there. rows_lookback recomputes such rows from
+    their start, so the boundary test decides "Berg" as the full forward does."""
+    from superedit.editing.methods.gated import rows_lookback
+
+    adapter, L_inv, texts, pos, key, delta, test = flash
+    fixed = _fast_vs_plain(adapter, L_inv, key, delta, test, lambda gate: rows_lookback([gate], 1))
+    assert max(fixed) < 1e-5
+    blind = _fast_vs_plain(adapter, L_inv, key, delta, test, lambda gate: 0)  # the prefix decided alone
+    assert blind[0] > 1e-2 and blind[1] < 1e-5

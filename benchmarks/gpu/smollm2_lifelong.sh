@@ -11,7 +11,8 @@
 # docs/results/lifelong.md (1,000 edits, batches of 100, a checkpoint every 200) for each method with its
 # time limit (s). A run stopped by its limit keeps its checkpoints; $OUT gets summary.txt, install.log and per
 # method its log and its run directory without the ledger (<method>-run.tar.gz): 2 + 2 per method files.
-# Methods: nas (alphaedit + benchmarks/hparams/smollm2-nas), guard, alphaedit, rome, memit, d4s, gated.
+# Methods: nas (alphaedit + benchmarks/hparams/smollm2-nas), guard, gated-boundary (gated +
+# benchmarks/hparams/smollm2-gated-boundary-p025), or any method name with its packaged profile.
 set -uo pipefail
 OUT="${OUT:-runs/gpu-smollm2}"
 STAGE=/root/smollm2-stage
@@ -43,6 +44,7 @@ for i in "${!methods[@]}"; do
   case $m in
     nas) extra=(--methods alphaedit --hparams-dir benchmarks/hparams/smollm2-nas) ;;
     guard) extra=(--methods guard --hparams-dir benchmarks/hparams/smollm2-guard) ;;
+    gated-boundary) extra=(--methods gated --hparams-dir benchmarks/hparams/smollm2-gated-boundary-p025) ;;
     *) extra=(--methods "$m") ;;
   esac
   t=$SECONDS

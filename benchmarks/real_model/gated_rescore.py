@@ -11,7 +11,7 @@ the RUN's gate decided. Where a changed gate fires less (the boundary test), lat
 optimised against slightly more interference than they now meet. A run from scratch with the new
 setting is the full measurement; this one isolates the gate's decision.
 
-    python benchmarks/real_model/gated_rescore.py runs/real/ll1000-gated6-p025 \\
+    python benchmarks/real_model/gated_rescore.py runs/real/ll1000-gated6-p025 --baseline \\
         --set boundary_requests=runs/stream-derived/tune.json --threads 2 --json runs/real/rescore-boundary.json
 """
 
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("run", help="output folder of `superedit lifelong --methods gated`")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a gated hparams field to change (YAML value), e.g. boundary_requests=FILE; repeatable")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also score the ledger unchanged first, with this code (the recorded figures may predate it)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -51,7 +53,10 @@ def main() -> None:
     params = json.loads((run / "command.json").read_text())["params"]
     stream = [EditRequest.from_dict(r) for r in read_jsonl(run / "stream.jsonl")]
     probe = Probe.from_dict(json.loads((run / "probe.json").read_text()))
-    final = [r for r in read_jsonl(run / "metrics.jsonl") if r["method"] == "gated"][-1]
+    records = [r for r in read_jsonl(run / "metrics.jsonl") if r["method"] == "gated"]
+    if not records or not records[-1].get("final"):
+        raise SystemExit(f"{run}: no final gated checkpoint; finish the run (--resume) first")
+    final = records[-1]
     n = final["n_edits"]
     changes = {}
     for item in args.set:
@@ -59,39 +64,49 @@ def main() -> None:
         if not sep:
             raise SystemExit(f"--set {item!r}: write FIELD=VALUE")
         changes[field] = yaml.safe_load(value)
-    adapter = load_model(params.get("model") or "builtin")
+    adapter = load_model(params.get("model") or "builtin",
+                         **{k: params.get(k) for k in ("device", "dtype", "device_map")})  # as the run loaded it
     led = Ledger.open(run / "gated" / "ledger")
-    with torch.no_grad():
-        led.apply_to(adapter)
-        state = led.state
-        if changes:
-            state.hparams = state.hparams.replace(**changes)
-            state.boundary = None  # learned again from the (new) boundary_requests, if any
-            install_memory(adapter, state)
-            log.info("gate changed: %s", changes)
-        live = live_positions(stream, n)
-        done = unedited_neighbours([stream[i] for i in live], stream)
+    if len(led.state) != n:
+        raise SystemExit(f"{run}: the ledger holds {len(led.state)} entries, the final checkpoint {n} edits")
+    live = live_positions(stream, n)
+    done = unedited_neighbours([stream[i] for i in live], stream)
+
+    def score(label: str, gate_changes: dict) -> dict:
+        rec = {"label": label, "n_edits": n, "changes": gate_changes}
         res = batch_evaluate(adapter, done, probe.max_neighbours, True, probe.eval_batch_size)
-        rec = {"run": str(run), "n_edits": n, "changes": changes}
         for key, name in (("efficacy_score", "efficacy"), ("paraphrase_score", "paraphrase"),
                           ("neighborhood_score", "neighborhood")):
             vals = [r[key] for r in res if r.get(key) is not None]
             rec[name] = {"mean": sum(vals) / len(vals), "n": len(vals), "ci": bootstrap_ci(vals),
                          "recorded": final.get(f"{name}_all")}
         rec.update(measure_probe(adapter, probe, {r.subject for r in done}))
+        for name in ("efficacy", "paraphrase", "neighborhood"):
+            v = rec[name]
+            log.info("%s: %s %.4f (%.3f–%.3f, n %d); the run recorded %.4f", label, name, v["mean"], v["ci"][0],
+                     v["ci"][1], v["n"], v["recorded"] or float("nan"))
+        log.info("%s: untouched retention %.4f (n %d; never-edited subjects %.4f of %d, edited elsewhere %s of %d); "
+                 "the run recorded %.4f; perplexity %.2f (recorded %.2f)", label, rec["untouched_retention"],
+                 rec["untouched_n"], rec.get("untouched_retention_other_subjects") or float("nan"),
+                 rec.get("untouched_n_other_subjects", 0), rec.get("untouched_retention_edited_subjects"),
+                 rec.get("untouched_n_edited_subjects", 0), final.get("untouched_retention") or float("nan"),
+                 rec.get("perplexity") or float("nan"), final.get("perplexity") or float("nan"))
+        return rec
+
+    rows = []
+    with torch.no_grad():
+        led.apply_to(adapter)
+        state = led.state
+        if args.baseline or not changes:
+            rows.append(score("as stored", {}))
+        if changes:
+            state.hparams = state.hparams.replace(**changes)
+            state.boundary = None  # learned again from the (new) boundary_requests, if any
+            install_memory(adapter, state)
+            rows.append(score("changed", changes))
     led.close()
-    for name in ("efficacy", "paraphrase", "neighborhood"):
-        v = rec[name]
-        log.info("%s %.4f (%.3f–%.3f, n %d); the run recorded %.4f", name, v["mean"], v["ci"][0], v["ci"][1], v["n"],
-                 v["recorded"] or float("nan"))
-    log.info("untouched retention %.4f (n %d; never-edited subjects %.4f of %d, edited elsewhere %s of %d); the run "
-             "recorded %.4f; perplexity %.2f (recorded %.2f)", rec["untouched_retention"], rec["untouched_n"],
-             rec.get("untouched_retention_other_subjects") or float("nan"), rec.get("untouched_n_other_subjects", 0),
-             rec.get("untouched_retention_edited_subjects"), rec.get("untouched_n_edited_subjects", 0),
-             final.get("untouched_retention") or float("nan"), rec.get("perplexity") or float("nan"),
-             final.get("perplexity") or float("nan"))
     if args.json:
-        write_json_atomic(args.json, rec)
+        write_json_atomic(args.json, {"run": str(run), "rows": rows})
 
 
 if __name__ == "__main__":

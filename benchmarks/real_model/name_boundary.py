@@ -23,9 +23,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="hold-out draws (the report averages over them)")
     ap.add_argument("--negatives", default="after", choices=("after", "text"),
                     help="training 0s: the token after the subject only, or every later token of the prompt too")
-    ap.add_argument("--hold-out", default="relation", choices=("request", "relation"),
-                    help="hold out whole requests, or whole relations (an evaluation stream has relations the "
-                         "tuning file lacks)")
+    ap.add_argument("--hold-out", default="subject", choices=("subject", "request", "relation"),
+                    help="hold out whole subjects (requests that share a subject share its in-name keys), requests, "
+                         "or whole relations (an evaluation stream has relations the tuning file lacks)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -48,9 +48,10 @@ def main() -> None:
     reqs = resolve_requests(mdir, args.requests)
     z, y, group = boundary_examples(adapter, reqs, layer, whiten, args.negatives)
     zm, ym, gm = boundary_examples(adapter, reqs, layer, whiten, "after")  # measured: the token after the subject
-    if args.hold_out == "relation":
-        rel = {r: i for i, r in enumerate(sorted({str(q.relation_id) for q in reqs}))}
-        of = torch.tensor([rel[str(q.relation_id)] for q in reqs])
+    if args.hold_out != "request":
+        name = (lambda q: str(q.relation_id)) if args.hold_out == "relation" else (lambda q: q.subject)
+        ids = {v: i for i, v in enumerate(sorted({name(q) for q in reqs}))}
+        of = torch.tensor([ids[name(q)] for q in reqs])
         group, gm = of[group], of[gm]
     log.info("%d requests (%d groups): %d training examples (%d in-name, %d others), measured on %d name ends",
              len(reqs), len(torch.unique(group)), len(y), int(y.sum()), int((y == 0).sum()), int((ym == 0).sum()))
@@ -64,10 +65,13 @@ def main() -> None:
             row = {"l2": l2, "threshold": p,
                    "ended_suppressed": sum(r["ended_suppressed"] for r in rs) / len(rs),
                    "continues_caught": sum(r["continues_caught"] for r in rs) / len(rs),
-                   "n_ended": sum(r["n_ended"] for r in rs), "n_continues": sum(r["n_continues"] for r in rs),
+                   # held-out examples per draw (draws overlap, so their sum would count examples twice)
+                   "n_ended": sum(r["n_ended"] for r in rs) / len(rs),
+                   "n_continues": sum(r["n_continues"] for r in rs) / len(rs),
                    "seeds": len(rs)}
             rows.append(row)
-            log.info("l2 %g p %.2f: name ends read as 'continues' %.4f (n %d) | in-name caught %.3f (n %d)",
+            log.info("l2 %g p %.2f: name ends read as 'continues' %.4f (n %.0f per draw) | in-name caught %.3f "
+                     "(n %.0f per draw)",
                      l2, p, row["ended_suppressed"], row["n_ended"], row["continues_caught"], row["n_continues"])
     if args.json:
         from superedit.utils.io import write_json_atomic

@@ -22,7 +22,8 @@ with held-out requests of known relations), and 14 of 1,000 evaluation prompts (
 (``negatives="text"``, for the benchmark) does not help: it catches fewer in-name tokens at any given
 rate of misread ends (``docs/results/lifelong.md``). Fit by L2-
 regularised logistic regression in float64 (a 1,536-feature logistic regression is a few lines of torch
-here; scikit-learn is not a dependency). :func:`boundary_split_report` measures it on held-out subjects.
+here; scikit-learn is not a dependency). :func:`boundary_split_report` measures it on held-out groups
+(subjects, requests or relations).
 """
 
 from __future__ import annotations

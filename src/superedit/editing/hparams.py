@@ -432,8 +432,10 @@ class GatedHParams(ROMEHParams):
                                     "spans, train a linear test on the key of the token after a firing token: an "
                                     "entry does not fire at a token whose next token in the same forward continues "
                                     "a name (the entry of 'Adobe Flash' stays out of 'Adobe Flash Player'). Learned "
-                                    "on the first step and kept in the state (editing.boundary; choose the two "
-                                    "fields below with benchmarks/real_model/name_boundary.py).")
+                                    "on the first step and kept in the state: a resumed or reapplied ledger uses "
+                                    "the saved test, whatever this field and boundary_l2 say later (only "
+                                    "boundary_threshold is read again). editing.boundary; choose the fields below "
+                                    "with benchmarks/real_model/name_boundary.py.")
     boundary_threshold: Float = _f(0.85, "Probability above which the name-boundary test takes the next token to "
                                          "continue the name.", gt=0, lt=1)
     boundary_l2: Float = _f(3e-4, "L2 weight of the name-boundary test's logistic regression.", gt=0)

@@ -45,6 +45,13 @@ questions with AUC 0.999 at layer 2; on SmolLM2 it does so with AUC 0.68–0.77,
 ``docs/results/lifelong.md``). v* runs every row from its start (``exact``): a cached prefix would
 hide the subject from the gate.
 
+With ``boundary_requests`` (the name-boundary test, :mod:`..boundary`) an entry does not fire at a
+token whose next token in the same forward continues a name: a logistic test on the next token's
+whitened key at the gate's layer, learned once from a tuning file's subject spans and kept in the
+state. A causal model cannot tell "Adobe Flash" from the start of "Adobe Flash Player" at "Flash";
+on SmolLM2's 1,000-edit stream 11 of the 15 probe prompts where some entry fired were such longer
+names (``docs/results/lifelong.md``, "A name-boundary test").
+
 What a token costs (:func:`_make_gate`): entries whose keys are bit-identical — a fact edited again
 computes exactly its first edit's keys — fire together and are held as one entry with the sum of
 their values (:func:`merge_identical_entries`), so re-edits do not grow the per-token work; the
@@ -63,7 +70,8 @@ stream; both entries then fire together on that subject.
 
 The state (:class:`GatedMemory`) holds, per layer: the entries' keys (n, contexts, d_mlp) and values
 (n, d_model), their ids, and the whitening factor L⁻¹ of C (d_mlp, d_mlp) (with a question gate also
-the question keys (n, contexts, d_mlp) and that layer's factor), so a ledger restores the
+the question keys (n, contexts, d_mlp) and that layer's factor; with a name-boundary test its weight
+(d_mlp,) and bias), so a ledger restores the
 edited model without the corpus. A step's journal holds its own entries, so any edit can be taken out
 exactly (``undo="any"``). The registry entry's ``forward`` capability installs a snapshot of the memory
 on the model (:func:`install_memory`); ``Ledger.apply_to`` does that after every commit.
@@ -122,8 +130,10 @@ class GatedMemory:
     False where the subject has fewer tokens —, ``layer.<l>.values`` (n, d_model),
     ``layer.<l>.uid`` (n,) int64, ``layer.<l>.whiten`` (d_mlp, d_mlp) float64 — L⁻¹ of C with the
     profile's ridge, taken from ``stats`` on the first step (and kept, so later steps and a resumed
-    run compare keys in the same metric). States written before ``gate_tokens`` existed hold keys
-    (n, c, d_mlp) and no ``valid``: they load as m = 1.
+    run compare keys in the same metric). With ``boundary_requests``, ``layer.<l>.boundary.weight``
+    (d_mlp,) float32 and ``layer.<l>.boundary.bias`` (1,) float64: the name-boundary test, learned on the
+    first step. States written before ``gate_tokens`` existed hold keys (n, c, d_mlp) and no ``valid``:
+    they load as m = 1.
     """
 
     def __init__(self, layer: int, d_mlp: int, d_model: int, hparams: GatedHParams, stats: CovarianceSource | None):
@@ -239,13 +249,15 @@ class GatedMemory:
             self.keys, self.valid, self.values, self.uid = keys.clone(), valid.clone(), values.clone(), uid.clone()
         if f"layer.{l}.whiten" in sd:
             self.whiten = sd[f"layer.{l}.whiten"].to(F64).clone()
-        if f"layer.{l}.boundary.weight" in sd:
-            w = sd[f"layer.{l}.boundary.weight"].float()
+        if f"layer.{l}.boundary.weight" in sd or f"layer.{l}.boundary.bias" in sd:
+            w, b = sd.get(f"layer.{l}.boundary.weight"), sd.get(f"layer.{l}.boundary.bias")
+            if w is None or b is None or b.numel() != 1:
+                raise ValueError(f"gated state: 'layer.{l}.boundary.weight' and 'layer.{l}.boundary.bias' (one "
+                                 "number) come together; the state file is damaged")
             if w.shape != (self.keys.shape[3],):
-                raise ValueError(f"gated state: the name-boundary weight has shape {tuple(w.shape)}, expected "
-                                 f"({self.keys.shape[3]},)")
-            self.boundary = NameBoundary(w.clone(), float(sd[f"layer.{l}.boundary.bias"].reshape(-1)[0]),
-                                         self.hparams.boundary_threshold)
+                raise ValueError(f"gated state: 'layer.{l}.boundary.weight' (the name-boundary weight) has shape "
+                                 f"{tuple(w.shape)}, expected ({self.keys.shape[3]},)")
+            self.boundary = NameBoundary(w.float().clone(), float(b.reshape(-1)[0]), self.hparams.boundary_threshold)
         if self.question_layer is not None:
             q = f"question.{self.question_layer}"
             if f"{q}.keys" in sd:
@@ -759,10 +771,16 @@ def rows_lookback(gates: list, tokens: int):
     matched there (its candidates); the first positions a cached row recomputes, δ's and the m − 2 after
     it, have those tokens in the cache. So a row needs m − 1 where the gates' last forward (the plain
     forward of these rows, δ = 0; keys at the gate's layer do not depend on δ, which enters at its
-    output) had a candidate in that window, and 0 elsewhere."""
+    output) had a candidate in that window, and 0 elsewhere.
+
+    A gate with a name-boundary test decides a token by the token after it, which the cached prefix's
+    last token does not have in its own forward: where that token is a candidate ("Wii" before " U",
+    when "Wii U" is edited after "Wii") the row is recomputed from its start."""
     def lookback(subject_last: torch.Tensor) -> torch.Tensor:
         need = torch.zeros(subject_last.shape[0], dtype=torch.bool)
-        cols = subject_last.cpu()[:, None] + torch.arange(max(tokens - 1, 1))[None]  # (rows, window)
+        last = subject_last.cpu()
+        rows = torch.arange(need.shape[0])
+        cols = last[:, None] + torch.arange(max(tokens - 1, 1))[None]  # (rows, window)
         for g in gates:
             cand = g.last_candidates
             if cand is None:
@@ -771,8 +789,16 @@ def rows_lookback(gates: list, tokens: int):
             if cand.shape[0] != need.shape[0]:
                 raise RuntimeError(f"gated: the gate's last forward had {cand.shape[0]} rows, v* has {need.shape[0]}")
             inside = cols < cand.shape[1]
-            need |= (cand[torch.arange(need.shape[0])[:, None], cols.clamp_max(cand.shape[1] - 1)] & inside).any(1)
-        return need.long().to(subject_last.device) * (tokens - 1)
+            need |= (cand[rows[:, None], cols.clamp_max(cand.shape[1] - 1)] & inside).any(1)
+        back = need.long() * (tokens - 1)
+        for g in gates:
+            if getattr(g, "boundary", None) is None or g.last_candidates is None:
+                continue
+            cand = g.last_candidates.cpu()
+            end = last - back - 1  # the cached prefix's last token
+            decided_blind = (end >= 0) & cand[rows, end.clamp(0, cand.shape[1] - 1)]
+            back = torch.where(decided_blind, last, back)
+        return back.to(subject_last.device)
     return lookback
 
 
@@ -811,7 +837,8 @@ def gated_step(adapter: ModelAdapter, requests: list, hparams: GatedHParams, sta
             if q_layer is None:
                 vals = optimize_values(adapter, items, layer, "value", hparams, prefixes,
                                        lookback=rows_lookback([g for g in (installed_gate(adapter, layer), temporary)
-                                                               if g is not None], m) if m > 1 else 0,
+                                                               if g is not None], m)
+                                       if m > 1 or boundary is not None else 0,
                                        relations=[r.relation_id for r in reqs])
             else:  # the value goes in at the question's last token; the gates must see every row from its start
                 vals = optimize_values(adapter, items, q_layer, "value", hparams, prefixes,
