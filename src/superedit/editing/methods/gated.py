@@ -775,7 +775,10 @@ def rows_lookback(gates: list, tokens: int):
 
     A gate with a name-boundary test decides a token by the token after it, which the cached prefix's
     last token does not have in its own forward: where that token is a candidate ("Wii" before " U",
-    when "Wii U" is edited after "Wii") the row is recomputed from its start."""
+    when "Wii U" is edited after "Wii") the row is recomputed from its start. Not covered: v*'s rows end
+    at the target's last read (``value_rows`` drops the token after it), so a target whose last token
+    would continue an edited subject ending at the token before (target "Windows Phone" after an edit
+    of "Windows") is optimised with that entry firing; the SmolLM2 stream has no such target."""
     def lookback(subject_last: torch.Tensor) -> torch.Tensor:
         need = torch.zeros(subject_last.shape[0], dtype=torch.bool)
         last = subject_last.cpu()
