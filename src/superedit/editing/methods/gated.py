@@ -585,13 +585,10 @@ class _QuestionGate:
         self.last_fire_entries: torch.Tensor | None = None
         self._carry: torch.Tensor | None = None  # (batch, n) ``seen`` at the last token of the previous call
         self._carry_of = None  # weak reference to the cache that call filled
-        self._mask: torch.Tensor | None = None  # the forward's attention mask (batch, past + seq), if given
 
     def on_model_call(self, module, args, kwargs):
         self.seen = None
-        mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        return self.subject.on_model_call(module, args, kwargs)
+        return self.subject.on_model_call(module, args, kwargs)  # keeps the forward's mask (``subject._mask``)
 
     def on_subject(self, module, args, out):
         """Forward hook at the subject layer: where each entry's subject has been named so far."""
@@ -600,7 +597,7 @@ class _QuestionGate:
         if fire is None:
             self.seen = None
             return None
-        mask = self._mask
+        mask = self.subject._mask
         item = None
         if self.subject.memo_item is not None:  # a fresh forward: its subject call is remembered (found or new)
             for it in self._recent_seen.items:
