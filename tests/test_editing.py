@@ -288,3 +288,59 @@ def test_value_targets_through_norm_inverts_a_gained_rmsnorm():
     assert float(err_far[0]) > 0.5
     # the output is scale-invariant: the answer is scaled back to the value's own norm, not left far out
     assert abs(float((m[0] + dm_far[0]).norm() / m[0].norm()) - 1) < 1e-9
+
+
+def test_precomputed_targets_give_the_same_delta(adapter):
+    """A sweep reuses z across solves (``targets=``): the delta equals the one that computes z itself, and
+    targets for another number of requests are refused before anything is solved."""
+    from superedit.editing.hparams import AlphaEditHParams
+    from superedit.editing.methods.alphaedit import make_alphaedit_state, projected_step
+    from superedit.editing.methods.memit import memit_delta
+    from superedit.editing.methods.spread import memit_targets
+
+    hp = AlphaEditHParams(layers=[1, 2], mom2_update_weight=10.0, nullspace_threshold=2.0, nullspace_relative=True,
+                          **FAST)
+    stats = corpus_cov(adapter, [1, 2])
+    targets = memit_targets(adapter, REQS, hp, context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed))
+    before = weights(adapter)
+    for step in (lambda t: memit_delta(adapter, REQS, hp, stats, targets=t),
+                 lambda t: projected_step(adapter, REQS, hp, make_alphaedit_state(adapter, hp, stats), "alphaedit", t)):
+        own, reused = step(None).delta, step(targets).delta
+        for l in (1, 2):
+            a, b = own.layers[l].dense(torch.float64), reused.layers[l].dense(torch.float64)
+            assert float(a.norm()) > 0
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max()))
+        assert_untouched(adapter, before)
+    with pytest.raises(ValueError, match="targets hold 2 z"):
+        memit_delta(adapter, REQS[:1], hp, stats, targets=targets)
+
+
+def test_value_moves_through_norm_stay_at_the_values_size_when_eps_matters():
+    """A target beyond the norm's outputs (an output grown 3×) with small values, where the norm's ε makes
+    the output grow by ~5e-5 relative as the value grows: Gauss–Newton chases that gain out along the ray,
+    and the move must still come back to ‖m‖ (Gemma's layer-4 values drifted to ~50 × ‖m‖ when a
+    rounding-sized tolerance refused the return), with the error it reports being the one it reaches."""
+    from superedit.editing.out_norm import value_targets_through_norm
+
+    class GainRMSNorm(torch.nn.Module):  # Gemma 3's form: float32 inside, gain (1 + w), ε 1e-6
+        def __init__(self, d):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(-0.5, 0.5, d))
+
+        def forward(self, x):
+            x = x.float()
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+    g = torch.Generator().manual_seed(0)
+    norm, d = GainRMSNorm(16), 16
+    m = torch.randn(3, d, generator=g, dtype=torch.float64)
+    m = m / m.norm(dim=1, keepdim=True) * 0.4  # mean(m²) = 0.01: ε / mean(m²) = 1e-4
+    with torch.no_grad():
+        r = 2.0 * norm(m).double()  # every output three times as long: outside the output set
+    dm, err = value_targets_through_norm(norm, m, r)
+    assert float(err.min()) > 1e-2  # unreachable, and reported so
+    ratio = (m + dm).norm(dim=1) / m.norm(dim=1)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-6), ratio
+    with torch.no_grad():
+        got = (norm(m + dm).double() - norm(m).double() - r).norm(dim=1) / r.norm(dim=1)
+    assert torch.allclose(got, err, atol=1e-5)

@@ -233,9 +233,10 @@ def alphaedit_step(adapter: ModelAdapter, requests: list, hparams: AlphaEditHPar
 
 
 def projected_step(adapter: ModelAdapter, requests: list, hparams: AlphaEditHParams, state: AlphaEditState,
-                   method: str) -> StepResult:
+                   method: str, targets=None) -> StepResult:
     """MEMIT's layer loop with AlphaEdit's solve in ``state.projector(layer)``'s range (any state with
-    AlphaEdit's interface: AlphaEdit's own, guard's); the batch's keys join ``state`` after the whole solve."""
+    AlphaEdit's interface: AlphaEdit's own, guard's); the batch's keys join ``state`` after the whole solve.
+    ``targets``: precomputed z and value summaries (:func:`.spread.spread_update`), None to compute them."""
     journal: dict[str, torch.Tensor] = {}
 
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor):
@@ -244,7 +245,7 @@ def projected_step(adapter: ModelAdapter, requests: list, hparams: AlphaEditHPar
         journal[f"layer.{layer}.K"] = K
         return LayerDelta(left, right), {"nullspace_dim": P.rank}
 
-    sp = spread_update(adapter, requests, hparams, solve)
+    sp = spread_update(adapter, requests, hparams, solve, targets)
     state.add(journal)
     return StepResult(WeightDelta(sp.deltas, method, {"model": adapter.identity(), "hparams": hparams.to_dict(),
                                                       "requests": sp.requests, "layers": sp.layers,

@@ -95,11 +95,15 @@ class Spread:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def spread_update(adapter: ModelAdapter, requests: list, hparams, solve_layer: LayerSolver) -> Spread:
+def spread_update(adapter: ModelAdapter, requests: list, hparams, solve_layer: LayerSolver,
+                  targets: "tuple[torch.Tensor, list[dict]] | None" = None) -> Spread:
     """Run the MEMIT layer loop (module docstring) with ``solve_layer`` as the per-layer solve.
 
     ``hparams`` needs MEMIT's fields (layers, context_lengths, n_prefixes, seed, fact_token and the
-    value settings). The model's weights are restored on return, also on an exception.
+    value settings). ``targets``: (z (n, d_model), value summaries) from :func:`memit_targets` on this
+    model as it is now, for these requests and value settings, to reuse across solves that differ only in
+    the solve (a hyperparameter sweep); None computes them. The model's weights are restored on return,
+    also on an exception.
     """
     layers = sorted(hparams.layers)
     for l in layers:
@@ -107,7 +111,12 @@ def spread_update(adapter: ModelAdapter, requests: list, hparams, solve_layer: L
     prefixes = context_prefixes(adapter, hparams.context_lengths, hparams.n_prefixes, hparams.seed)
     prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
     t0 = time.perf_counter()
-    zs, summaries = memit_targets(adapter, requests, hparams, prefixes)
+    if targets is None:
+        zs, summaries = memit_targets(adapter, requests, hparams, prefixes)
+    else:
+        zs, summaries = targets
+        if zs.shape[0] != len(requests) or len(summaries) != len(requests):
+            raise ValueError(f"targets hold {zs.shape[0]} z and {len(summaries)} summaries for {len(requests)} requests")
     timings = {"values": time.perf_counter() - t0, "keys": 0.0, "solve": 0.0}
     originals = {l: adapter.down_weight(l).detach().clone() for l in layers}
     deltas: dict[int, LayerDelta] = {}
