@@ -8,8 +8,11 @@ A MEMIT row (λ from the MEMIT profile) is solved from the same z as the referen
 
     python benchmarks/real_model/alphaedit_sweep.py --model pretrained:gemma3-270m \\
         --requests runs/known-gemma/tune.json --limit 24 \\
-        --thresholds abs:1e-2,abs:1e-1,rel:1e-4,rel:1e-3,rel:1e-2 --alphas 1,10,100 \\
+        --thresholds abs:1e-2,abs:1e-1,abs:1 --alphas 1,10,100 \\
         --threads 2 --out runs/real/gemma-alphaedit-sweep
+    python benchmarks/real_model/alphaedit_sweep.py --model pretrained:gemma3-270m \\
+        --requests runs/known-gemma/tune.json --limit 24 --layers 1,2,3,4 --thresholds none \\
+        --out runs/real/gemma-memit-l1-4        # MEMIT alone, over four layers
 
 Outputs in --out: ``targets.pt`` (z and value summaries), ``pre.jsonl``, one ``<config>/records.jsonl`` per
 configuration (resumable: a configuration whose records are complete is read, not recomputed),
@@ -27,6 +30,14 @@ from pathlib import Path
 KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "locality", "rewrite_acc")
 
 
+#: fields only the solve reads: z does not depend on them, so a saved z stays valid when they change
+SOLVE_FIELDS = ("nullspace_threshold", "nullspace_relative", "L2", "mom2_update_weight")
+
+
+def value_settings(hparams: dict) -> dict:
+    return {k: v for k, v in hparams.items() if k not in SOLVE_FIELDS}
+
+
 def parse_threshold(text: str) -> tuple[float, bool]:
     kind, _, value = text.partition(":")
     if kind not in ("abs", "rel") or not value:
@@ -37,10 +48,13 @@ def parse_threshold(text: str) -> tuple[float, bool]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--requests", default=None, help="a tuning split (never the evaluation split); default: a testbed's own")
+    ap.add_argument("--requests", default=None, help="a tuning split to choose settings on (an evaluation split only to report settings "
+                    "fixed beforehand); default: a testbed's own")
     ap.add_argument("--limit", type=int, default=24, help="first N requests, edited as one batch")
     ap.add_argument("--hparams", default=None, help="YAML overriding the packaged AlphaEdit profile")
-    ap.add_argument("--thresholds", default="abs:1e-2", help="comma list of abs:VALUE / rel:VALUE")
+    ap.add_argument("--layers", default=None, help="edited layers, e.g. '1,2,3,4' (default: the profile's)")
+    ap.add_argument("--thresholds", default="abs:1e-2",
+                    help="comma list of abs:VALUE / rel:VALUE; 'none': the MEMIT reference row only")
     ap.add_argument("--alphas", default="10", help="comma list of α (L2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
@@ -68,11 +82,11 @@ def main() -> None:
     adapter = load_model(args.model)
     model_dir = local_model_dir(args.model)
     profile = hparams_profile(adapter, model_dir)
-    base = build_hparams("alphaedit", profile, args.hparams, adapter.n_layers)
+    base = build_hparams("alphaedit", profile, args.hparams, adapter.n_layers, args.layers)
     reqs = resolve_requests(model_dir, args.requests, limit=args.limit)
     stats = make_stats(adapter, base)
-    grid = [(t, rel, a) for t, rel in map(parse_threshold, args.thresholds.split(","))
-            for a in map(float, args.alphas.split(","))]
+    thresholds = [] if args.thresholds == "none" else [parse_threshold(t) for t in args.thresholds.split(",")]
+    grid = [(t, rel, a) for t, rel in thresholds for a in map(float, args.alphas.split(","))]
 
     # C's spectrum at each edited layer, and each threshold's null-space dimension
     spectrum = {}
@@ -91,7 +105,7 @@ def main() -> None:
     tpath = out / "targets.pt"
     if tpath.is_file():
         saved = torch.load(tpath)
-        if saved["case_ids"] != [r.case_id for r in reqs] or saved["hparams"] != base.to_dict():
+        if saved["case_ids"] != [r.case_id for r in reqs] or value_settings(saved["hparams"]) != value_settings(base.to_dict()):
             raise SystemExit(f"{tpath} was made for other requests or settings; use another --out")
         targets = (saved["z"], saved["summaries"])
     else:
@@ -131,7 +145,7 @@ def main() -> None:
                 "layers": recs[0]["method_info"]["layers"]}
 
     # the reference: MEMIT's solve with its own profile's λ on the same z (AlphaEdit's value settings)
-    lam = build_hparams("memit", profile, None, adapter.n_layers).mom2_update_weight
+    lam = build_hparams("memit", profile, None, adapter.n_layers, args.layers).mom2_update_weight
     memit_hp = base.model_copy(update={"mom2_update_weight": lam})
     rows = [score(f"memit-lam{lam:g}", lambda: memit_delta(adapter, reqs, memit_hp, stats, targets=targets))]
     for t, rel, a in grid:
@@ -152,6 +166,14 @@ def main() -> None:
         print(f"| {r['config']} | {dims or '–'} | {r['n']} | {f('efficacy_score')}{ci('efficacy_score')} | "
               f"{f('paraphrase_score')} | {f('neighborhood_score')} ({f('pre_neighborhood_score')}) | {f('score')} | "
               f"{f('locality')}{ci('locality')} |")
+    spread = [r for r in rows if any("value_move_norm" in l for l in r["layers"] or [])]
+    if spread:  # a family with an MLP-output norm: how far each layer's value moved, and how well it landed
+        print("\n| configuration | layer | residual share ‖r‖ | value move ‖Δm‖ | relative error (mean, max) |")
+        print("|---|---|---|---|---|")
+        for r in spread:
+            for l in r["layers"]:
+                print(f"| {r['config']} | {l['layer']} | {l['residual_norm']:.2f} | {l.get('value_move_norm', float('nan')):.2f} | "
+                      f"{l.get('out_norm_rel_error_mean', float('nan')):.3f}, {l.get('out_norm_rel_error_max', float('nan')):.3f} |")
 
 
 if __name__ == "__main__":
