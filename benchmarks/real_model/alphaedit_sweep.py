@@ -115,14 +115,13 @@ def main() -> None:
                     "hparams": base.to_dict()}, tpath.with_suffix(".tmp"))
         tpath.with_suffix(".tmp").replace(tpath)
 
-    ppath = out / "pre.jsonl"
+    ppath = out / "pre.jsonl"  # unedited scores in request order; a stopped run goes on where it stopped
     pres = list(read_jsonl(ppath)) if ppath.is_file() else []
-    if len(pres) != len(reqs):
-        ppath.unlink(missing_ok=True)
-        pres = []
-        for r in progress(reqs, total=len(reqs), desc="eval (pre)"):
-            pres.append(evaluate_request(adapter, r, None))
-            append_jsonl(ppath, pres[-1])
+    if len(pres) > len(reqs):
+        raise SystemExit(f"{ppath} holds {len(pres)} records for {len(reqs)} requests; use another --out")
+    for r in progress(reqs[len(pres):], total=len(reqs) - len(pres), desc="eval (pre)"):
+        pres.append(evaluate_request(adapter, r, None))
+        append_jsonl(ppath, pres[-1])
 
     def score(name: str, step) -> dict:
         rpath = out / name / "records.jsonl"
