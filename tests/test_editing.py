@@ -291,8 +291,9 @@ def test_value_targets_through_norm_inverts_a_gained_rmsnorm():
 
 
 def test_precomputed_targets_give_the_same_delta(adapter):
-    """A sweep reuses z across solves (``targets=``): the delta equals the one that computes z itself, and
-    targets for another number of requests are refused before anything is solved."""
+    """A sweep reuses z across solves (``targets=``): the delta equals the one that computes z itself, a
+    shifted z gives another delta (the given targets are used), and targets for another number of
+    requests are refused before anything is solved."""
     from superedit.editing.hparams import AlphaEditHParams
     from superedit.editing.methods.alphaedit import make_alphaedit_state, projected_step
     from superedit.editing.methods.memit import memit_delta
@@ -306,10 +307,13 @@ def test_precomputed_targets_give_the_same_delta(adapter):
     for step in (lambda t: memit_delta(adapter, REQS, hp, stats, targets=t),
                  lambda t: projected_step(adapter, REQS, hp, make_alphaedit_state(adapter, hp, stats), "alphaedit", t)):
         own, reused = step(None).delta, step(targets).delta
+        moved = step((targets[0] + 0.5, targets[1])).delta  # other targets: the given z is the one solved for
         for l in (1, 2):
             a, b = own.layers[l].dense(torch.float64), reused.layers[l].dense(torch.float64)
             assert float(a.norm()) > 0
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max()))
+        assert float((moved.layers[2].dense(torch.float64) - own.layers[2].dense(torch.float64)).norm()) > \
+            1e-3 * float(own.layers[2].dense(torch.float64).norm())
         assert_untouched(adapter, before)
     with pytest.raises(ValueError, match="targets hold 2 z"):
         memit_delta(adapter, REQS[:1], hp, stats, targets=targets)

@@ -67,7 +67,7 @@ def main() -> None:
     log = logging.getLogger("alphaedit_sweep")
     from superedit.commands.common import build_hparams, hparams_profile, local_model_dir, make_stats, resolve_requests
     from superedit.editing.contexts import context_prefixes
-    from superedit.editing.methods.alphaedit import _eigh_split, make_alphaedit_state, projected_step
+    from superedit.editing.methods.alphaedit import make_alphaedit_state, projected_step
     from superedit.editing.methods.memit import memit_delta
     from superedit.editing.methods.spread import memit_targets
     from superedit.editing.run import summarize_records
@@ -93,9 +93,9 @@ def main() -> None:
     for layer in base.layers:
         C = with_ridge(stats.mom2(layer).to(torch.float64), base.mom2_ridge)
         evals = torch.linalg.eigvalsh(0.5 * (C + C.T))
-        dims = {}
-        for t, rel, _ in grid:
-            dims[f"{'rel' if rel else 'abs'}:{t:g}"] = int(_eigh_split(C, t, rel)[1].sum())
+        # the null-space rule of editing/methods/alphaedit.py (_eigh_split): eigenvalues below t (× λ_max if rel)
+        dims = {f"{'rel' if rel else 'abs'}:{t:g}": int((evals < (t * float(evals.max()) if rel else t)).sum())
+                for t, rel, _ in grid}
         spectrum[str(layer)] = {"d_mlp": int(C.shape[0]), "eig_max": float(evals.max()), "eig_min": float(evals.min()),
                                 "eig_quantiles": {str(q): float(torch.quantile(evals, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
                                 "nullspace_dim": dims}

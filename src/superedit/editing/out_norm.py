@@ -16,10 +16,11 @@ scale; :func:`_back_to_norm`), so the moves stay on the sphere of the value's ow
 from autograd on the model's own module, so no formula of a particular norm is written here.
 
 Which moves are reachable: N's outputs have a fixed size (an RMSNorm's lie on the ellipsoid
-{g ⊙ u : rms(u) = 1}), so a layer can turn its contribution but hardly shrink it (only by putting its
-value into dimensions whose gain is near zero). A small share of a
-residual move is a short chord and is nearly reachable; a move that asks for a point inside the
-ellipsoid is not, and the relative error returned says by how much.
+{g ⊙ u : rms(u) = 1}), so a layer can turn its contribution but hardly shrink it: only by putting its
+value into dimensions whose gain is near zero, or, through the norm's ε, by making the value tiny
+(which the solve does when that is closer). A small share of a residual move is a short chord and
+is nearly reachable; a move far off the output set is not, and the relative error returned says by
+how much.
 Float64 where the module allows (Gemma's RMSNorm computes in float32 internally, so (1) holds to
 about 1e-6 relative there).
 """
