@@ -228,6 +228,55 @@ def test_cli_micro_end_to_end(tmp_path, monkeypatch):
     assert hits and all(h["subject"] not in h["context"] for h in hits)
 
 
+def test_cli_resume_continues_an_interrupted_run_and_refuses_other_settings(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+
+    monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
+    mdir, corpus = saved_model_and_corpus(tmp_path)
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text("\n".join(json.dumps(r.to_dict()) for r in [REQ, EditRequest(
+        prompt="{} is owned by", subject="Google Trends", target_new="Apple", case_id="g")]) + "\n")
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("v_num_grad_steps: 2\nn_prefixes: 1\ncontext_lengths: [3]\nmom2_ridge: 0.01\nmom2_n_tokens: 500\n")
+    out = tmp_path / "out"
+    args = ["robust", "--model", str(mdir), "--requests", str(reqs), "--method", "rome", "--layers", "1",
+            "--corpus", str(corpus), "--hparams", str(hp), "--steps", "3", "--long-words", "20", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    full = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in full] == [0, 1]
+
+    # a second run into the same folder is refused and leaves it as it was
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "--resume" in res.output
+    assert [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()] == full
+
+    # interrupted after the first request, mid-way through writing the second: resume finishes it
+    (out / "records.jsonl").write_text(json.dumps(full[0]) + "\n" + json.dumps(full[1])[:40])
+    res = CliRunner().invoke(app, args + ["--resume", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["n_requests"] == 2
+    again = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert again[0] == full[0]  # kept as it was (its timing too), not recomputed
+    assert again[1]["case_id"] == "g" and again[1]["settings"] == full[1]["settings"]
+
+    # other settings are refused by name, and nothing is changed
+    before = (out / "records.jsonl").read_text()
+    res = CliRunner().invoke(app, args[:-4] + ["--steps", "4", "--long-words", "20", "--out", str(out), "--resume"])
+    assert res.exit_code != 0 and "adaptor_hparams" in res.output, res.output
+    assert (out / "records.jsonl").read_text() == before
+
+
+def test_run_robust_refuses_finished_records_of_other_requests():
+    adapter = tiny_adapter("gpt2")
+    psets = [perturb.make_perturbations(adapter.tokenizer, REQ, words=perturb.corpus_words(CORPUS), long_words=20)]
+    with pytest.raises(ValueError, match="requests differ"):
+        run_robust(adapter, [REQ], psets, "rome", ROMEHParams(layers=[1], **FAST), None, "off",
+                   done=[{"index": 0, "case_id": "other"}])
+
+
 def test_adaptor_whitening_pull_moves_variants_onto_k_star():
     from superedit.robust.adaptor import TrainingKeys, fit_layer
 

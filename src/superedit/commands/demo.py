@@ -139,7 +139,7 @@ def stage_superposition(ctx: dict) -> dict[str, Any]:
 
 def stage_robust(ctx: dict) -> dict[str, Any]:
     """ROME alone vs ROME + REP adaptor on perturbed queries (single-edit protocol)."""
-    d = ctx["out"] / "robust"
+    d = fresh_stage_dir(ctx["out"] / "robust")
     _run_command(["robust", "--model", ctx["model"], "--method", "rome", "--adaptor", "both", "--n", str(ctx["n_robust"]),
                   "--seed", str(ctx["seed"]), "--out", str(d)])
     table = _read_json(d / "table.json")

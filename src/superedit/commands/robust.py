@@ -36,6 +36,41 @@ def parse_taus(spec: str | None) -> list[float]:
     return taus
 
 
+def resumable_records(out_dir: Path, run: dict, resume: bool) -> list[dict]:
+    """The finished records of an earlier run in ``out_dir`` to continue (``--resume``), [] for a fresh run.
+
+    ``run``: this invocation's settings (what ``OUT/run.json`` and ``OUT/perturbations.jsonl`` saved). A
+    directory holding records needs ``--resume``; resuming needs the same settings, else UsageError naming
+    the fields that differ. Nothing is written here."""
+    import json
+
+    from ..utils.io import read_jsonl
+
+    rec_path, run_path = out_dir / "records.jsonl", out_dir / "run.json"
+    has_records = rec_path.is_file() and rec_path.stat().st_size > 0
+    if not resume:
+        if has_records:
+            raise UsageError(f"{out_dir} already holds a robustness run ({rec_path.name}); pass --resume to continue "
+                             "it, or choose another --out directory")
+        return []
+    if not has_records:
+        return []
+    if not run_path.is_file():
+        raise UsageError(f"{out_dir} holds {rec_path.name} but no run.json (written by an older superedit): "
+                         "it cannot be checked against these options; start again in another --out directory")
+    old = json.loads(run_path.read_text())
+    old["perturbations"] = read_jsonl(out_dir / "perturbations.jsonl") if (out_dir / "perturbations.jsonl").is_file() else None
+    diff = sorted(k for k in run if json.loads(json.dumps(run[k])) != old.get(k))
+    if diff:
+        raise UsageError(f"{run_path}: cannot resume with different {', '.join(diff)} (other --requests/--n/--seed/"
+                         "hyperparameters/perturbation options?); use the original options or another --out directory")
+    done = read_jsonl(rec_path)
+    if len(done) > len(run["requests"]):
+        raise UsageError(f"{rec_path} holds {len(done)} records for {len(run['requests'])} requests; "
+                         "start again in another --out directory")
+    return done
+
+
 def register(app) -> None:
     @app.command("robust")
     @command
@@ -63,6 +98,8 @@ def register(app) -> None:
                mom2_tokens: Optional[int] = typer.Option(None, "--mom2-tokens", help="Corpus tokens for C."),
                stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help="Covariance cache directory."),
                save_edits: bool = typer.Option(False, "--save-edits", help="Save each delta + adaptor under OUT/edits/."),
+               resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished "
+                                           "request (the same options are required)."),
                seed: int = typer.Option(0, "--seed"),
                device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: str = DeviceMapOpt,
                as_json: bool = JsonOpt,
@@ -101,17 +138,23 @@ def register(app) -> None:
                                            n_shuffles=n_shuffles, n_long=n_long, long_words=long_words,
                                            max_tokens=adapter.max_positions - 8, seed=seed)
         out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
         rec_path = out_dir / "records.jsonl"
-        if rec_path.exists():
-            rec_path.unlink()
-        write_jsonl_atomic(out_dir / "perturbations.jsonl", [p.to_dict() for p in psets])
+        run = {"model": model, "profile": profile, "method": method, "requests": [str(r.case_id) for r in reqs],
+               "edit_hparams": hp.to_dict(), "adaptor_hparams": ahp.to_dict(), "adaptor": adaptor, "tau_sweep": taus,
+               "seed": seed, "perturbations": [p.to_dict() for p in psets]}
+        done = resumable_records(out_dir, run, resume)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "run.json", {k: v for k, v in run.items() if k != "perturbations"})
+        write_jsonl_atomic(out_dir / "perturbations.jsonl", run["perturbations"])
+        write_jsonl_atomic(rec_path, done)  # a torn last line of the interrupted run is dropped here
+        if done:
+            log.info("resuming %s: %d of %d request(s) already finished", out_dir, len(done), len(reqs))
         log.info("%s on %s (profile %s, layers %s): %d request(s), adaptor %s, τ=%g, adaptor steps %d lr %g, pull %s",
                  method, model, profile, hp.layers, len(reqs), adaptor, tau, ahp.num_steps, ahp.lr, ahp.similarity)
         stats = make_stats(adapter, hp, stats_dir, corpus_obj)
         records = run_robust(adapter, reqs, psets, method, hp, stats, adaptor, ahp, taus, negative_words=words,
                              out_path=rec_path, save_dir=str(out_dir / "edits") if save_edits else None,
-                             corpus_texts=corpus_obj.texts if corpus_obj is not None else ())
+                             corpus_texts=corpus_obj.texts if corpus_obj is not None else (), done=done)
         summary = summarize_records(records)
         summary["config"] = {"model": model, "profile": profile, "method": method, "layers": hp.layers, "tau": tau,
                              "tau_sweep": taus, "adaptor": adaptor, "n": len(reqs), "seed": seed,

@@ -132,8 +132,12 @@ def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], me
                adaptor_mode: str = "both", adaptor_hp: AdaptorHParams | None = None,
                tau_sweep: Sequence[float] = (), negative_words: Sequence[str] = (), n_negative_docs: int = 8,
                neighbourhood_negatives: bool = False, out_path=None, save_dir=None, batch_size: int = 16,
-               corpus_texts: Sequence[str] = ()) -> list[dict]:
-    """Single-edit protocol over ``requests``; one record per request (appended to ``out_path``)."""
+               corpus_texts: Sequence[str] = (), done: Sequence[dict] = ()) -> list[dict]:
+    """Single-edit protocol over ``requests``; one record per request (appended to ``out_path``).
+
+    ``done``: records of the first ``len(done)`` requests from an earlier, interrupted run with the same
+    settings (``superedit robust --resume``); they are kept as they are and those requests skipped. Each
+    must name its request's index and case_id, else ValueError (nothing is evaluated)."""
     from ..editing.methods import get_method
 
     if adaptor_mode not in ("on", "off", "both"):
@@ -142,8 +146,16 @@ def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], me
     entry = get_method(method)
     entry.require_weight_edits("the robustness evaluation (one delta applied per request)")
     layers = sorted(hparams.layers)
-    records = []
-    for i, (req, pset) in enumerate(progress(list(zip(requests, psets)), total=len(requests), desc="robust")):
+    if len(done) > len(requests):
+        raise ValueError(f"{len(done)} finished records for {len(requests)} requests")
+    for i, (rec, req) in enumerate(zip(done, requests)):
+        if rec.get("index") != i or str(rec.get("case_id")) != str(req.case_id):
+            raise ValueError(f"finished record {i} is for request index {rec.get('index')} (case_id "
+                             f"{rec.get('case_id')!r}), not {i} ({req.case_id!r}): the requests differ from the run's")
+    records = list(done)
+    todo = list(zip(requests, psets))[len(done):]
+    for i, (req, pset) in enumerate(progress(todo, total=len(requests), initial=len(done), desc="robust"),
+                                    start=len(done)):
         t0 = time.time()
         rec = {"index": i, "case_id": req.case_id, "subject": req.subject, "prompt": req.prompt,
                "target_new": req.target_new, "method": method, "layers": layers,
