@@ -202,6 +202,31 @@ def test_resume_after_interruption_matches(world, full_run, tmp_path, monkeypatc
             assert torch.equal(la.total_delta(l), lb.total_delta(l))  # bit-exact resume (tests/test_resume.py)
 
 
+def test_a_longer_edits_lengthens_a_finished_run_to_the_same_figures(world, full_run, tmp_path):
+    stats, hps = world
+    out_full, _ = full_run
+    out = tmp_path / "lengthened"
+    run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=4, batch_size=1, eval_every=2, out_dir=out,
+                 probe=probe())
+    from superedit.errors import SupereditError
+
+    with pytest.raises(SupereditError, match="edits"):  # fewer edits than the run holds: refused
+        run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=3, batch_size=1, eval_every=2, out_dir=out,
+                     probe=probe(), resume=True)
+    with pytest.raises(SupereditError, match="stream differs"):  # a longer stream with another head: refused
+        run_lifelong(factory, REQS[::-1], ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2,
+                     out_dir=out, probe=probe(), resume=True)
+    run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2, out_dir=out,
+                 probe=probe(), resume=True)
+    assert len(read_jsonl(out / "stream.jsonl")) == 6 and json.loads((out / "run.json").read_text())["edits"] == 6
+    drop = lambda r: {k: v for k, v in strip_timings(r).items() if k != "final"}  # 4 was the shorter run's last
+    order = lambda rows: sorted(rows, key=lambda r: (r["method"], r["n_edits"]))  # appended method by method
+    a = order(drop(r) for r in read_jsonl(out_full / "metrics.jsonl"))
+    b = order(drop(r) for r in read_jsonl(out / "metrics.jsonl"))
+    assert [(r["method"], r["n_edits"]) for r in b] == [(r["method"], r["n_edits"]) for r in a]
+    assert_close_tree(a, b)
+
+
 def test_ledger_cli_show_undo_export(full_run, tmp_path):
     from typer.testing import CliRunner
 

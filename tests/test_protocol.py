@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import corpus_cov, saved_model_and_corpus, tiny_adapter
+from superedit.utils.io import read_jsonl
 from superedit.data import EditRequest
 from superedit.editing.hparams import (AlphaEditHParams, D4SHParams, FTHParams, GatedHParams, GuardHParams, KeelHParams,
                                       MEMITHParams, ROMEHParams, UltraEditHParams)
@@ -225,6 +226,18 @@ def test_cli_lifelong_probe_requests_leaves_out_what_the_stream_edits(tmp_path, 
     res = CliRunner().invoke(app, ["lifelong", *common, "--probe-requests", str(probe_file), "--resume",
                                    "--out", str(tmp_path / "ll")])
     assert res.exit_code == 0, res.output
+
+    # lengthening (--edits 3): without --requests the saved 2-edit stream is all there is, so it says what to
+    # pass; with them, the third edit is a fact of the probe this run started with, so it is refused too
+    longer = [a if a != "2" else "3" for a in common]
+    no_reqs = longer[:longer.index("--requests")]
+    res = CliRunner().invoke(app, ["lifelong", *no_reqs, "--probe-requests", str(probe_file), "--resume",
+                                   "--out", str(tmp_path / "ll")])
+    assert res.exit_code == 2 and "pass --requests" in res.output, res.output
+    res = CliRunner().invoke(app, ["lifelong", *longer, "--probe-requests", str(probe_file), "--resume",
+                                   "--out", str(tmp_path / "ll")])
+    assert res.exit_code == 2 and "retention probe differs" in res.output, res.output
+    assert len(read_jsonl(tmp_path / "ll" / "stream.jsonl")) == 2
 
     res = CliRunner().invoke(app, ["lifelong", *common, "--probe-requests", str(tmp_path / "missing.json"),
                                    "--out", str(tmp_path / "bad")])

@@ -146,7 +146,8 @@ def register(app) -> None:
                                           "data is not available locally is reported as skipped)."),
         lm_eval_include: str = typer.Option(None, "--lm-eval-include", help="Folder of extra lm-eval task YAMLs for "
                                             "--lm-eval-tasks (e.g. written by `superedit data lm-eval-task`)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last committed edit."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last committed edit; "
+                                    "with a larger --edits (and --requests as before) lengthen a finished run."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write report.html."),
         device: str = DeviceOpt,
         dtype: str = DtypeOpt,
@@ -211,6 +212,11 @@ def register(app) -> None:
             facts = {r.fact_key for r in stream}
             heldout = [r for r in reqs if r.fact_key not in facts]
         else:
+            if len(reqs) < edits and reads_saved_stream(requests, model_dir, out_dir, resume):
+                from ..errors import UsageError
+
+                raise UsageError(f"--edits {edits}: {out_dir / 'stream.jsonl'} holds the run's {len(reqs)} edits; to "
+                                 "lengthen the run, pass --requests (the file it was started with) as well")
             if len(reqs) < edits:
                 log.warning("only %d requests available; running %d edits instead of %d", len(reqs), len(reqs), edits)
             stream, heldout = reqs[:edits], reqs[edits:]

@@ -133,19 +133,25 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
     run_file = out / "run.json"
     config = {"format": RUN_FORMAT, "edits": len(stream), "batch_size": batch_size, "eval_every": eval_every,
               "block_size": probe.block_size, "seed": seed}
+    longer = False  # lengthening a finished run (a larger --edits on --resume)
     if run_file.exists():
         if not resume:
             raise SupereditError(f"{out} already holds a lifelong run; pass --resume to continue it, or choose "
                                  "another --out directory")
         old = json.loads(run_file.read_text())
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        # a longer --edits lengthens a run: its stream so far must be the head of the longer one
+        longer = isinstance(old.get("edits"), int) and len(stream) > old["edits"]
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v and not (k == "edits" and longer)}
         if diff:
             raise SupereditError(f"{run_file}: cannot resume with different settings {diff} (old, new); "
-                                 "use the original options or another --out directory")
+                                 "use the original options (a longer --edits may lengthen a run) or another "
+                                 "--out directory")
         saved = read_jsonl(out / "stream.jsonl")
-        if [_req_key(r) for r in saved] != [_req_key(r) for r in stream]:
+        if [_req_key(r) for r in saved] != [_req_key(r) for r in stream[:len(saved)]] or len(saved) != old.get("edits"):
             raise SupereditError(f"{out / 'stream.jsonl'}: the edit stream differs from the requests given now "
                                  "(other --requests/--seed/--stream-order?); resume with the original ones")
+        if longer:
+            _check_probe_for_longer_stream(out / "probe.json", stream)
         methods_all = list(dict.fromkeys(old.get("methods", []) + list(methods)))
     else:
         methods_all = list(methods)
@@ -156,6 +162,9 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
         if [(f["prompt"], f["target"]) for f in saved_probe.facts] != [(f["prompt"], f["target"]) for f in probe.facts]:
             raise SupereditError(f"{probe_file}: the retention probe differs from the one this run started with "
                                  "(other --probe-requests/--probe-n/--requests?); resume with the original options")
+    if longer:  # every check passed: the run's stream becomes the longer one
+        log.info("lengthening %s from %d to %d edits", out, old["edits"], len(stream))
+        write_jsonl_atomic(out / "stream.jsonl", [r.to_dict() for r in stream])
     config.update({"methods": methods_all, "hparams": {m: hparams_by_method[m].to_dict() for m in methods},
                    "probe": {"facts": len(probe.facts), "texts": len(probe.texts), "all_facts": len(probe.all_facts),
                              "source": probe.source}})
@@ -185,6 +194,21 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
                "horizon": horizons(read_jsonl(out / "metrics.jsonl"), horizon_threshold)}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _check_probe_for_longer_stream(probe_file: Path, stream) -> None:
+    """A lengthened run keeps the probe it started with; refuse if that probe's ability questions ask about
+    a (subject, relation) tuple the longer stream edits (they would measure the edits, not ability)."""
+    if not probe_file.exists():
+        return
+    saved = Probe.from_dict(json.loads(probe_file.read_text()))
+    before = sum(len(v) for v in (saved.ability or {}).get("choices", {}).values())
+    restrict_ability(saved, stream)
+    after = sum(len(v) for v in (saved.ability or {}).get("choices", {}).values())
+    if after != before:
+        raise SupereditError(f"{probe_file}: {before - after} of the probe's ability questions ask about facts that "
+                             "the longer stream edits, so this run cannot be lengthened; start the longer run in "
+                             "another --out directory")
 
 
 def _steps_by_start(path: Path) -> dict[int, dict]:
