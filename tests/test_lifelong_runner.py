@@ -202,29 +202,42 @@ def test_resume_after_interruption_matches(world, full_run, tmp_path, monkeypatc
             assert torch.equal(la.total_delta(l), lb.total_delta(l))  # bit-exact resume (tests/test_resume.py)
 
 
-def test_a_longer_edits_lengthens_a_finished_run_to_the_same_figures(world, full_run, tmp_path):
-    stats, hps = world
-    out_full, _ = full_run
-    out = tmp_path / "lengthened"
-    run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=4, batch_size=1, eval_every=2, out_dir=out,
-                 probe=probe())
+def test_a_longer_edits_lengthens_a_finished_run_to_the_same_figures(world, tmp_path):
+    """3 edits lengthened to 6 (checkpoints every 2): every checkpoint of the uninterrupted 6-edit run, the
+    same figures (last blocks included); the old last checkpoint stays in the curves, no longer final."""
     from superedit.errors import SupereditError
 
-    with pytest.raises(SupereditError, match="edits"):  # fewer edits than the run holds: refused
-        run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=3, batch_size=1, eval_every=2, out_dir=out,
-                     probe=probe(), resume=True)
-    with pytest.raises(SupereditError, match="stream differs"):  # a longer stream with another head: refused
-        run_lifelong(factory, REQS[::-1], ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2,
-                     out_dir=out, probe=probe(), resume=True)
-    run_lifelong(factory, REQS, ["rome", "d4s"], hps, stats, edits=6, batch_size=1, eval_every=2, out_dir=out,
-                 probe=probe(), resume=True)
+    stats, hps = world
+
+    def run(out, edits, requests=REQS, facts=PROBE_FACTS[:2], **kw):  # the third probe fact is edit #5's
+        return run_lifelong(factory, requests, ["rome", "d4s"], hps, stats, edits=edits, batch_size=1, eval_every=2,
+                            out_dir=out, probe=Probe(facts=[dict(f) for f in facts], texts=CORPUS[:6], block_size=2),
+                            **kw)
+
+    run(tmp_path / "full", 6)
+    out = tmp_path / "lengthened"
+    run(out, 3)
+    with pytest.raises(SupereditError, match="different settings"):  # fewer edits than the run holds
+        run(out, 2, resume=True)
+    with pytest.raises(SupereditError, match="stream differs"):  # a longer stream with another head
+        run(out, 6, requests=REQS[::-1], resume=True)
+    touched = tmp_path / "touched"  # a run whose probe holds a fact a later edit rewrites
+    run(touched, 3, facts=PROBE_FACTS)
+    with pytest.raises(SupereditError, match="rewrite 1 of the retention probe's facts"):
+        run(touched, 6, facts=PROBE_FACTS, resume=True)
+    assert len(read_jsonl(touched / "stream.jsonl")) == 3 and json.loads((touched / "run.json").read_text())["edits"] == 3
+
+    run(out, 6, resume=True)
     assert len(read_jsonl(out / "stream.jsonl")) == 6 and json.loads((out / "run.json").read_text())["edits"] == 6
-    drop = lambda r: {k: v for k, v in strip_timings(r).items() if k != "final"}  # 4 was the shorter run's last
-    order = lambda rows: sorted(rows, key=lambda r: (r["method"], r["n_edits"]))  # appended method by method
-    a = order(drop(r) for r in read_jsonl(out_full / "metrics.jsonl"))
-    b = order(drop(r) for r in read_jsonl(out / "metrics.jsonl"))
-    assert [(r["method"], r["n_edits"]) for r in b] == [(r["method"], r["n_edits"]) for r in a]
-    assert_close_tree(a, b)
+    from superedit.lifelong.horizon import records_by_method
+
+    full, longer = (records_by_method(read_jsonl(d / "metrics.jsonl")) for d in (tmp_path / "full", out))
+    for m in ("rome", "d4s"):
+        assert [r["n_edits"] for r in longer[m]] == [0, 2, 3, 4, 6]
+        assert [r["final"] for r in longer[m]] == [False, False, False, False, True]
+        assert longer[m][3]["last_block"] == [2, 4]  # as in the uninterrupted run, not [3, 4]
+        assert_close_tree([strip_timings(r) for r in full[m]],
+                          [strip_timings(r) for r in longer[m] if r["n_edits"] != 3])
 
 
 def test_ledger_cli_show_undo_export(full_run, tmp_path):

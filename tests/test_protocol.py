@@ -228,7 +228,7 @@ def test_cli_lifelong_probe_requests_leaves_out_what_the_stream_edits(tmp_path, 
     assert res.exit_code == 0, res.output
 
     # lengthening (--edits 3): without --requests the saved 2-edit stream is all there is, so it says what to
-    # pass; with them, the third edit is a fact of the probe this run started with, so it is refused too
+    # pass; with them, the third edit rewrites a fact of the probe this run started with: refused, unchanged
     longer = [a if a != "2" else "3" for a in common]
     no_reqs = longer[:longer.index("--requests")]
     res = CliRunner().invoke(app, ["lifelong", *no_reqs, "--probe-requests", str(probe_file), "--resume",
@@ -236,8 +236,19 @@ def test_cli_lifelong_probe_requests_leaves_out_what_the_stream_edits(tmp_path, 
     assert res.exit_code == 2 and "pass --requests" in res.output, res.output
     res = CliRunner().invoke(app, ["lifelong", *longer, "--probe-requests", str(probe_file), "--resume",
                                    "--out", str(tmp_path / "ll")])
-    assert res.exit_code == 2 and "retention probe differs" in res.output, res.output
+    assert res.exit_code == 2 and "rewrite 1 of the retention probe's facts" in res.output, res.output
     assert len(read_jsonl(tmp_path / "ll" / "stream.jsonl")) == 2
+    # a probe the third edit leaves alone: lengthened, with a checkpoint at 3
+    only_extra = tmp_path / "extra.jsonl"
+    only_extra.write_text(json.dumps(extra.to_dict()) + "\n")
+    res = CliRunner().invoke(app, ["lifelong", *common, "--probe-requests", str(only_extra), "--out", str(tmp_path / "l2")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["lifelong", *longer, "--probe-requests", str(only_extra), "--resume",
+                                   "--out", str(tmp_path / "l2")])
+    assert res.exit_code == 0, res.output
+    assert len(read_jsonl(tmp_path / "l2" / "stream.jsonl")) == 3
+    assert [(r["n_edits"], r["final"]) for r in read_jsonl(tmp_path / "l2" / "metrics.jsonl")] == \
+        [(0, False), (2, True), (2, False), (3, True)]
 
     res = CliRunner().invoke(app, ["lifelong", *common, "--probe-requests", str(tmp_path / "missing.json"),
                                    "--out", str(tmp_path / "bad")])

@@ -94,6 +94,9 @@ def reedit_or_saved(reqs: list, k: int, edits: int, seed: int, saved: bool) -> l
 
     if not saved:
         return reedit_stream(reqs, k, edits, seed)
+    if len(reqs) < edits:
+        raise SupereditError(f"--edits {edits}: the saved stream of this run holds {len(reqs)} edits; to lengthen "
+                             "the run, pass --requests (the file it was started with) as well")
     n_facts = len({r.fact_key for r in reqs[:edits]})
     if n_facts != min(k, edits):
         raise SupereditError(f"--reedit-facts {k}: the saved stream of this run edits {n_facts} distinct facts; "

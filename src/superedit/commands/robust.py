@@ -60,7 +60,7 @@ def resumable_records(out_dir: Path, run: dict, resume: bool) -> list[dict]:
                          "it cannot be checked against these options; start again in another --out directory")
     old = json.loads(run_path.read_text())
     old["perturbations"] = read_jsonl(out_dir / "perturbations.jsonl") if (out_dir / "perturbations.jsonl").is_file() else None
-    diff = sorted(k for k in run if json.loads(json.dumps(run[k])) != old.get(k))
+    diff = sorted(k for k in run if json.loads(json.dumps(run[k], default=str)) != old.get(k))
     if diff:
         raise UsageError(f"{run_path}: cannot resume with different {', '.join(diff)} (other --requests/--n/--seed/"
                          "hyperparameters/perturbation options?); use the original options or another --out directory")
@@ -141,7 +141,7 @@ def register(app) -> None:
         rec_path = out_dir / "records.jsonl"
         run = {"model": model, "profile": profile, "method": method, "requests": [str(r.case_id) for r in reqs],
                "edit_hparams": hp.to_dict(), "adaptor_hparams": ahp.to_dict(), "adaptor": adaptor, "tau_sweep": taus,
-               "seed": seed, "perturbations": [p.to_dict() for p in psets]}
+               "seed": seed, "dtype": str(adapter.dtype), "perturbations": [p.to_dict() for p in psets]}
         done = resumable_records(out_dir, run, resume)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "run.json", {k: v for k, v in run.items() if k != "perturbations"})

@@ -147,11 +147,13 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
                                  "use the original options (a longer --edits may lengthen a run) or another "
                                  "--out directory")
         saved = read_jsonl(out / "stream.jsonl")
-        if [_req_key(r) for r in saved] != [_req_key(r) for r in stream[:len(saved)]] or len(saved) != old.get("edits"):
+        # the saved stream may already be the longer one (stopped between the two files of a lengthening)
+        if ([_req_key(r) for r in saved] != [_req_key(r) for r in stream[:len(saved)]]
+                or len(saved) not in (old.get("edits"), len(stream))):
             raise SupereditError(f"{out / 'stream.jsonl'}: the edit stream differs from the requests given now "
                                  "(other --requests/--seed/--stream-order?); resume with the original ones")
         if longer:
-            _check_probe_for_longer_stream(out / "probe.json", stream)
+            _check_probe_for_longer_stream(out / "probe.json", stream[old["edits"]:])
         methods_all = list(dict.fromkeys(old.get("methods", []) + list(methods)))
     else:
         methods_all = list(methods)
@@ -159,7 +161,11 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
     probe_file = out / "probe.json"
     saved_probe = Probe.from_dict(json.loads(probe_file.read_text())) if probe_file.exists() else None
     if saved_probe is not None and probe.facts:
-        if [(f["prompt"], f["target"]) for f in saved_probe.facts] != [(f["prompt"], f["target"]) for f in probe.facts]:
+        same = [(f["prompt"], f["target"]) for f in saved_probe.facts] == [(f["prompt"], f["target"]) for f in probe.facts]
+        if longer and not same:  # a lengthened run keeps its probe (checked against the new edits above)
+            log.warning("%s: lengthened with the retention probe it started with (%d facts); the probe the options "
+                        "give now differs from it and is not used", probe_file, len(saved_probe.facts))
+        elif not same:
             raise SupereditError(f"{probe_file}: the retention probe differs from the one this run started with "
                                  "(other --probe-requests/--probe-n/--requests?); resume with the original options")
     if longer:  # every check passed: the run's stream becomes the longer one
@@ -196,19 +202,44 @@ def run_lifelong(adapter_factory: Callable[[], Any], requests: Sequence, methods
     return summary
 
 
-def _check_probe_for_longer_stream(probe_file: Path, stream) -> None:
-    """A lengthened run keeps the probe it started with; refuse if that probe's ability questions ask about
-    a (subject, relation) tuple the longer stream edits (they would measure the edits, not ability)."""
+def _check_probe_for_longer_stream(probe_file: Path, new_edits) -> None:
+    """A lengthened run keeps the probe it started with (a probe rebuilt for the longer stream would differ
+    from it); refuse if that probe's untouched facts or ability questions are about a (subject, relation)
+    the new edits rewrite: they would measure the edits, not retention or ability."""
     if not probe_file.exists():
         return
     saved = Probe.from_dict(json.loads(probe_file.read_text()))
+    keys = {(r.subject, r.relation_id or r.prompt) for r in new_edits}
+    prompts = {r.filled_prompt() for r in new_edits}
+    touched = [f for f in saved.facts
+               if f.get("prompt") in prompts or (f.get("subject"), f.get("relation") or f.get("template")) in keys]
     before = sum(len(v) for v in (saved.ability or {}).get("choices", {}).values())
-    restrict_ability(saved, stream)
-    after = sum(len(v) for v in (saved.ability or {}).get("choices", {}).values())
-    if after != before:
-        raise SupereditError(f"{probe_file}: {before - after} of the probe's ability questions ask about facts that "
-                             "the longer stream edits, so this run cannot be lengthened; start the longer run in "
-                             "another --out directory")
+    restrict_ability(saved, new_edits)
+    dropped = before - sum(len(v) for v in (saved.ability or {}).get("choices", {}).values())
+    if touched or dropped:
+        raise SupereditError(f"{probe_file}: the new edits rewrite {len(touched)} of the retention probe's facts and "
+                             f"{dropped} of its ability questions (e.g. {touched[0]['prompt'] if touched else ''!r}), "
+                             "so this run cannot be lengthened; start the longer run in another --out directory")
+
+
+def _supersede_old_final(method: str, recorded: dict[int, dict], led, total: int, eval_every: int,
+                         metrics_path: Path) -> None:
+    """A run lengthened past its last checkpoint: that checkpoint is re-recorded with ``final`` false (the
+    last record of a checkpoint wins, :func:`superedit.report.lifelong_report.load_metrics`), and, where
+    the longer run's schedule would not have made it, it is kept in the curves but not used as the start of
+    the next "last block", so every later checkpoint reads as in an uninterrupted run of the longer length."""
+    start, scheduled = 0, {0}
+    for e in led.edits:
+        end = start + len(e["requests"])
+        if _checkpoint_due(end, start, total, eval_every):
+            scheduled.add(end)
+        start = end
+    for n in [k for k, r in recorded.items() if r.get("final") and k < total]:
+        recorded[n] = {**recorded[n], "final": False}
+        append_jsonl(metrics_path, recorded[n])
+        log.info("%s: checkpoint at %d edits is no longer the last (run lengthened to %d)", method, n, total)
+        if n not in scheduled:
+            del recorded[n]
 
 
 def _steps_by_start(path: Path) -> dict[int, dict]:
@@ -269,6 +300,7 @@ def _run_method(method: str, adapter_factory, hp, stats, stream, batch_size, eva
     done_reqs = [r for e in led.edits for r in e["requests"]]
     if [_req_key(r) for r in done_reqs] != [_req_key(r) for r in stream[:n_done]]:
         raise SupereditError(f"{ldir}: the ledger's edits are not a prefix of this run's edit stream")
+    _supersede_old_final(method, recorded, led, total, eval_every, metrics_path)
     entry = get_method(method)
 
     # ----- measured interference (single-layer rank-one methods)
