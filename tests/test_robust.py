@@ -192,11 +192,8 @@ def test_run_robust_records_and_protocol():
     assert summ["skips"]["rephrase"][perturb.SKIP_NO_REPHRASES] == 1  # ... and the other is counted, not zero
 
 
-def test_cli_micro_end_to_end(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from superedit.cli import app
-
+def cli_world(tmp_path, monkeypatch):
+    """A saved tiny model, its corpus, two requests and fast edit settings for the CLI tests."""
     monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
     mdir, corpus = saved_model_and_corpus(tmp_path)
     reqs = tmp_path / "reqs.jsonl"
@@ -204,6 +201,15 @@ def test_cli_micro_end_to_end(tmp_path, monkeypatch):
         prompt="{} is owned by", subject="Google Trends", target_new="Apple", case_id="g")]) + "\n")
     hp = tmp_path / "hp.yaml"
     hp.write_text("v_num_grad_steps: 2\nn_prefixes: 1\ncontext_lengths: [3]\nmom2_ridge: 0.01\nmom2_n_tokens: 500\n")
+    return mdir, corpus, reqs, hp
+
+
+def test_cli_micro_end_to_end(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from superedit.cli import app
+
+    mdir, corpus, reqs, hp = cli_world(tmp_path, monkeypatch)
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["robust", "--model", str(mdir), "--requests", str(reqs), "--method", "rome",
                                    "--layers", "1", "--corpus", str(corpus), "--hparams", str(hp), "--steps", "3",
@@ -233,13 +239,7 @@ def test_cli_resume_continues_an_interrupted_run_and_refuses_other_settings(tmp_
 
     from superedit.cli import app
 
-    monkeypatch.setenv("SUPEREDIT_HOME", str(tmp_path / "home"))
-    mdir, corpus = saved_model_and_corpus(tmp_path)
-    reqs = tmp_path / "reqs.jsonl"
-    reqs.write_text("\n".join(json.dumps(r.to_dict()) for r in [REQ, EditRequest(
-        prompt="{} is owned by", subject="Google Trends", target_new="Apple", case_id="g")]) + "\n")
-    hp = tmp_path / "hp.yaml"
-    hp.write_text("v_num_grad_steps: 2\nn_prefixes: 1\ncontext_lengths: [3]\nmom2_ridge: 0.01\nmom2_n_tokens: 500\n")
+    mdir, corpus, reqs, hp = cli_world(tmp_path, monkeypatch)
     out = tmp_path / "out"
     args = ["robust", "--model", str(mdir), "--requests", str(reqs), "--method", "rome", "--layers", "1",
             "--corpus", str(corpus), "--hparams", str(hp), "--steps", "3", "--long-words", "20", "--out", str(out)]
