@@ -319,6 +319,25 @@ def test_precomputed_targets_give_the_same_delta(adapter):
         memit_delta(adapter, REQS[:1], hp, stats, targets=targets)
 
 
+def test_saved_targets_load_only_for_their_requests_and_value_settings(tmp_path):
+    """z saved once serves every solve-only setting (threshold, α, λ); other requests, another order or
+    another value setting is refused, naming what differs."""
+    from superedit.editing.hparams import AlphaEditHParams
+    from superedit.editing.methods.spread import load_targets, save_targets
+
+    hp = AlphaEditHParams(layers=[1, 2], **FAST)
+    z = torch.randn(2, 8, dtype=torch.float64)
+    save_targets(tmp_path / "targets.pt", (z, [{"a": 1}, {"a": 2}]), REQS, hp)
+    got, summaries = load_targets(tmp_path / "targets.pt", REQS, hp.model_copy(update={"L2": 1.0,
+                                                                                      "nullspace_threshold": 0.1,
+                                                                                      "mom2_update_weight": 7.0}))
+    assert torch.equal(got, z) and summaries == [{"a": 1}, {"a": 2}]
+    with pytest.raises(ValueError, match="other requests"):
+        load_targets(tmp_path / "targets.pt", REQS[::-1], hp)
+    with pytest.raises(ValueError, match="v_lr"):
+        load_targets(tmp_path / "targets.pt", REQS, hp.model_copy(update={"v_lr": 0.123}))
+
+
 def test_value_moves_through_norm_stay_at_the_values_size_when_eps_matters():
     """A target beyond the norm's outputs (an output grown 3×) with small values, where the norm's ε makes
     the output grow by ~5e-5 relative as the value grows: Gauss–Newton chases that gain out along the ray,

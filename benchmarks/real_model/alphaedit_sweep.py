@@ -30,14 +30,6 @@ from pathlib import Path
 KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "locality", "rewrite_acc")
 
 
-#: fields only the solve reads: z does not depend on them, so a saved z stays valid when they change
-SOLVE_FIELDS = ("nullspace_threshold", "nullspace_relative", "L2", "mom2_update_weight")
-
-
-def value_settings(hparams: dict) -> dict:
-    return {k: v for k, v in hparams.items() if k not in SOLVE_FIELDS}
-
-
 def parse_threshold(text: str) -> tuple[float, bool]:
     kind, _, value = text.partition(":")
     if kind not in ("abs", "rel") or not value:
@@ -69,7 +61,7 @@ def main() -> None:
     from superedit.editing.contexts import context_prefixes
     from superedit.editing.methods.alphaedit import make_alphaedit_state, projected_step
     from superedit.editing.methods.memit import memit_delta
-    from superedit.editing.methods.spread import memit_targets
+    from superedit.editing.methods.spread import load_targets, memit_targets, save_targets
     from superedit.editing.run import summarize_records
     from superedit.editing.solve import with_ridge
     from superedit.eval.metrics import evaluate_request, public
@@ -104,16 +96,14 @@ def main() -> None:
 
     tpath = out / "targets.pt"
     if tpath.is_file():
-        saved = torch.load(tpath)
-        if saved["case_ids"] != [r.case_id for r in reqs] or value_settings(saved["hparams"]) != value_settings(base.to_dict()):
-            raise SystemExit(f"{tpath} was made for other requests or settings; use another --out")
-        targets = (saved["z"], saved["summaries"])
+        try:
+            targets = load_targets(tpath, reqs, base)
+        except ValueError as exc:
+            raise SystemExit(f"{exc}; use another --out") from None
     else:
         prefixes = context_prefixes(adapter, base.context_lengths, base.n_prefixes, base.seed)
         targets = memit_targets(adapter, reqs, base, prefixes)
-        torch.save({"z": targets[0], "summaries": targets[1], "case_ids": [r.case_id for r in reqs],
-                    "hparams": base.to_dict()}, tpath.with_suffix(".tmp"))
-        tpath.with_suffix(".tmp").replace(tpath)
+        save_targets(tpath, targets, reqs, base)
 
     ppath = out / "pre.jsonl"  # unedited scores in request order; a stopped run goes on where it stopped
     pres = list(read_jsonl(ppath)) if ppath.is_file() else []

@@ -48,9 +48,8 @@ def main() -> None:
     from superedit.commands.common import build_hparams, hparams_profile, local_model_dir, make_stats, resolve_requests
     from superedit.editing.contexts import context_prefixes
     from superedit.editing.keys import keys_at
-    from superedit.editing.methods.spread import memit_targets, spread_update
-    from superedit.editing.solve import memit_solve, with_ridge
-    from superedit.editing.delta import LayerDelta
+    from superedit.editing.methods.memit import memit_layer_solver
+    from superedit.editing.methods.spread import load_targets, memit_targets, spread_update
     from superedit.models import load_model
 
     F64 = torch.float64
@@ -66,13 +65,10 @@ def main() -> None:
     prompts, subjects = [r.prompt for r in reqs], [r.subject for r in reqs]
     stats = make_stats(adapter, hp)
     if args.targets:
-        saved = torch.load(args.targets)
-        ignore = ("nullspace_threshold", "nullspace_relative", "L2", "mom2_update_weight")
-        same = {k: v for k, v in saved["hparams"].items() if k not in ignore} == \
-            {k: v for k, v in base.to_dict().items() if k not in ignore}
-        if saved["case_ids"] != [r.case_id for r in reqs] or not same:
-            raise SystemExit(f"{args.targets} was made for other requests, layers or value settings")
-        targets = (saved["z"], saved["summaries"])
+        try:
+            targets = load_targets(args.targets, reqs, base)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     else:
         targets = memit_targets(adapter, reqs, hp, context_prefixes(adapter, hp.context_lengths, hp.n_prefixes, hp.seed))
     z = targets[0].to(F64)
@@ -93,12 +89,11 @@ def main() -> None:
 
     snaps = []
 
+    memit_solve_layer = memit_layer_solver(adapter, hp, stats)
+
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor):
         snaps.append(read())  # the model as this layer's solve sees it (earlier increments applied)
-        C = with_ridge(adapter.on_layer(layer, stats.mom2(layer), F64), hp.mom2_ridge)
-        left, right = memit_solve(R, K, C, hp.mom2_update_weight)
-        wdt = adapter.layer_dtype(layer)
-        return LayerDelta(left.to(wdt), right.to(wdt)), {}
+        return memit_solve_layer(layer, K, R)
 
     sp = spread_update(adapter, reqs, hp, solve, targets)
     originals = {l: adapter.down_weight(l).detach().clone() for l in layers}
@@ -135,7 +130,7 @@ def main() -> None:
             d_mlp += mj
             d_attn += block - mj
         total = r1[L] - r0[L]
-        # the edited block's own attention output changes too where the edit moved earlier tokens' values
+        # a check, ~0 by construction: block l's attention reads resid l−1, which editing W_l leaves as it was
         own_attn = (r1[l] - r0[l]) - (r1[l - 1] - r0[l - 1]) - direct if l - 1 in r0 else torch.zeros_like(direct)
         after = (z - r1[L]).norm(dim=1)
         rows.append({

@@ -36,12 +36,12 @@ def parse_taus(spec: str | None) -> list[float]:
     return taus
 
 
-def resumable_records(out_dir: Path, run: dict, resume: bool) -> list[dict]:
+def resumable_records(out_dir: Path, run: dict, resume: bool, requests: list) -> list[dict]:
     """The finished records of an earlier run in ``out_dir`` to continue (``--resume``), [] for a fresh run.
 
-    ``run``: this invocation's settings (what ``OUT/run.json`` and ``OUT/perturbations.jsonl`` saved). A
-    directory holding records needs ``--resume``; resuming needs the same settings, else UsageError naming
-    the fields that differ. Nothing is written here."""
+    ``run``: this invocation's settings (what ``OUT/run.json`` and ``OUT/perturbations.jsonl`` saved) for
+    ``requests``. A directory holding records needs ``--resume``; resuming needs the same settings, else
+    UsageError naming the fields that differ, and records of those requests in order. Nothing is written here."""
     import json
 
     from ..utils.io import read_jsonl
@@ -64,10 +64,13 @@ def resumable_records(out_dir: Path, run: dict, resume: bool) -> list[dict]:
     if diff:
         raise UsageError(f"{run_path}: cannot resume with different {', '.join(diff)} (other --requests/--n/--seed/"
                          "hyperparameters/perturbation options?); use the original options or another --out directory")
+    from ..robust.evaluate import check_finished_records
+
     done = read_jsonl(rec_path)
-    if len(done) > len(run["requests"]):
-        raise UsageError(f"{rec_path} holds {len(done)} records for {len(run['requests'])} requests; "
-                         "start again in another --out directory")
+    try:
+        check_finished_records(done, requests)
+    except ValueError as exc:
+        raise UsageError(f"{rec_path}: {exc}; start again in another --out directory") from None
     return done
 
 
@@ -142,7 +145,7 @@ def register(app) -> None:
         run = {"model": model, "profile": profile, "method": method, "requests": [str(r.case_id) for r in reqs],
                "edit_hparams": hp.to_dict(), "adaptor_hparams": ahp.to_dict(), "adaptor": adaptor, "tau_sweep": taus,
                "seed": seed, "dtype": str(adapter.dtype), "perturbations": [p.to_dict() for p in psets]}
-        done = resumable_records(out_dir, run, resume)
+        done = resumable_records(out_dir, run, resume, reqs)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "run.json", {k: v for k, v in run.items() if k != "perturbations"})
         write_jsonl_atomic(out_dir / "perturbations.jsonl", run["perturbations"])

@@ -128,6 +128,17 @@ def negative_corpus_texts(words: Sequence[str], n_docs: int, words_per_doc: int,
     return out
 
 
+def check_finished_records(done: Sequence[dict], requests: Sequence) -> None:
+    """ValueError unless ``done`` are records of the first ``len(done)`` of ``requests``, in order (each
+    naming its request's index and case_id): what :func:`run_robust` may continue from."""
+    if len(done) > len(requests):
+        raise ValueError(f"{len(done)} finished records for {len(requests)} requests")
+    for i, (rec, req) in enumerate(zip(done, requests)):
+        if rec.get("index") != i or str(rec.get("case_id")) != str(req.case_id):
+            raise ValueError(f"finished record {i} is for request index {rec.get('index')} (case_id "
+                             f"{rec.get('case_id')!r}), not {i} ({req.case_id!r}): the requests differ from the run's")
+
+
 def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], method: str, hparams, stats,
                adaptor_mode: str = "both", adaptor_hp: AdaptorHParams | None = None,
                tau_sweep: Sequence[float] = (), negative_words: Sequence[str] = (), n_negative_docs: int = 8,
@@ -146,12 +157,7 @@ def run_robust(adapter, requests: Sequence, psets: Sequence[PerturbationSet], me
     entry = get_method(method)
     entry.require_weight_edits("the robustness evaluation (one delta applied per request)")
     layers = sorted(hparams.layers)
-    if len(done) > len(requests):
-        raise ValueError(f"{len(done)} finished records for {len(requests)} requests")
-    for i, (rec, req) in enumerate(zip(done, requests)):
-        if rec.get("index") != i or str(rec.get("case_id")) != str(req.case_id):
-            raise ValueError(f"finished record {i} is for request index {rec.get('index')} (case_id "
-                             f"{rec.get('case_id')!r}), not {i} ({req.case_id!r}): the requests differ from the run's")
+    check_finished_records(done, requests)
     records = list(done)
     todo = list(zip(requests, psets))[len(done):]
     for i, (req, pset) in enumerate(progress(todo, total=len(requests), initial=len(done), desc="robust"),

@@ -85,6 +85,45 @@ def memit_targets(adapter: ModelAdapter, requests: list, hparams, prefixes: list
     return torch.stack(zs), summaries
 
 
+#: hyperparameters only the per-layer solves read: z (:func:`memit_targets`) does not depend on them, so
+#: saved targets stay valid when they change (a sweep over AlphaEdit's threshold and α, or MEMIT's λ)
+SOLVE_ONLY_FIELDS = ("nullspace_threshold", "nullspace_relative", "L2", "mom2_update_weight")
+
+
+def _z_settings(hparams) -> dict:
+    return {k: v for k, v in hparams.to_dict().items() if k not in SOLVE_ONLY_FIELDS}
+
+
+def _request_keys(requests: list) -> list[list]:
+    return [[r.case_id, r.prompt, r.subject, r.target_new] for r in requests]
+
+
+def save_targets(path, targets: tuple, requests: list, hparams) -> None:
+    """Write :func:`memit_targets`' (z, summaries) for ``requests`` with the settings z depends on (atomically)."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"z": targets[0], "summaries": targets[1], "case_ids": [r.case_id for r in requests],
+                "requests": _request_keys(requests), "hparams": hparams.to_dict()}, tmp)
+    tmp.replace(path)
+
+
+def load_targets(path, requests: list, hparams) -> tuple:
+    """(z, summaries) saved by :func:`save_targets`; ValueError unless they were made for these requests (in
+    this order: case_id, prompt, subject, target_new) and the same value settings (every hyperparameter but :data:`SOLVE_ONLY_FIELDS`)."""
+    saved = torch.load(path)
+    made = {k: v for k, v in saved["hparams"].items() if k not in SOLVE_ONLY_FIELDS}
+    same = (saved["requests"] == _request_keys(requests) if "requests" in saved  # files before 30 Nov: ids only
+            else saved["case_ids"] == [r.case_id for r in requests])
+    if not same:
+        raise ValueError(f"{path}: z was made for other requests (or another order)")
+    if made != _z_settings(hparams):
+        diff = sorted(k for k in set(made) | set(_z_settings(hparams)) if made.get(k) != _z_settings(hparams).get(k))
+        raise ValueError(f"{path}: z was made with other value settings ({', '.join(diff)})")
+    return saved["z"], saved["summaries"]
+
+
 @dataclass
 class Spread:
     """What :func:`spread_update` computed: per-layer increments, value summaries, per-layer info, timings."""
